@@ -1,0 +1,93 @@
+"""Headless text-to-video: ``python wan_t2v.py "a prompt" --output video.mp4``.
+
+Runs the same core as the ComfyUI nodes (encode -> denoise -> decode) and
+writes an MP4 with imageio-ffmpeg. ``--tiny`` builds a tiny random model
+offline for a smoke run; its video is noise-coloured, by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+
+from . import loading
+
+logger = logging.getLogger("wan_tpu")
+
+_TINY_DEFAULTS = dict(height=64, width=64, frames=9, steps=4)
+_FULL_DEFAULTS = dict(height=720, width=1280, frames=81, steps=50)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Wan 2.1 text-to-video on TPU (or GPU/CPU) through torchax.")
+    parser.add_argument("prompt", nargs="?", default="A cat playing piano in a jazz club, cinematic lighting")
+    parser.add_argument("--negative-prompt", default="blurry, low quality, static, worst quality")
+    parser.add_argument("--model", default=loading.DEFAULT_MODEL_ID, help="Hugging Face repo id or diffusers folder")
+    parser.add_argument("--tiny", action="store_true", help="build and use a tiny random model (smoke run, no download)")
+    parser.add_argument("--height", type=int, help="multiple of 16 (default 720; 64 with --tiny)")
+    parser.add_argument("--width", type=int, help="multiple of 16 (default 1280; 64 with --tiny)")
+    parser.add_argument("--frames", type=int, help="4n+1 (default 81; 9 with --tiny)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default 50; 4 with --tiny)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance; <= 1 turns it off")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--flow-shift", type=float, help="5.0 for 720P, 3.0 for 480P (default: by height)")
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--precision", choices=loading.PRECISIONS, default="bf16")
+    parser.add_argument("--dp", type=int, help="data-parallel mesh axis (default 2 on an even device count)")
+    parser.add_argument("--tp", type=int, help="tensor-parallel mesh axis (default: the remaining devices)")
+    parser.add_argument("--attention", choices=("auto", "splash", "xla", "cudnn"), default=None)
+    parser.add_argument("--output", help="MP4 path (default output/wan_<time>.mp4)")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    defaults = _TINY_DEFAULTS if args.tiny else _FULL_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.flow_shift is None:
+        args.flow_shift = 5.0 if args.height >= 720 else 3.0
+    return args
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
+    from .env_manager import TorchaxEnvManager
+    from .pipeline import WanTPUPipeline
+    from .utils import write_mp4
+
+    manager = TorchaxEnvManager.instance()
+    if args.attention:
+        manager.set_attention_backend(args.attention)
+    with tempfile.TemporaryDirectory(prefix="wan-tiny-") as scratch:
+        model = args.model
+        if args.tiny:
+            from .tiny_wan import build_tiny_wan
+
+            model = build_tiny_wan(os.path.join(scratch, "tiny-wan21"))
+        pipe = WanTPUPipeline(model, precision=args.precision, dp=args.dp, tp=args.tp)
+        started = time.perf_counter()
+        embeddings = pipe.encode(args.prompt, args.negative_prompt)
+
+        def report(step: int, total: int):
+            seconds = pipe.last_step_seconds[-1]
+            logger.info("step %d/%d: %.2f s", step, total, seconds)
+
+        latents = pipe.denoise(
+            embeddings, height=args.height, width=args.width, num_frames=args.frames,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+            flow_shift=args.flow_shift, on_step=report,
+        )
+        frames = pipe.decode(latents)
+    output = args.output or os.path.join("output", time.strftime("wan_%Y%m%d_%H%M%S.mp4"))
+    write_mp4(frames.numpy(), output, fps=args.fps)
+    steps = pipe.last_step_seconds
+    warm = steps[1:] or steps
+    logger.info(
+        "done in %.1f s: %s; first step %.2f s, then %.3f s/step",
+        time.perf_counter() - started, {k: round(v, 2) for k, v in pipe.timer.seconds.items()},
+        steps[0], sum(warm) / len(warm),
+    )
+    return output

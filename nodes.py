@@ -1,0 +1,360 @@
+"""ComfyUI nodes: declare, validate, delegate to ``pipeline.WanTPUPipeline``.
+
+Node ids, display names, input names, widget order and link types are the
+original pack's, so its saved workflows load. Inputs this pack added
+(precision, mesh) are optional and come after the original widgets.
+
+Nodes keep no instance state: the loaded, sharded, compiled components live in
+``TorchaxEnvManager``'s cache and are shared by every node (one copy in HBM).
+Outside ComfyUI the ComfyUI hooks (progress bar, Cancel, progress text) are
+simply absent, so the nodes run in plain Python too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from . import loading
+from .env_manager import TorchaxEnvManager
+
+logger = logging.getLogger("wan_tpu")
+
+CATEGORY = "TPU/Wan2.1"
+DEFAULT_PROMPT = "A cat playing piano in a jazz club, warm cinematic lighting, smooth camera motion"
+DEFAULT_NEGATIVE_PROMPT = (
+    "blurry, low quality, static, worst quality, jpeg artifacts, deformed, extra fingers, "
+    "overexposed, subtitles, watermark"
+)
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+# --------------------------------------------------------------- input specs
+MODEL_ID = (
+    "STRING",
+    {
+        "default": loading.DEFAULT_MODEL_ID,
+        "tooltip": "Hugging Face repo id (Wan-AI/Wan2.1-T2V-14B-Diffusers or -1.3B-Diffusers), a local diffusers "
+        "folder, or a folder name under ComfyUI/models/diffusers. Loaded once and kept on the device.",
+    },
+)
+OPTIONAL_DEVICE_INPUTS = {
+    "precision": (
+        list(loading.PRECISIONS),
+        {"default": "bf16", "tooltip": "bf16 halves memory and is what the TPU runs fastest; fp32 for exact "
+                                       "comparison with PyTorch. The VAE always runs in fp32."},
+    ),
+    "dp": ("INT", {"default": 0, "min": 0, "max": 256,
+                   "tooltip": "Data-parallel mesh axis (cond/uncond split). 0 = automatic: 2 on an even device count."}),
+    "tp": ("INT", {"default": 0, "min": 0, "max": 256,
+                   "tooltip": "Tensor-parallel mesh axis (weights split). 0 = automatic: the remaining devices."}),
+}
+VIDEO_INPUTS = {
+    "height": ("INT", {"default": 720, "min": 256, "max": 1280, "step": 16,
+                       "tooltip": "Video height in pixels, a multiple of 16. 720 for 720P, 480 for 480P."}),
+    "width": ("INT", {"default": 1280, "min": 256, "max": 1280, "step": 16,
+                      "tooltip": "Video width in pixels, a multiple of 16. 1280 for 720P, 848 for 480P."}),
+    "num_frames": ("INT", {"default": 81, "min": 17, "max": 121, "step": 4,
+                           "tooltip": "Frames to generate; Wan needs 4n+1 (81 = 5 s at 16 fps)."}),
+    "num_inference_steps": ("INT", {"default": 50, "min": 1, "max": 100,
+                                    "tooltip": "Denoising steps. 50 is Wan's default; fewer is faster and rougher."}),
+    "guidance_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                 "tooltip": "Classifier-free guidance. Above 1 runs prompt and negative prompt "
+                                            "together; 1 or less skips the negative prompt (twice as fast)."}),
+    "seed": ("INT", {"default": 2025, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                     "tooltip": "Noise seed. The same seed gives the same video as diffusers on any hardware."}),
+    "flow_shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 20.0, "step": 0.1,
+                             "tooltip": "Flow-matching shift of the noise schedule: 5.0 for 720P, 3.0 for 480P."}),
+}
+FPS_INPUT = ("INT", {"default": 16, "min": 1, "max": 120, "tooltip": "Frame rate passed on to the video node. Wan 2.1 is trained at 16."})
+PROMPT_INPUT = ("STRING", {"multiline": True, "default": DEFAULT_PROMPT, "tooltip": "What the video should show."})
+NEGATIVE_INPUT = ("STRING", {"multiline": True, "default": DEFAULT_NEGATIVE_PROMPT,
+                             "tooltip": "What the video should avoid (used when guidance_scale > 1)."})
+HIDDEN = {"unique_id": "UNIQUE_ID"}
+
+
+# ------------------------------------------------------------ ComfyUI hooks
+def _comfy_module(name: str):
+    try:
+        return __import__(name, fromlist=["_"])
+    except ImportError:
+        return None
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+    model_management = _comfy_module("comfy.model_management")
+    if model_management is not None:
+        model_management.throw_exception_if_processing_interrupted()
+
+
+def send_progress_text(text: str, unique_id) -> None:
+    server = _comfy_module("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is not None and unique_id is not None and hasattr(instance, "send_progress_text"):
+        instance.send_progress_text(text, unique_id)
+
+
+class StepProgress:
+    """``on_step`` for the core: ComfyUI's progress bar, Cancel, and 'step i/N, s/step, ETA' text."""
+
+    def __init__(self, total: int, unique_id=None, label: str = "denoise"):
+        utils = _comfy_module("comfy.utils")
+        self.bar = utils.ProgressBar(total) if utils is not None else None
+        self.unique_id, self.label, self.started = unique_id, label, time.perf_counter()
+
+    def __call__(self, step: int, total: int) -> None:
+        per_step = (time.perf_counter() - self.started) / step
+        text = f"{self.label} step {step}/{total}, {per_step:.2f} s/step, ETA {per_step * (total - step):.0f} s"
+        logger.info(text)
+        if self.bar is not None:
+            self.bar.update_absolute(step, total)  # ComfyUI's hook raises here on Cancel
+        send_progress_text(text, self.unique_id)
+        check_interrupted()
+
+
+# -------------------------------------------------------------- validation
+def validate_common(model_id=None, precision=None, dp=None, tp=None) -> str | bool:
+    if model_id is not None and not str(model_id).strip():
+        return f"model_id is empty: use {loading.DEFAULT_MODEL_ID} or a local diffusers folder"
+    if precision is not None and precision not in loading.PRECISIONS:
+        return f"precision={precision!r}: use one of {', '.join(loading.PRECISIONS)}"
+    for name, value in (("dp", dp), ("tp", tp)):
+        if value is not None and int(value) < 0:
+            return f"{name}={value}: use 0 for automatic or a positive mesh size"
+    return True
+
+
+def validate_video(height=None, width=None, num_frames=None) -> str | bool:
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and int(value) % 16:
+            lower = int(value) // 16 * 16
+            return f"{name}={value}: Wan needs a multiple of 16 ({lower} or {lower + 16})"
+    if num_frames is not None and (int(num_frames) - 1) % 4:
+        lower = max(1, (int(num_frames) - 1) // 4 * 4 + 1)
+        return f"num_frames={num_frames}: Wan needs 4n+1 frames ({lower} or {lower + 4})"
+    return True
+
+
+def _first_error(*results) -> str | bool:
+    return next((result for result in results if result is not True), True)
+
+
+def make_pipeline(model_id: str, precision: str = "bf16", dp: int = 0, tp: int = 0):
+    from .pipeline import WanTPUPipeline
+
+    return WanTPUPipeline(model_id, precision=precision, dp=dp or None, tp=tp or None)
+
+
+def embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id: str):
+    """Check the two TENSOR inputs and wrap them for the core."""
+    import torch
+
+    from .pipeline import WanEmbeddings
+
+    for name, tensor in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[0] != 1:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(
+                f"{name} is {shape}: connect the outputs of 'Wan 2.1 Text Encoder (TPU)' ([1, 512, 4096] for Wan 2.1)"
+            )
+    if prompt_embeds.shape != negative_prompt_embeds.shape:
+        raise ValueError(
+            f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+            f"{tuple(negative_prompt_embeds.shape)} differ: encode both with the same Text Encoder node"
+        )
+    return WanEmbeddings(prompt_embeds.float(), negative_prompt_embeds.float(), model_id)
+
+
+# -------------------------------------------------------------------- nodes
+class Wan21TextEncoder:
+    DESCRIPTION = (
+        "Encodes the prompt and negative prompt with Wan 2.1's UMT5-XXL text encoder on the TPU (512 tokens, as "
+        "diffusers). The encoder is loaded once, split over all devices and kept for later runs."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("TENSOR", "TENSOR")
+    RETURN_NAMES = ("prompt_embeds", "negative_prompt_embeds")
+    OUTPUT_TOOLTIPS = ("Prompt embeddings [1, 512, 4096].", "Negative prompt embeddings [1, 512, 4096].")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT, "model_id": MODEL_ID},
+            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "hidden": dict(HIDDEN),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_id=None, precision=None, dp=None, tp=None):
+        return validate_common(model_id, precision, dp, tp)
+
+    def encode(self, prompt, negative_prompt, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+        check_interrupted()
+        send_progress_text("encoding the prompt", unique_id)
+        embeddings = make_pipeline(model_id, precision, dp, tp).encode(prompt, negative_prompt)
+        return (embeddings.prompt_embeds, embeddings.negative_prompt_embeds)
+
+
+class Wan21TPUSampler:
+    DESCRIPTION = (
+        "Denoises Wan 2.1 latents on the TPU: the transformer's weights are split over a (dp, tp) device mesh and "
+        "the prompt/negative pair runs as one batch. Returns a LATENT in the VAE's space, as ComfyUI's own Wan "
+        "nodes use, so it also decodes with the core VAE Decode node. Progress and Cancel work every step."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT", "INT")
+    RETURN_NAMES = ("latent", "num_frames")
+    OUTPUT_TOOLTIPS = ("Video latent [1, 16, (frames-1)/4+1, height/8, width/8].", "The number of frames.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "prompt_embeds": ("TENSOR", {"tooltip": "From 'Wan 2.1 Text Encoder (TPU)'."}),
+                "negative_prompt_embeds": ("TENSOR", {"tooltip": "From 'Wan 2.1 Text Encoder (TPU)'."}),
+                **VIDEO_INPUTS,
+                "model_id": MODEL_ID,
+            },
+            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "hidden": dict(HIDDEN),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None):
+        return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
+
+    def sample(self, prompt_embeds, negative_prompt_embeds, height, width, num_frames, num_inference_steps,
+               guidance_scale, seed, flow_shift, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+        check_interrupted()
+        embeddings = embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id)
+        latents = make_pipeline(model_id, precision, dp, tp).denoise(
+            embeddings, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift,
+            on_step=StepProgress(num_inference_steps, unique_id),
+        )
+        return ({"samples": latents}, num_frames)
+
+
+class Wan21TPUVAEDecoder:
+    DESCRIPTION = (
+        "Decodes a Wan 2.1 LATENT (from the TPU Sampler or ComfyUI's own Wan nodes) into frames on the TPU. "
+        "Connect IMAGE to Create Video -> Save Video, or to VHS Video Combine."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("images", "fps")
+    OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "latent": ("LATENT", {"tooltip": "Wan 2.1 video latent [1, 16, T, H/8, W/8]."}),
+                "fps": FPS_INPUT,
+                "model_id": MODEL_ID,
+            },
+            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "hidden": dict(HIDDEN),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_id=None, precision=None, dp=None, tp=None):
+        return validate_common(model_id, precision, dp, tp)
+
+    def decode(self, latent, fps, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+        check_interrupted()
+        if not isinstance(latent, dict) or "samples" not in latent:
+            raise ValueError("latent has no 'samples': connect a LATENT output such as the TPU Sampler's")
+        send_progress_text("decoding the video", unique_id)
+        frames = make_pipeline(model_id, precision, dp, tp).decode(latent["samples"])
+        return (frames, fps)
+
+
+class Wan21TPUPipeline:
+    DESCRIPTION = (
+        "Text to video in one node: text encoder, sampler and VAE decoder on the TPU. It shares the loaded models "
+        "with the separate nodes, so nothing is loaded twice and a second run loads and compiles nothing."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "generate"
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("images", "fps")
+    OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "prompt": PROMPT_INPUT,
+                "negative_prompt": NEGATIVE_INPUT,
+                **VIDEO_INPUTS,
+                "fps": FPS_INPUT,
+                "model_id": MODEL_ID,
+            },
+            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "hidden": dict(HIDDEN),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None):
+        return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
+
+    def generate(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+                 seed, flow_shift, fps, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+        check_interrupted()
+        pipe = make_pipeline(model_id, precision, dp, tp)
+        send_progress_text("encoding the prompt", unique_id)
+        embeddings = pipe.encode(prompt, negative_prompt)
+        check_interrupted()
+        latents = pipe.denoise(
+            embeddings, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift,
+            on_step=StepProgress(num_inference_steps, unique_id),
+        )
+        check_interrupted()
+        send_progress_text("decoding the video", unique_id)
+        return (pipe.decode(latents), fps)
+
+
+class Wan21TPUUnload:
+    DESCRIPTION = (
+        "Frees everything this pack holds on the TPU (models, compiled programs, the mesh). ComfyUI Manager's "
+        "'Unload Models' does the same. The next Wan run loads again."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "unload"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "optional": {"images": ("IMAGE", {"tooltip": "Optional: connect to unload only after these frames exist."})},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")  # never cached: unloading is the point
+
+    def unload(self, images=None):
+        TorchaxEnvManager.instance().release()
+        return ()
+
+
+NODE_CLASS_MAPPINGS = {
+    "Wan21TextEncoder": Wan21TextEncoder,
+    "Wan21TPUSampler": Wan21TPUSampler,
+    "Wan21TPUVAEDecoder": Wan21TPUVAEDecoder,
+    "Wan21TPUPipeline": Wan21TPUPipeline,
+    "Wan21TPUUnload": Wan21TPUUnload,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "Wan21TextEncoder": "Wan 2.1 Text Encoder (TPU)",
+    "Wan21TPUSampler": "Wan 2.1 TPU Sampler",
+    "Wan21TPUVAEDecoder": "Wan 2.1 TPU VAE Decoder",
+    "Wan21TPUPipeline": "Wan 2.1 TPU Full Pipeline",
+    "Wan21TPUUnload": "Wan 2.1 TPU Unload",
+}

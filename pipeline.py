@@ -1,0 +1,466 @@
+"""The ComfyUI-free core: Wan 2.1 text-to-video on torchax over a (dp, tp) mesh.
+
+Three stages, each usable alone (the ComfyUI nodes call them one by one):
+
+- ``encode(prompt, negative_prompt)`` -> ``WanEmbeddings`` (CPU tensors);
+- ``denoise(embeddings, ...)`` -> VAE latents [1, 16, T, H/8, W/8] (CPU), in
+  the VAE's own space: the convention of ComfyUI's LATENT and of ``decode``;
+- ``decode(latents)`` -> frames [F, H, W, 3] float32 in [0, 1] (CPU).
+
+The diffusers modules run unchanged: their weights become sharded jax arrays,
+and each stage is one ``jax.jit`` of a pure function that calls the torch
+module through torchax. Components are loaded, sharded and compiled once and
+cached by ``TorchaxEnvManager``; prompts, seeds, guidance, step counts and
+flow_shift are traced values, so changing them compiles nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import loading, sharding
+from .env_manager import TorchaxEnvManager
+from .scheduler import UniPCFlowSchedule, unipc_update
+from .utils import StageTimer, device_errors, torch_to_numpy
+
+logger = logging.getLogger("wan_tpu")
+
+VAE_TEMPORAL_FACTOR = 4
+VAE_SPATIAL_FACTOR = 8
+LATENT_CHANNELS = 16
+
+
+@dataclass(frozen=True)
+class WanEmbeddings:
+    """UMT5 embeddings of a prompt pair: [1, 512, text_dim] float32 CPU tensors.
+
+    Padding positions are zero, as diffusers' ``encode_prompt`` leaves them.
+    """
+
+    prompt_embeds: Any
+    negative_prompt_embeds: Any
+    model_id: str
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.prompt_embeds.shape[-1])
+
+
+def check_video_shape(height: int, width: int, num_frames: int) -> None:
+    """Raise ValueError unless Wan can make a video of this size."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, (int, np.integer)) or value < 16 or value % 16:
+            raise ValueError(
+                f"{name}={value}: Wan needs a multiple of 16 (the VAE downsamples 8x and the transformer patches 2x2), "
+                f"e.g. {max(16, int(value) // 16 * 16) if isinstance(value, (int, np.integer)) else 480}"
+            )
+    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_FACTOR:
+        lower = max(1, (int(num_frames) - 1) // 4 * 4 + 1) if isinstance(num_frames, (int, np.integer)) else 81
+        raise ValueError(f"num_frames={num_frames}: Wan needs 4n+1 frames ({lower} or {lower + 4})")
+
+
+def latent_shape(height: int, width: int, num_frames: int) -> tuple[int, int, int, int, int]:
+    return (
+        1,
+        LATENT_CHANNELS,
+        (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1,
+        height // VAE_SPATIAL_FACTOR,
+        width // VAE_SPATIAL_FACTOR,
+    )
+
+
+# ------------------------------------------------------------------ torchax glue
+class _Method:
+    """Calls ``module.<method>`` as ``forward`` so ``torch.func.functional_call`` can bind weights."""
+
+    def __new__(cls, module, method: str):
+        import torch
+
+        class _Bound(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.module = module
+
+            def forward(self, *args, **kwargs):
+                return getattr(self.module, method)(*args, **kwargs)
+
+        return _Bound()
+
+
+def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method: str, args: tuple,
+                      kwargs: dict | None = None, pick: Callable = lambda out: out):
+    """Run ``module.<method>(*args, **kwargs)`` with ``weights`` (jax arrays) on jax arrays ``args``.
+
+    Usable inside ``jax.jit``. ``pick`` selects the tensor(s) to return from
+    the module's output while it is still a torch object.
+    """
+    import torch
+
+    env = manager.env
+    torch_weights = env.j2t_iso({f"module.{name}": value for name, value in weights.items()})
+    torch_args = env.j2t_iso(args)
+    with env, torch.no_grad():
+        output = torch.func.functional_call(_Method(module, method), torch_weights, torch_args, kwargs or {})
+        output = pick(output)
+    return env.t2j_iso(output)
+
+
+def place_weights(manager: TorchaxEnvManager, module, rules, mesh, component: str):
+    """Copy ``module``'s parameters and buffers onto ``mesh`` following ``rules``.
+
+    Each tensor goes straight from host memory to its shards (never whole onto
+    one device). The module's own tensors are then moved to the meta device to
+    free host memory; it keeps only its structure. Returns (weights, plan).
+    """
+    jax = manager.jax
+    # Tied weights (UMT5's shared embedding) appear under each name, placed once.
+    state = dict(module.named_parameters(remove_duplicate=False))
+    state.update(dict(module.named_buffers(remove_duplicate=False)))
+    plan = sharding.plan_shardings({n: tuple(t.shape) for n, t in state.items()}, rules, dict(mesh.shape))
+    named = sharding.to_named_shardings(plan, mesh)
+    weights, placed = {}, {}
+    try:
+        with device_errors(f"loading the {component}", "Use a mesh with more devices (tp), or fp32 -> bf16."):
+            for name, tensor in state.items():
+                if id(tensor) not in placed:
+                    placed[id(tensor)] = jax.device_put(torch_to_numpy(tensor), named[name])
+                weights[name] = placed[id(tensor)]
+    except BaseException:
+        for array in placed.values():
+            array.delete()
+        raise
+    module.to("meta")
+    unique = {id(a): (n, a) for n, a in weights.items()}.values()
+    total = sum(a.nbytes for _, a in unique)
+    per_device = plan.bytes_per_device(
+        {n: a.shape for n, a in unique}, {n: a.dtype.itemsize for n, a in unique}, dict(mesh.shape)
+    )
+    logger.info(
+        "%s: %d tensors, %.1f MiB in all, %.1f MiB per device on mesh %s",
+        component, len(weights), total / 2**20, per_device / 2**20, dict(mesh.shape),
+    )
+    return weights, plan
+
+
+def unique_arrays(weights: dict) -> list:
+    """The distinct arrays of a weights dict (tied weights appear once)."""
+    return list({id(array): array for array in weights.values()}.values())
+
+
+def _batch_sharding(mesh, batch: int):
+    """Split a batch over dp when dp divides it, else replicate."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if batch % mesh.shape["dp"] == 0 and mesh.shape["dp"] > 1:
+        return NamedSharding(mesh, PartitionSpec("dp"))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# ------------------------------------------------------------------ components
+@dataclass
+class TextEncoderComponent:
+    tokenizer: Any
+    module: Any
+    weights: dict
+    plan: sharding.ShardingPlan
+    mesh: Any
+    encode_fn: Callable
+    text_dim: int
+
+
+@dataclass
+class TransformerComponent:
+    module: Any
+    weights: dict
+    plan: sharding.ShardingPlan
+    mesh: Any
+    config: dict
+    scheduler_config: dict
+    dtype: Any
+    step_fns: dict = field(default_factory=dict)  # cfg (bool) -> jitted step
+
+
+@dataclass
+class VAEComponent:
+    module: Any
+    weights: dict
+    plan: sharding.ShardingPlan
+    mesh: Any
+    decode_fn: Callable
+    latents_mean: np.ndarray  # [16]
+    latents_std: np.ndarray  # [16]
+
+
+class WanTPUPipeline:
+    """Wan 2.1 T2V on the JAX default backend (TPU, GPU or CPU).
+
+    ``model_id``: repo id or folder; ``precision``: 'bf16' or 'fp32' for the
+    text encoder and transformer (the VAE always runs in fp32); ``dp``/``tp``:
+    mesh override (default: dp=2 when the device count is even).
+    """
+
+    def __init__(self, model_id: str = loading.DEFAULT_MODEL_ID, precision: str = "bf16", dp: int | None = None,
+                 tp: int | None = None, manager: TorchaxEnvManager | None = None):
+        if precision not in loading.PRECISIONS:
+            raise ValueError(f"precision={precision!r}: use one of {loading.PRECISIONS}")
+        self.source = loading.resolve_model_source(model_id)
+        self.precision = precision
+        self.dp, self.tp = dp, tp
+        self.manager = manager or TorchaxEnvManager.instance()
+        self.timer = StageTimer()
+        self.last_step_seconds: list[float] = []
+
+    # -------------------------------------------------------------- caching
+    @property
+    def mesh(self):
+        return self.manager.mesh(self.dp, self.tp)
+
+    def _key(self, kind: str) -> tuple:
+        precision = "fp32" if kind == "vae" else self.precision
+        mesh_shape = tuple(self.mesh.shape.values())
+        return (kind, self.source.location, precision, mesh_shape)
+
+    def _cached(self, kind: str, build: Callable):
+        return self.manager.cached_component(self._key(kind), build, replaces=lambda other: other[0] == kind)
+
+    def text_encoder(self) -> TextEncoderComponent:
+        def build():
+            mesh = self.mesh
+            with self.timer("load_text_encoder"), self.manager.loading():
+                tokenizer = loading.load_tokenizer(self.source)
+                module = loading.load_text_encoder(self.source, self.precision)
+            weights, plan = place_weights(self.manager, module, sharding.TEXT_ENCODER_RULES, mesh, "text encoder")
+            component = TextEncoderComponent(
+                tokenizer, module, weights, plan, mesh, self._make_encode_fn(module, mesh), module.config.d_model
+            )
+            return component, unique_arrays(weights)
+
+        return self._cached("text_encoder", build)
+
+    def transformer(self) -> TransformerComponent:
+        def build():
+            mesh = self.mesh
+            with self.timer("load_transformer"), self.manager.loading():
+                scheduler_config = loading.load_json_config(self.source, "scheduler", "scheduler_config.json")
+                UniPCFlowSchedule.create(scheduler_config, 1, 1.0)  # refuse an unsupported scheduler before loading
+                module = loading.load_transformer(self.source, self.precision)
+            weights, plan = place_weights(self.manager, module, sharding.TRANSFORMER_RULES, mesh, "transformer")
+            component = TransformerComponent(
+                module, weights, plan, mesh, dict(module.config), scheduler_config, module.dtype
+            )
+            return component, unique_arrays(weights)
+
+        return self._cached("transformer", build)
+
+    def vae(self) -> VAEComponent:
+        def build():
+            mesh = self.mesh
+            with self.timer("load_vae"), self.manager.loading():
+                module = loading.load_vae(self.source)
+            weights, plan = place_weights(self.manager, module, sharding.VAE_RULES, mesh, "VAE")
+            config = module.config
+            component = VAEComponent(
+                module, weights, plan, mesh, self._make_decode_fn(module, mesh),
+                np.asarray(config.latents_mean, np.float32), np.asarray(config.latents_std, np.float32),
+            )
+            return component, unique_arrays(weights)
+
+        return self._cached("vae", build)
+
+    def vae_latent_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(latents_mean, latents_std) from the VAE's config, without loading the VAE."""
+        config = loading.load_json_config(self.source, "vae")
+        return np.asarray(config["latents_mean"], np.float32), np.asarray(config["latents_std"], np.float32)
+
+    # ------------------------------------------------------ compiled stages
+    def _make_encode_fn(self, module, mesh):
+        jax, manager = self.manager.jax, self.manager
+
+        def encode(weights, input_ids, attention_mask):
+            hidden = call_torch_module(
+                manager, module, weights, "forward", (input_ids, attention_mask),
+                pick=lambda output: output.last_hidden_state,
+            )
+            # diffusers trims each prompt to its length and pads with zeros.
+            return hidden.astype(jax.numpy.float32) * attention_mask[..., None].astype(jax.numpy.float32)
+
+        return jax.jit(encode)
+
+    def _make_step_fn(self, transformer: TransformerComponent, cfg: bool):
+        jax, manager = self.manager.jax, self.manager
+        jnp = jax.numpy
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh, module, dtype = transformer.mesh, transformer.module, transformer.dtype
+        replicated = NamedSharding(mesh, PartitionSpec())
+        batch = 2 if cfg else 1
+        batch_sharding = _batch_sharding(mesh, batch)
+        jax_dtype = jnp.bfloat16 if "bfloat16" in str(dtype) else jnp.float32
+
+        def step(weights, state, context, coefficients, timestep, guidance_scale):
+            sample, last_sample, m1, m2 = state
+            model_input = sample.astype(jax_dtype)
+            if cfg:  # cond and uncond as one batch of 2, split over dp
+                model_input = jnp.concatenate([model_input, model_input])
+            model_input = jax.lax.with_sharding_constraint(model_input, batch_sharding)
+            timesteps = jnp.full((batch,), timestep, jnp.float32)
+            with manager.active_mesh(mesh):
+                velocity = call_torch_module(
+                    manager, module, weights, "forward", (model_input, timesteps, context),
+                    {"return_dict": False}, pick=lambda output: output[0],
+                )
+            velocity = velocity.astype(jnp.float32)
+            if cfg:
+                cond, uncond = velocity[:1], velocity[1:]
+                velocity = uncond + guidance_scale * (cond - uncond)
+            next_sample, corrected, m = unipc_update(coefficients, sample, velocity, last_sample, m1, m2)
+            return tuple(jax.lax.with_sharding_constraint(x, replicated) for x in (next_sample, corrected, m, m1))
+
+        return jax.jit(step, donate_argnums=(1,))
+
+    def _make_decode_fn(self, module, mesh):
+        jax, manager = self.manager.jax, self.manager
+        jnp = jax.numpy
+
+        def decode(weights, latents):
+            video = call_torch_module(
+                manager, module, weights, "decode", (latents,), {"return_dict": False}, pick=lambda output: output[0]
+            )  # [1, 3, F, H, W] in [-1, 1]
+            frames = jnp.clip(video[0].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.transpose(frames, (1, 2, 3, 0))  # [F, H, W, 3]
+
+        return jax.jit(decode)
+
+    # --------------------------------------------------------------- stages
+    def encode(self, prompt: str, negative_prompt: str = "") -> WanEmbeddings:
+        """UMT5 embeddings of ``prompt`` and ``negative_prompt`` (diffusers' semantics, 512 tokens)."""
+        import torch
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt={prompt!r}: give the prompt as text")
+        component = self.text_encoder()
+        jax = self.manager.jax
+        with self.timer("encode"):
+            tokens = component.tokenizer(
+                [prompt_clean(prompt), prompt_clean(negative_prompt or "")],
+                padding="max_length", max_length=loading.MAX_SEQUENCE_LENGTH, truncation=True,
+                add_special_tokens=True, return_attention_mask=True, return_tensors="np",
+            )
+            batch_sharding = _batch_sharding(component.mesh, 2)
+            ids = jax.device_put(tokens["input_ids"].astype(np.int32), batch_sharding)
+            mask = jax.device_put(tokens["attention_mask"].astype(np.int32), batch_sharding)
+            with device_errors("the text encoder", "Use a mesh with more devices."):
+                hidden = np.asarray(component.encode_fn(component.weights, ids, mask))
+        embeds = torch.from_numpy(hidden.copy())
+        return WanEmbeddings(embeds[:1], embeds[1:], self.source.model_id)
+
+    def denoise(self, embeddings: WanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 81,
+                num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
+                on_step: Callable[[int, int], None] | None = None):
+        """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
+
+        ``on_step(i, total)`` runs after every step; an exception from it (a
+        Cancel) stops the run, and the cached components stay usable.
+        Guidance above 1 runs cond and uncond as one batch of 2.
+        """
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        check_video_shape(height, width, num_frames)
+        if not 0 <= guidance_scale <= 100:
+            raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 20 (5.0 is typical)")
+        transformer = self.transformer()
+        if embeddings.text_dim != transformer.config["text_dim"]:
+            raise ValueError(
+                f"the embeddings have width {embeddings.text_dim} (from {embeddings.model_id!r}) but "
+                f"{self.source.model_id!r} expects {transformer.config['text_dim']}: encode the prompt with the "
+                f"same Wan 2.1 model family"
+            )
+        schedule = UniPCFlowSchedule.create(transformer.scheduler_config, num_inference_steps, flow_shift)
+        jax = self.manager.jax
+        jnp = jax.numpy
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        mesh = transformer.mesh
+        replicated = NamedSharding(mesh, PartitionSpec())
+        cfg = guidance_scale > 1.0
+        step_fn = transformer.step_fns.get(cfg)
+        if step_fn is None:
+            step_fn = transformer.step_fns[cfg] = self._make_step_fn(transformer, cfg)
+
+        # The noise is drawn exactly as diffusers draws it, on the CPU, so a
+        # seed gives the same video on any hardware.
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        noise = randn_tensor(latent_shape(height, width, num_frames), generator=generator, dtype=torch.float32)
+        context = [embeddings.prompt_embeds] + ([embeddings.negative_prompt_embeds] if cfg else [])
+        context = torch.cat(context).to(torch.bfloat16 if self.precision == "bf16" else torch.float32)
+
+        with self.timer("denoise"):
+            sample = jax.device_put(noise.numpy(), replicated)
+            # The state is donated to each step, so each slot needs a buffer of its own.
+            state = (sample, *(jnp.zeros(sample.shape, jnp.float32, device=replicated) for _ in range(3)))
+            context = jax.device_put(torch_to_numpy(context), _batch_sharding(mesh, context.shape[0]))
+            guidance = jnp.asarray(guidance_scale, jnp.float32)
+            self.last_step_seconds = []
+            for i in range(schedule.coefficients.shape[0]):
+                started = time.perf_counter()
+                with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):
+                    state = step_fn(
+                        transformer.weights, state, context, schedule.coefficients[i], schedule.timesteps[i], guidance
+                    )
+                    state[0].block_until_ready()
+                self.last_step_seconds.append(time.perf_counter() - started)
+                if on_step is not None:
+                    on_step(i + 1, schedule.coefficients.shape[0])
+            latents = np.asarray(state[0])
+        mean, std = self.vae_latent_stats()
+        return torch.from_numpy(to_vae_latents(latents, mean, std))
+
+    def decode(self, latents) -> Any:
+        """Frames [F, H, W, 3] float32 in [0, 1] (CPU) from VAE latents [B, 16, T, h, w].
+
+        Batches are decoded one by one and their frames concatenated.
+        """
+        import torch
+
+        latents = torch.as_tensor(latents)
+        if latents.ndim == 4:
+            latents = latents.unsqueeze(0)
+        if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
+            raise ValueError(
+                f"latents of shape {tuple(latents.shape)}: the Wan 2.1 VAE decodes [batch, 16, frames, height/8, width/8]"
+            )
+        component = self.vae()
+        jax = self.manager.jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        frames = []
+        with self.timer("decode"):
+            for item in latents.float():
+                device_latents = jax.device_put(item[None].numpy(), NamedSharding(component.mesh, PartitionSpec()))
+                with device_errors("the VAE decoder", "Lower the resolution or num_frames."):
+                    frames.append(np.asarray(component.decode_fn(component.weights, device_latents)))
+        return torch.from_numpy(np.concatenate(frames))
+
+    def generate(self, prompt: str, negative_prompt: str = "", **denoise_args):
+        """encode -> denoise -> decode; returns frames [F, H, W, 3]."""
+        embeddings = self.encode(prompt, negative_prompt)
+        latents = self.denoise(embeddings, **denoise_args)
+        return self.decode(latents)
+
+
+def to_vae_latents(latents: np.ndarray, latents_mean: np.ndarray, latents_std: np.ndarray) -> np.ndarray:
+    """From the transformer's normalised latents to the VAE's own space.
+
+    The one place the pack applies Wan's latents_mean/std: what ``denoise``
+    returns, what ComfyUI's LATENT holds and what ``decode`` takes are all
+    in the VAE's space.
+    """
+    shape = (1, -1, 1, 1, 1)
+    return (latents * latents_std.reshape(shape) + latents_mean.reshape(shape)).astype(np.float32)

@@ -1,0 +1,155 @@
+"""UniPC multistep for flow matching, as per-step coefficients.
+
+diffusers' ``UniPCMultistepScheduler`` (flow_prediction, use_flow_sigmas,
+predict_x0) keeps Python state between steps. For a fixed sigma schedule each
+of its steps is a linear combination of the current sample, the previous
+corrected sample and the last three data predictions, so the host computes
+the weights once per run (``UniPCFlowSchedule``) and the device applies them
+(``unipc_update``) inside the compiled denoising step: no Python state, no
+host round trip, and nothing recompiles when ``num_inference_steps`` or
+``flow_shift`` change.
+
+Works on numpy or jax.numpy arrays; imports neither torch nor jax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Index of each weight in a row of ``UniPCFlowSchedule.coefficients``.
+# sigma: the step's sigma (x0 = x - sigma * v). c_*: corrector weights for the
+# sample x, the previous corrected sample, and the data predictions m_i,
+# m_{i-1}, m_{i-2}. p_*: predictor weights for the corrected sample, m_i, m_{i-1}.
+COEFFICIENT_NAMES = ("sigma", "c_x", "c_last", "c_m", "c_m1", "c_m2", "p_x", "p_m", "p_m1")
+_I = {name: i for i, name in enumerate(COEFFICIENT_NAMES)}
+
+# The scheduler configurations this implementation reproduces.
+_REQUIRED = {
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "predict_x0": True,
+    "thresholding": False,
+    "use_dynamic_shifting": False,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "solver_p": None,
+}
+
+
+def _check_config(config: dict) -> None:
+    for key, wanted in _REQUIRED.items():
+        if config.get(key, wanted) != wanted:
+            raise ValueError(
+                f"scheduler {key}={config.get(key)!r} is not supported: Wan 2.1 T2V uses "
+                f"UniPCMultistepScheduler with {key}={wanted!r}; use the model's own scheduler_config.json"
+            )
+    if config.get("solver_type", "bh2") not in ("bh1", "bh2"):
+        raise ValueError(f"scheduler solver_type={config.get('solver_type')!r}: use 'bh1' or 'bh2'")
+    if config.get("solver_order", 2) not in (1, 2):
+        raise ValueError(f"scheduler solver_order={config.get('solver_order')!r}: use 1 or 2 (Wan uses 2)")
+    if config.get("final_sigmas_type", "zero") not in ("zero", "sigma_min"):
+        raise ValueError(f"scheduler final_sigmas_type={config.get('final_sigmas_type')!r}: use 'zero' or 'sigma_min'")
+    if config.get("shift_terminal"):
+        raise ValueError(f"scheduler shift_terminal={config.get('shift_terminal')!r} is not supported")
+
+
+@dataclass(frozen=True)
+class UniPCFlowSchedule:
+    """Timesteps and UniPC weights for one run. ``coefficients`` is [steps, 9] float32."""
+
+    timesteps: np.ndarray  # [steps] float32, what the transformer is conditioned on
+    sigmas: np.ndarray  # [steps + 1] float32
+    coefficients: np.ndarray  # [steps, len(COEFFICIENT_NAMES)] float32
+
+    @classmethod
+    def create(cls, config: dict, num_inference_steps: int, flow_shift: float) -> "UniPCFlowSchedule":
+        """Follow ``UniPCMultistepScheduler.set_timesteps``/``step`` for ``config`` (a scheduler_config dict)."""
+        _check_config(config)
+        steps = int(num_inference_steps)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps}: use at least 1 step")
+        if not flow_shift > 0:
+            raise ValueError(f"flow_shift={flow_shift}: use a positive value (5.0 for 720P, 3.0 for 480P)")
+        train_steps = config.get("num_train_timesteps", 1000)
+        sigmas = np.linspace(1, 1 / train_steps, steps + 1)[:-1]
+        sigmas = flow_shift * sigmas / (1 + (flow_shift - 1) * sigmas)
+        if abs(sigmas[0] - 1) < 1e-6:
+            sigmas[0] -= 1e-6  # as diffusers: keeps log(sigma) finite in the first update
+        timesteps = (sigmas * train_steps).astype(np.int64).astype(np.float32)
+        last = 0.0 if config.get("final_sigmas_type", "zero") == "zero" else sigmas[-1]
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        coefficients = _coefficients(
+            sigmas.astype(np.float64),
+            solver_order=config.get("solver_order", 2),
+            bh2=config.get("solver_type", "bh2") == "bh2",
+            lower_order_final=config.get("lower_order_final", True),
+            disable_corrector=set(config.get("disable_corrector", []) or []),
+        )
+        return cls(timesteps=timesteps, sigmas=sigmas, coefficients=coefficients.astype(np.float32))
+
+
+def _coefficients(sigmas, *, solver_order, bh2, lower_order_final, disable_corrector) -> np.ndarray:
+    steps = len(sigmas) - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lambdas = np.log(1 - sigmas) - np.log(sigmas)  # +inf at a final sigma of 0
+
+    def phi(i_from, i_to):
+        """(alpha_t, h_phi_1, B_h) for a step from sigmas[i_from] to sigmas[i_to]."""
+        h = lambdas[i_to] - lambdas[i_from]
+        hh = -h
+        h_phi_1 = np.expm1(hh)
+        return 1 - sigmas[i_to], h, hh, h_phi_1, (h_phi_1 if bh2 else hh)
+
+    rows = np.zeros((steps, len(COEFFICIENT_NAMES)))
+    previous_order = 0
+    for i in range(steps):
+        row = rows[i]
+        row[_I["sigma"]] = sigmas[i]
+        # Corrector (UniC) of the sample the last predictor made; order = that predictor's order.
+        if i > 0 and (i - 1) not in disable_corrector:
+            alpha_t, h, hh, h_phi_1, b_h = phi(i - 1, i)
+            row[_I["c_last"]] = sigmas[i] / sigmas[i - 1]
+            if previous_order == 1:
+                rho_d1, rho_t = 0.0, 0.5
+                rk = 1.0
+            else:
+                rk = (lambdas[i - 2] - lambdas[i - 1]) / h
+                h_phi_k = h_phi_1 / hh - 1
+                b1 = h_phi_k / b_h
+                b2 = (h_phi_k / hh - 0.5) * 2 / b_h
+                rho_d1, rho_t = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), np.array([b1, b2]))
+            row[_I["c_m"]] = -alpha_t * b_h * rho_t
+            row[_I["c_m2"]] = -alpha_t * b_h * rho_d1 / rk
+            row[_I["c_m1"]] = -alpha_t * h_phi_1 + alpha_t * b_h * (rho_d1 / rk + rho_t)
+        else:
+            row[_I["c_x"]] = 1.0
+        # Predictor (UniP) from the corrected sample to sigmas[i + 1].
+        order = min(solver_order, steps - i) if lower_order_final else solver_order
+        order = min(order, i + 1)  # warm-up: no older predictions yet
+        alpha_t, h, hh, h_phi_1, b_h = phi(i, i + 1)
+        row[_I["p_x"]] = sigmas[i + 1] / sigmas[i]
+        row[_I["p_m"]] = -alpha_t * h_phi_1
+        if order == 2:
+            rk = (lambdas[i - 1] - lambdas[i]) / h
+            row[_I["p_m"]] += alpha_t * b_h * 0.5 / rk
+            row[_I["p_m1"]] = -alpha_t * b_h * 0.5 / rk
+        previous_order = order
+    return rows
+
+
+def unipc_update(coefficients, sample, velocity, last_sample, m1, m2):
+    """One UniPC step on device: returns (next_sample, corrected_sample, m).
+
+    ``coefficients`` is one row of ``UniPCFlowSchedule.coefficients``;
+    ``velocity`` the (guided) flow prediction at ``sample``; ``last_sample``,
+    ``m1`` and ``m2`` the state the previous step returned (zeros at step 0).
+    The caller keeps (next_sample, corrected_sample, m, m1) for the next step.
+    """
+    c = {name: coefficients[i] for name, i in _I.items()}
+    m = sample - c["sigma"] * velocity
+    corrected = c["c_x"] * sample + c["c_last"] * last_sample + c["c_m"] * m + c["c_m1"] * m1 + c["c_m2"] * m2
+    next_sample = c["p_x"] * corrected + c["p_m"] * m + c["p_m1"] * m1
+    return next_sample, corrected, m

@@ -1,0 +1,79 @@
+"""Test set-up: 8 fake CPU devices, the pack imported as ComfyUI imports it,
+and one tiny Wan 2.1 model (plus diffusers' own outputs on it) per session."""
+
+import os
+
+# Before anything imports jax: 8 CPU devices stand in for a v6e-8.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("WAN_TPU_COMPILE_CACHE", "0")  # tests count compilations; a test opts in
+
+import importlib
+import importlib.util
+import sys
+
+import pytest
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_NAME = os.path.basename(PACK_DIR)
+
+
+def load_pack():
+    """Import the repo the way ComfyUI imports a custom node: by folder path,
+    with the folder name as the module name."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(PACK_DIR, "__init__.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def pack_module(name: str):
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.{name}")
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    tiny_wan = pack_module("tiny_wan")
+    return tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan21")
+
+
+@pytest.fixture(scope="session")
+def manager():
+    return pack_module("env_manager").TorchaxEnvManager.instance()
+
+
+TINY_VIDEO = dict(height=32, width=48, num_frames=5)
+
+
+@pytest.fixture(scope="session")
+def diffusers_frames(tiny_model_dir):
+    """diffusers' PyTorch WanPipeline on the tiny model: {(seed, guidance, steps): frames}."""
+    import torch
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    cache = {}
+
+    def frames(prompt, negative_prompt, seed, guidance_scale, steps, flow_shift=3.0, **video):
+        key = (prompt, negative_prompt, seed, guidance_scale, steps, flow_shift, tuple(sorted(video.items())))
+        if key not in cache:
+            pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
+            cache[key] = pipe(
+                prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np", **(video or TINY_VIDEO),
+            ).frames[0]
+        return cache[key]
+
+    frames.pipe = pipe
+    return frames

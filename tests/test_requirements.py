@@ -1,0 +1,31 @@
+"""The versions CI tests lie inside what requirements.txt lets users install."""
+
+import os
+
+from conftest import PACK_DIR
+from packaging.requirements import Requirement
+
+
+def _read(name):
+    with open(os.path.join(PACK_DIR, name)) as handle:
+        lines = [line.split("#")[0].strip() for line in handle]
+    return {Requirement(line).name.lower(): Requirement(line) for line in lines if line}
+
+
+def test_tested_versions_satisfy_requirements_txt():
+    user, tested = _read("requirements.txt"), _read("requirements-test.txt")
+    for name, requirement in user.items():
+        assert name in tested, f"{name} is in requirements.txt but CI does not install it"
+        pinned = next(iter(tested[name].specifier)).version
+        assert requirement.specifier.contains(pinned), f"CI tests {name}=={pinned}, outside {requirement}"
+    assert "tpu" in user["jax"].extras
+
+
+def test_requirements_keep_both_huggingface_hub_generations():
+    # transformers 4.x needs huggingface-hub < 1 and 5.x needs >= 1; a ComfyUI venv may hold
+    # either, so nothing we require may force one (diffusers >= 0.40 needs hub >= 1.23).
+    user = _read("requirements.txt")
+    assert user["huggingface-hub"].specifier.contains("0.36.0")
+    assert user["huggingface-hub"].specifier.contains("1.33.0")
+    assert not user["diffusers"].specifier.contains("0.40.0")
+    assert user["transformers"].specifier.contains("4.57.6") and user["transformers"].specifier.contains("5.23.0")

@@ -1,0 +1,148 @@
+"""Build a tiny, randomly initialised Wan 2.1 diffusers folder, offline.
+
+The folder has the same layout as ``Wan-AI/Wan2.1-T2V-*-Diffusers`` (tokenizer,
+text_encoder, transformer, vae, scheduler, model_index.json) and diffusers'
+own ``WanPipeline.from_pretrained`` loads it. Tests, the ``--tiny`` smoke run
+and the benchmarks use it, so nothing is ever downloaded.
+
+``torch``, ``transformers`` and ``diffusers`` are imported inside the functions:
+importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("wan_tpu")
+
+# Words for the tokenizer's training corpus; any prompt made of other words
+# still tokenizes (to <unk>), which is all a random model needs.
+_CORPUS = (
+    "a cat playing piano in a jazz club . a robot dancing in the rain . "
+    "cinematic shot of a red fox running through snow , golden hour , 4k . "
+    "blurry low quality static worst quality jpeg artifacts ugly deformed . "
+    "the quick brown fox jumps over the lazy dog near a river at sunset ."
+)
+
+
+@dataclass(frozen=True)
+class TinyWanConfig:
+    """Sizes of a tiny Wan model. Defaults keep a CPU test run in seconds.
+
+    ``num_heads`` x ``head_dim`` and ``ffn_dim`` are multiples of 4 and 8 so the
+    (2, 4) mesh shards them; ``text_heads`` likewise for the 8-way encoder split.
+    """
+
+    num_heads: int = 4
+    head_dim: int = 8
+    ffn_dim: int = 64
+    num_layers: int = 2
+    text_dim: int = 32
+    text_layers: int = 2
+    text_heads: int = 8
+    text_ffn: int = 64
+    vocab_size: int = 256
+    vae_base_dim: int = 8
+    vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
+    flow_shift: float = 3.0
+    seed: int = 0
+    extra_transformer: dict = field(default_factory=dict)
+
+
+# A "small" configuration that is meaningful on a 2-core CPU (benchmarks).
+SMALL = TinyWanConfig(
+    num_heads=8, head_dim=64, ffn_dim=2048, num_layers=8, text_dim=256, text_layers=2,
+    text_heads=8, text_ffn=512, vocab_size=512, vae_base_dim=32, vae_dim_mult=(1, 2, 2, 2),
+)
+
+
+def _train_tokenizer(vocab_size: int):
+    """A T5-like tokenizer: pad=0, eos=1, unk=2, and '</s>' appended to every text."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))]
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def build_tiny_wan(path: str | os.PathLike, config: TinyWanConfig = TinyWanConfig()) -> str:
+    """Write a random Wan 2.1 T2V diffusers folder to ``path`` and return it.
+
+    Weights are saved as safetensors. The same ``config`` always gives the same
+    weights (seeded), so two builds of one config are interchangeable.
+    """
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    path = os.fspath(path)
+    torch.manual_seed(config.seed)
+    tokenizer = _train_tokenizer(config.vocab_size)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=max(config.vocab_size, len(tokenizer)),
+            d_model=config.text_dim,
+            d_kv=config.text_dim // config.text_heads,
+            d_ff=config.text_ffn,
+            num_layers=config.text_layers,
+            num_heads=config.text_heads,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    ).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=config.text_dim,
+        freq_dim=256,
+        ffn_dim=config.ffn_dim,
+        num_layers=config.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=1024,
+        **config.extra_transformer,
+    ).eval()
+    # Random init leaves some tensors at zero (out projections, modulation
+    # table); perturb everything so parity tests compare real arithmetic.
+    with torch.no_grad():
+        for param in transformer.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    vae = AutoencoderKLWan(
+        base_dim=config.vae_base_dim,
+        z_dim=16,
+        dim_mult=list(config.vae_dim_mult),
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ).eval()
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        flow_shift=config.flow_shift,
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    logger.info("wrote a tiny random Wan 2.1 model to %s", path)
+    return path
