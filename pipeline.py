@@ -226,7 +226,11 @@ class WanTPUPipeline:
         return (kind, self.source.location, precision, mesh_shape)
 
     def _cached(self, kind: str, build: Callable):
-        return self.manager.cached_component(self._key(kind), build, replaces=lambda other: other[0] == kind)
+        key = self._key(kind)
+        if key not in self.manager.cached_keys():
+            # Check the folder before the old component of this kind is released for it.
+            loading.check_component(self.source, kind)
+        return self.manager.cached_component(key, build, replaces=lambda other: other[0] == kind)
 
     def text_encoder(self) -> TextEncoderComponent:
         def build():

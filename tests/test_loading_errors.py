@@ -86,7 +86,9 @@ def test_bad_video_shapes(size, message):
         pipeline_mod.check_video_shape(**size)
 
 
-def test_failed_load_leaves_no_cache_entry(tiny_model_dir, tmp_path, manager):
+def test_failed_load_leaves_no_cache_entry_and_keeps_the_working_one(tiny_model_dir, tmp_path, manager):
+    working = pipeline_mod.WanTPUPipeline(str(tiny_model_dir), precision="fp32")
+    working.vae()
     broken = tmp_path / "no-vae-weights"
     shutil.copytree(tiny_model_dir, broken)
     os.remove(broken / "vae" / "diffusion_pytorch_model.safetensors")
