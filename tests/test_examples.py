@@ -1,0 +1,96 @@
+"""Example workflows use registered nodes with widgets in INPUT_TYPES order."""
+
+import glob
+import inspect
+import json
+import os
+
+import pytest
+from conftest import PACK_DIR, pack_module
+
+nodes = pack_module("nodes")
+CORE_NODES = {"CreateVideo", "SaveVideo"}  # ComfyUI's own; checked against a real ComfyUI in test_comfyui_server.py
+UI_EXAMPLES = sorted(glob.glob(os.path.join(PACK_DIR, "examples", "*.json")))
+API_EXAMPLES = sorted(glob.glob(os.path.join(PACK_DIR, "examples", "api", "*.json")))
+WIDGET_KINDS = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
+
+
+def expected_widgets(node_class):
+    """(name, spec) per widget value, in the order the frontend stores them."""
+    spec = node_class.INPUT_TYPES()
+    widgets = []
+    for section in ("required", "optional"):
+        for name, (kind, *options) in spec.get(section, {}).items():
+            options = options[0] if options else {}
+            if isinstance(kind, list) or kind in WIDGET_KINDS:
+                widgets.append((name, kind))
+                if options.get("control_after_generate"):
+                    widgets.append(("control_after_generate", ["fixed", "increment", "decrement", "randomize"]))
+    return widgets
+
+
+def test_there_are_three_ui_examples_and_their_api_twins():
+    names = [os.path.basename(path)[:-5] for path in UI_EXAMPLES]
+    assert names == ["wan21_tpu_480p", "wan21_tpu_720p", "wan21_tpu_full_pipeline"]
+    assert [os.path.basename(path) for path in API_EXAMPLES] == [f"{name}_api.json" for name in names]
+
+
+@pytest.mark.parametrize("path", UI_EXAMPLES, ids=os.path.basename)
+def test_ui_example_widgets_match_input_types(path):
+    with open(path) as handle:
+        workflow = json.load(handle)
+    for node in workflow["nodes"]:
+        if node["type"] in CORE_NODES:
+            continue
+        assert node["type"] in nodes.NODE_CLASS_MAPPINGS, node["type"]
+        expected = expected_widgets(nodes.NODE_CLASS_MAPPINGS[node["type"]])
+        values = node["widgets_values"]
+        assert len(values) == len(expected), (node["type"], values)
+        for (name, kind), value in zip(expected, values):
+            if isinstance(kind, list):
+                assert value in kind, (node["type"], name, value)
+            else:
+                assert isinstance(value, WIDGET_KINDS[kind]) and not (kind != "BOOLEAN" and isinstance(value, bool)), (name, value)
+    # Links connect existing nodes with matching types.
+    by_id = {node["id"]: node for node in workflow["nodes"]}
+    for link_id, origin, origin_slot, target, target_slot, kind in workflow["links"]:
+        assert by_id[origin]["outputs"][origin_slot]["type"] == kind
+        assert by_id[target]["inputs"][target_slot]["type"] == kind
+
+
+@pytest.mark.parametrize("path", API_EXAMPLES, ids=os.path.basename)
+def test_api_example_inputs_match_input_types(path):
+    with open(path) as handle:
+        workflow = json.load(handle)
+    for node_id, node in workflow.items():
+        if node["class_type"] in CORE_NODES:
+            continue
+        spec = nodes.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()
+        required = spec["required"]
+        assert set(required) <= set(node["inputs"]), (node_id, set(required) - set(node["inputs"]))
+        assert set(node["inputs"]) <= set(required) | set(spec.get("optional", {}))
+        node_class = nodes.NODE_CLASS_MAPPINGS[node["class_type"]]
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):  # a link [node_id, output_index]
+                assert value[0] in workflow
+                continue
+            kind, options = (required.get(name) or spec["optional"][name])[:2]
+            if kind in ("INT", "FLOAT"):
+                assert options["min"] <= value <= options["max"], (name, value)
+        widget_values = {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+        accepted = inspect.signature(node_class.VALIDATE_INPUTS).parameters  # ComfyUI passes only these
+        checked = {k: v for k, v in widget_values.items() if k in accepted}
+        assert node_class.VALIDATE_INPUTS(**checked) is True
+
+
+def test_queue_script_reads_outputs_from_history():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("queue_workflow", os.path.join(PACK_DIR, "examples", "queue_workflow.py"))
+    queue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(queue)
+    entry = {"outputs": {"5": {"images": [{"filename": "wan_00001_.mp4", "subfolder": "video", "type": "output"}],
+                               "animated": [True]}}}
+    assert queue.output_files(entry) == ["video/wan_00001_.mp4"]
+    workflow = {"1": {"inputs": {"prompt": "a", "seed": 1}}, "2": {"inputs": {"fps": 16}}}
+    assert queue.override_inputs(workflow, prompt="b", seed=None)["1"]["inputs"] == {"prompt": "b", "seed": 1}

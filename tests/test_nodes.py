@@ -1,0 +1,225 @@
+"""The nodes, called the way ComfyUI calls them, with stand-ins for ComfyUI."""
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from comfy_stubs import ComfyStubs
+from conftest import PACK_DIR, PACK_NAME, TINY_VIDEO, load_pack, pack_module
+
+env_manager = pack_module("env_manager")
+loading = pack_module("loading")
+
+TINY_SAMPLER = dict(TINY_VIDEO, num_inference_steps=4, guidance_scale=5.0, seed=3, flow_shift=3.0)
+PROMPT, NEGATIVE = "a robot dancing in the rain", "blurry, static"
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    """ComfyUI stand-ins in sys.modules, and the pack's __init__ executed by folder path as ComfyUI does."""
+    stubs = ComfyStubs().install(monkeypatch)
+    load_pack()
+    spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(PACK_DIR, "__init__.py"))
+    spec.loader.exec_module(sys.modules[PACK_NAME])  # re-runs registration with ComfyUI present
+    return stubs
+
+
+@pytest.fixture
+def nodes(comfy):
+    module = pack_module("nodes")
+    assert module.NODE_CLASS_MAPPINGS is sys.modules[PACK_NAME].NODE_CLASS_MAPPINGS
+    return module
+
+
+def run_three_nodes(nodes, model, unique_id="7", **overrides):
+    settings = dict(TINY_SAMPLER, **overrides)
+    positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, model, precision="fp32")
+    latent, frames = nodes.Wan21TPUSampler().sample(
+        positive, negative, settings["height"], settings["width"], settings["num_frames"],
+        settings["num_inference_steps"], settings["guidance_scale"], settings["seed"], settings["flow_shift"],
+        model, precision="fp32", unique_id=unique_id,
+    )
+    assert frames == settings["num_frames"]
+    images, fps = nodes.Wan21TPUVAEDecoder().decode(latent, 16, model, precision="fp32")
+    return latent, images, fps
+
+
+def test_three_node_chain_matches_diffusers(nodes, tiny_model_dir, diffusers_frames, comfy):
+    latent, images, fps = run_three_nodes(nodes, tiny_model_dir)
+    expected = diffusers_frames(PROMPT, NEGATIVE, 3, 5.0, 4)
+    assert latent["samples"].shape == (1, 16, 2, 4, 6) and latent["samples"].dtype == torch.float32
+    assert images.dtype == torch.float32 and tuple(images.shape) == (5, 32, 48, 3) and fps == 16
+    assert np.abs(images.numpy() - expected).max() <= 1e-3
+    # Progress every step, and step i/N, s/step and ETA as progress text for the node.
+    assert comfy.progress[-4:] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    step_texts = [text for text, node in comfy.texts if node == "7"]
+    assert len(step_texts) == 4 and "step 4/4" in step_texts[-1] and "s/step" in step_texts[-1] and "ETA" in step_texts[-1]
+
+
+def test_full_pipeline_node_matches_diffusers_and_shares_the_cache(nodes, tiny_model_dir, diffusers_frames, manager):
+    run_three_nodes(nodes, tiny_model_dir)
+    cached = {key: manager.cached_component(key, None) for key in manager.cached_keys()}
+    s = TINY_SAMPLER
+    images, fps = nodes.Wan21TPUPipeline().generate(
+        PROMPT, NEGATIVE, s["height"], s["width"], s["num_frames"], s["num_inference_steps"], s["guidance_scale"],
+        s["seed"], s["flow_shift"], 12, tiny_model_dir, precision="fp32", unique_id="9",
+    )
+    assert fps == 12
+    assert np.abs(images.numpy() - diffusers_frames(PROMPT, NEGATIVE, 3, 5.0, 4)).max() <= 1e-3
+    # The same three components, not a second copy.
+    assert {key: manager.cached_component(key, None) for key in manager.cached_keys()} == cached
+    assert all(manager.cached_component(key, None) is value for key, value in cached.items())
+
+
+def test_second_run_loads_and_compiles_nothing(nodes, tiny_model_dir, manager, monkeypatch):
+    run_three_nodes(nodes, tiny_model_dir)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a second run loaded a model")
+
+    for name in ("load_text_encoder", "load_transformer", "load_vae", "load_tokenizer"):
+        monkeypatch.setattr(loading, name, no_loading)
+    before = manager.compile_count()
+    positive, negative = nodes.Wan21TextEncoder().encode("a fox", "ugly", tiny_model_dir, precision="fp32")
+    latent, _ = nodes.Wan21TPUSampler().sample(
+        positive, negative, 32, 48, 5, 6, 3.0, 99, 5.0, tiny_model_dir, precision="fp32",
+    )
+    nodes.Wan21TPUVAEDecoder().decode(latent, 16, tiny_model_dir, precision="fp32")
+    assert manager.compile_count() == before
+
+
+@pytest.mark.parametrize(
+    "node, inputs, message",
+    [
+        ("Wan21TPUSampler", dict(num_frames=80), "num_frames=80: Wan needs 4n+1 frames (77 or 81)"),
+        ("Wan21TPUSampler", dict(height=730), "height=730: Wan needs a multiple of 16 (720 or 736)"),
+        ("Wan21TPUPipeline", dict(width=1000), "width=1000: Wan needs a multiple of 16 (992 or 1008)"),
+        ("Wan21TextEncoder", dict(model_id="  "), "model_id is empty"),
+        ("Wan21TPUVAEDecoder", dict(model_id=""), "model_id is empty"),
+        ("Wan21TPUSampler", dict(precision="fp16"), "precision='fp16'"),
+    ],
+)
+def test_validate_inputs_messages(nodes, node, inputs, message):
+    result = nodes.NODE_CLASS_MAPPINGS[node].VALIDATE_INPUTS(**inputs)
+    assert isinstance(result, str) and result.startswith(message)
+
+
+def test_validate_inputs_accepts_good_values(nodes):
+    sampler = nodes.NODE_CLASS_MAPPINGS["Wan21TPUSampler"]
+    assert sampler.VALIDATE_INPUTS(height=480, width=848, num_frames=81, model_id="Wan-AI/x", precision="bf16") is True
+
+
+def test_embeddings_from_another_model_family_are_refused(nodes, tiny_model_dir):
+    wrong = torch.zeros(1, 512, 4096)
+    with pytest.raises(ValueError, match="embeddings have width 4096 .* expects 32"):
+        nodes.Wan21TPUSampler().sample(wrong, wrong, 32, 48, 5, 2, 5.0, 0, 3.0, tiny_model_dir, precision="fp32")
+    with pytest.raises(ValueError, match="prompt_embeds is \\(512, 32\\)"):
+        nodes.Wan21TPUSampler().sample(torch.zeros(512, 32), wrong, 32, 48, 5, 2, 5.0, 0, 3.0, tiny_model_dir)
+
+
+def test_cancel_stops_within_one_step_and_the_next_run_works(nodes, comfy, tiny_model_dir, diffusers_frames):
+    run_three_nodes(nodes, tiny_model_dir)  # warm: everything loaded and compiled
+    comfy.progress.clear()
+    comfy.interrupt_at_step = 2
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_three_nodes(nodes, tiny_model_dir)
+    assert comfy.progress == [(1, 4), (2, 4)]  # stopped right after the step in which Cancel came
+    comfy.interrupt_at_step = None
+    _, images, _ = run_three_nodes(nodes, tiny_model_dir)
+    assert np.abs(images.numpy() - diffusers_frames(PROMPT, NEGATIVE, 3, 5.0, 4)).max() <= 1e-3
+
+
+def test_unload_all_models_frees_every_pack_array_and_the_next_run_works(nodes, comfy, tiny_model_dir, manager):
+    import jax
+
+    run_three_nodes(nodes, tiny_model_dir)
+    owned = manager.owned_arrays()
+    assert owned and all(not array.is_deleted() for array in owned)
+    owned_ids = {id(array) for array in owned}
+    live_before = len(jax.live_arrays())
+
+    comfy.model_management.unload_all_models()  # what POST /free {"unload_models": true} reaches
+
+    assert comfy.unloads == 1  # ComfyUI's own unload ran too
+    assert manager.cached_keys() == [] and manager.owned_arrays() == []
+    assert all(array.is_deleted() for array in owned)
+    assert not owned_ids & {id(array) for array in jax.live_arrays()}
+    assert len(jax.live_arrays()) <= live_before - len(owned)
+    assert manager._meshes == {}
+    _, images, _ = run_three_nodes(nodes, tiny_model_dir)
+    assert images.shape == (5, 32, 48, 3)
+
+
+def test_unload_hook_is_installed_once(comfy):
+    mm = comfy.model_management
+    first = mm.unload_all_models
+    assert getattr(first, "_wan_tpu_wrapped", False)
+    assert env_manager.install_comfyui_unload_hook(mm) is True
+    assert mm.unload_all_models is first
+
+
+def test_unload_node(nodes, tiny_model_dir, manager):
+    run_three_nodes(nodes, tiny_model_dir)
+    assert manager.cached_keys()
+    assert nodes.Wan21TPUUnload().unload() == ()
+    assert manager.cached_keys() == []
+
+
+def test_switching_model_id_releases_the_old_component_first(nodes, tiny_model_dir, tmp_path, manager):
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other-wan")
+    run_three_nodes(nodes, tiny_model_dir)
+    old = {key[0]: manager.cached_component(key, None) for key in manager.cached_keys()}
+    run_three_nodes(nodes, str(other))
+    keys = manager.cached_keys()
+    assert sorted(key[0] for key in keys) == ["text_encoder", "transformer", "vae"]
+    assert all(key[1] == os.path.abspath(other) for key in keys)
+    assert all(array.is_deleted() for component in old.values() for array in component.weights.values())
+
+
+def test_vae_decoder_on_a_comfyui_latent_equals_diffusers_vae_decode(nodes, tiny_model_dir, diffusers_frames):
+    vae = diffusers_frames.pipe.vae
+    latent = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        video = vae.decode(latent, return_dict=False)[0]
+    expected = (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    images, _ = nodes.Wan21TPUVAEDecoder().decode({"samples": latent}, 16, tiny_model_dir)
+    assert images.shape == expected.shape == (9, 32, 48, 3)
+    assert np.abs(images.numpy() - expected).max() <= 1e-4
+
+
+def test_sampler_latent_is_in_the_vae_space(nodes, tiny_model_dir, diffusers_frames):
+    """Our LATENT is what diffusers' VAE decodes directly (mean/std applied once, by us)."""
+    latent, images, _ = run_three_nodes(nodes, tiny_model_dir)
+    vae = diffusers_frames.pipe.vae
+    with torch.no_grad():
+        video = vae.decode(latent["samples"], return_dict=False)[0]
+    expected = (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).numpy()
+    assert np.abs(images.numpy() - expected).max() <= 1e-4
+
+
+def test_every_input_has_a_tooltip_and_every_node_a_description(nodes):
+    for name, node in nodes.NODE_CLASS_MAPPINGS.items():
+        assert node.DESCRIPTION and node.CATEGORY == "TPU/Wan2.1"
+        spec = node.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for input_name, (kind, *options) in spec.get(section, {}).items():
+                assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def test_display_names_and_ids_are_the_original_packs(nodes):
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS == {
+        "Wan21TextEncoder": "Wan 2.1 Text Encoder (TPU)",
+        "Wan21TPUSampler": "Wan 2.1 TPU Sampler",
+        "Wan21TPUVAEDecoder": "Wan 2.1 TPU VAE Decoder",
+        "Wan21TPUPipeline": "Wan 2.1 TPU Full Pipeline",
+        "Wan21TPUUnload": "Wan 2.1 TPU Unload",
+    }
+    sampler = nodes.Wan21TPUSampler.INPUT_TYPES()["required"]
+    assert list(sampler) == ["prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames",
+                             "num_inference_steps", "guidance_scale", "seed", "flow_shift", "model_id"]
+    assert (sampler["height"][1]["default"], sampler["width"][1]["default"], sampler["num_frames"][1]["default"]) == (720, 1280, 81)
