@@ -102,12 +102,16 @@ def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method:
     import torch
 
     env = manager.env
-    torch_weights = env.j2t_iso({f"module.{name}": value for name, value in weights.items()})
-    torch_args = env.j2t_iso(args)
-    with env, torch.no_grad():
-        output = torch.func.functional_call(_Method(module, method), torch_weights, torch_args, kwargs or {})
-        output = pick(output)
-    return env.t2j_iso(output)
+    # ComfyUI runs nodes under torch.inference_mode. Torchax tensors made there
+    # are inference tensors, for which composite ops (conv3d, dropout) reach
+    # torchax undecomposed and have no lowering; so wrap and trace outside it.
+    with torch.inference_mode(False), torch.no_grad():
+        torch_weights = env.j2t_iso({f"module.{name}": value for name, value in weights.items()})
+        torch_args = env.j2t_iso(args)
+        with env:
+            output = torch.func.functional_call(_Method(module, method), torch_weights, torch_args, kwargs or {})
+            output = pick(output)
+        return env.t2j_iso(output)
 
 
 def place_weights(manager: TorchaxEnvManager, module, rules, mesh, component: str):

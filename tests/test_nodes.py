@@ -37,6 +37,11 @@ def nodes(comfy):
 
 
 def run_three_nodes(nodes, model, unique_id="7", **overrides):
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        return _run_three_nodes(nodes, model, unique_id, **overrides)
+
+
+def _run_three_nodes(nodes, model, unique_id="7", **overrides):
     settings = dict(TINY_SAMPLER, **overrides)
     positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, model, precision="fp32")
     latent, frames = nodes.Wan21TPUSampler().sample(

@@ -1,0 +1,113 @@
+"""The pack inside a real ComfyUI: nodes listed, an API workflow makes an MP4, /free frees HBM.
+
+Runs only when COMFYUI_DIR points at a ComfyUI checkout whose Python
+(COMFYUI_PYTHON, default COMFYUI_DIR/.venv/bin/python) has this pack's
+requirements. The server listens on 127.0.0.1 only.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import PACK_DIR, PACK_NAME, pack_module
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (with this pack's requirements) to run"
+)
+OUR_NODES = {"Wan21TextEncoder", "Wan21TPUSampler", "Wan21TPUVAEDecoder", "Wan21TPUPipeline", "Wan21TPUUnload"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get(url, payload=None, timeout=10):
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+        return json.loads(body) if body else None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    comfy_dir = os.path.abspath(COMFYUI_DIR)
+    python = os.environ.get("COMFYUI_PYTHON", os.path.join(comfy_dir, ".venv", "bin", "python"))
+    link = os.path.join(comfy_dir, "custom_nodes", PACK_NAME)
+    created_link = not os.path.exists(link)
+    if created_link:
+        os.symlink(PACK_DIR, link)
+    work = tmp_path_factory.mktemp("comfyui")
+    port = _free_port()
+    log_path = work / "server.log"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", WAN_TPU_COMPILE_CACHE="0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--output-directory", str(work / "output")],
+            cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                _get(url + "/system_stats")
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ComfyUI did not start:\n{log_path.read_text()[-4000:]}")
+                time.sleep(1)
+        yield {"url": url, "log": log_path, "output": work / "output"}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if created_link:
+            os.unlink(link)
+
+
+def test_our_nodes_are_listed(server):
+    info = _get(server["url"] + "/object_info", timeout=60)
+    assert OUR_NODES <= set(info)
+    assert info["Wan21TPUSampler"]["category"] == "TPU/Wan2.1"
+    assert info["Wan21TPUSampler"]["display_name"] == "Wan 2.1 TPU Sampler"
+
+
+def test_api_example_makes_an_mp4_and_free_releases_the_device(server, tiny_model_dir):
+    queue = _load_queue_script()
+    with open(os.path.join(PACK_DIR, "examples", "api", "wan21_tpu_480p_api.json")) as handle:
+        workflow = json.load(handle)
+    queue.override_inputs(workflow, model_id=str(tiny_model_dir), height=256, width=256, num_frames=17,
+                          num_inference_steps=2)
+    files = queue.queue_and_wait(server["url"], workflow, timeout=900)
+    videos = [server["output"] / path for path in files if path.endswith(".mp4")]
+    assert videos and all(video.stat().st_size > 0 for video in videos)
+
+    _get(server["url"] + "/free", {"unload_models": True})
+    deadline = time.monotonic() + 60
+    pattern = re.compile(r"Wan TPU: released 3 component\(s\) .*MiB of device memory")
+    while not pattern.search(server["log"].read_text()):
+        assert time.monotonic() < deadline, server["log"].read_text()[-3000:]
+        time.sleep(1)
+
+
+def _load_queue_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("queue_workflow", os.path.join(PACK_DIR, "examples", "queue_workflow.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
