@@ -15,7 +15,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import PACK_DIR, PACK_NAME, pack_module
+from conftest import PACK_DIR
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(
@@ -42,10 +42,14 @@ def _get(url, payload=None, timeout=10):
 def server(tmp_path_factory):
     comfy_dir = os.path.abspath(COMFYUI_DIR)
     python = os.environ.get("COMFYUI_PYTHON", os.path.join(comfy_dir, ".venv", "bin", "python"))
-    link = os.path.join(comfy_dir, "custom_nodes", PACK_NAME)
-    created_link = not os.path.exists(link)
+    # Linked under the name users clone it as. (A checkout folder named "main"
+    # would shadow ComfyUI's own main module.)
+    link = os.path.join(comfy_dir, "custom_nodes", "ComfyUI-Wan-TPU")
+    created_link = not os.path.lexists(link)
     if created_link:
         os.symlink(PACK_DIR, link)
+    elif os.path.realpath(link) != os.path.realpath(PACK_DIR):
+        pytest.fail(f"{link} exists and is not this checkout: remove it to run this test")
     work = tmp_path_factory.mktemp("comfyui")
     port = _free_port()
     log_path = work / "server.log"

@@ -1,0 +1,467 @@
+"""Splash attention: a Pallas flash-attention kernel for TPU, sharded over the (dp, tp) mesh.
+
+``splash_attention(query, key, value, mesh=...)`` takes and returns torch SDPA
+layout ``[batch, heads, seq, head_dim]`` (no mask, not causal: Wan's attention).
+``TorchaxEnvManager.attention`` calls it for long self-attention on TPU; this
+module imports jax at the top and is only ever imported lazily from there.
+
+The kernel (``_flash_kernel``) keeps the tricks of the v6e-tuned original:
+
+- the query is pre-scaled by ``scale * log2(e)``, so the kernel uses ``exp2``;
+- K-smoothing: the key mean over the sequence is subtracted first. Every score
+  of a query row moves by the same ``q . mean(k)``, so softmax is unchanged
+  and the scores stay small;
+- online softmax with fp32 running max ``m``, denominator ``l`` and output
+  accumulator in VMEM scratch, in a transposed layout (scores are
+  ``[kv, q]``, so the per-query statistics are lane vectors);
+- block sizes ``BlockSizes(block_q=3328, block_kv=2816, block_kv_compute=256)``.
+
+Unlike the original, keys added to pad the sequence to a block multiple are
+masked out of the softmax (the original let those zero keys into the
+denominator). Block sizes change speed, never numbers.
+
+Off TPU the kernel runs in Pallas interpret mode (slow, exact; for tests).
+``force_interpret(False)`` lowers the real Mosaic kernel anywhere, e.g. to
+export a TPU program from a CPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+logger = logging.getLogger("wan_tpu")
+
+LOG2_E = math.log2(math.e)
+NUM_LANES = 128  # TPU vreg lanes: the last dim of a block is a multiple of this (or the whole dim)
+NUM_SUBLANES = 8
+# Finite, so masked - masked is 0, never NaN; exp2 of (this - any real score) is 0.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+MESH_AXES = ("dp", "tp")
+
+_NT_DIMS = (((1,), (1,)), ((), ()))  # k [kv, d] . q [q, d]^T -> [kv, q]
+_TN_DIMS = (((0,), (0,)), ((), ()))  # v [kv, dv]^T . p [kv, q] -> [dv, q]
+
+
+# ------------------------------------------------------------------ block sizes
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Kernel tile sizes, in tokens. Defaults: the original's tuning for Wan on v6e.
+
+    ``block_q`` queries and ``block_kv`` keys are resident in VMEM per grid
+    step; the keys are consumed ``block_kv_compute`` at a time (bounds the
+    ``[block_kv_compute, block_q]`` fp32 score tile). Short sequences clamp
+    them (``effective_block_sizes``).
+    """
+
+    block_q: int = 3328
+    block_kv: int = 2816
+    block_kv_compute: int = 256
+
+    def __post_init__(self):
+        block_q, block_kv, block_kv_compute = self.block_q, self.block_kv, self.block_kv_compute
+        for name, value in (("block_q", block_q), ("block_kv", block_kv), ("block_kv_compute", block_kv_compute)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < NUM_LANES:
+                raise ValueError(f"{name}={value!r}: block sizes are whole numbers of at least {NUM_LANES} tokens")
+            if value % NUM_LANES:
+                raise ValueError(
+                    f"{name}={value}: block sizes must be multiples of {NUM_LANES} (the TPU lane width), "
+                    f"e.g. {name}={max(NUM_LANES, value // NUM_LANES * NUM_LANES)}"
+                )
+        if block_kv % block_kv_compute:
+            suggestion = block_kv // block_kv_compute * block_kv_compute or block_kv_compute
+            raise ValueError(
+                f"{block_kv=} is not a multiple of {block_kv_compute=}: the kernel consumes each key block "
+                f"in whole compute chunks; use e.g. block_kv={suggestion}"
+            )
+
+
+class EffectiveBlocks(NamedTuple):
+    """Block sizes after clamping to one call's sequence lengths."""
+
+    block_q: int
+    block_kv: int
+    block_kv_compute: int
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _alignment(length: int) -> int:
+    # 128 lanes for real sequences; a tiny one (tests) rounds to 8 sublanes
+    # instead of being padded 10x. Either way a clamped block is the whole
+    # padded sequence, which TPU accepts whatever its size.
+    return NUM_LANES if length >= NUM_LANES else NUM_SUBLANES
+
+
+def effective_block_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int) -> EffectiveBlocks:
+    """Clamp ``block_sizes`` for short sequences, keeping block_kv a multiple of block_kv_compute."""
+    block_q = min(block_sizes.block_q, _round_up(q_len, _alignment(q_len)))
+    block_kv_compute = min(block_sizes.block_kv_compute, _round_up(kv_len, _alignment(kv_len)))
+    # Both operands of min are multiples of block_kv_compute (BlockSizes checks block_kv).
+    block_kv = min(block_sizes.block_kv, _round_up(kv_len, block_kv_compute))
+    return EffectiveBlocks(block_q, block_kv, block_kv_compute)
+
+
+# ------------------------------------------------------------------ interpret mode
+_FORCED_INTERPRET: contextvars.ContextVar = contextvars.ContextVar("wan_tpu_splash_interpret", default=None)
+
+
+@contextlib.contextmanager
+def force_interpret(interpret: bool):
+    """Within this block, ``interpret=None`` means ``interpret``.
+
+    ``force_interpret(False)`` lowers the Mosaic TPU kernel on any machine
+    (``jax.export`` for TPU from a CPU host). It acts when a function is
+    traced: a jitted function already traced keeps its kernel.
+    """
+    token = _FORCED_INTERPRET.set(bool(interpret))
+    try:
+        yield
+    finally:
+        _FORCED_INTERPRET.reset(token)
+
+
+def resolve_interpret(interpret: bool | None = None) -> bool:
+    """The argument if given, else ``force_interpret``'s value, else "not on TPU"."""
+    if interpret is not None:
+        return bool(interpret)
+    forced = _FORCED_INTERPRET.get()
+    if forced is not None:
+        return forced
+    return jax.default_backend() != "tpu"
+
+
+# ------------------------------------------------------------------ kernel
+def _flash_kernel(
+    q_ref,  # [block_q, head_dim]           query tile, pre-scaled by scale * log2(e)
+    k_ref,  # [block_kv, head_dim]          key tile, mean-subtracted
+    v_ref,  # [block_kv, head_dim_v]        value tile
+    o_ref,  # [head_dim_v, block_q]         output tile, transposed (queries on lanes)
+    m_ref,  # [8, block_q] fp32 scratch     running max (log2 units), same on every sublane
+    l_ref,  # [8, block_q] fp32 scratch     running softmax denominator
+    acc_ref,  # [head_dim_v, block_q] fp32 scratch   unnormalised output
+    *,
+    kv_len: int,
+    num_kv_blocks: int,
+    block_kv: int,
+    block_kv_compute: int,
+):
+    kv_index = pl.program_id(2)
+    block_q = q_ref.shape[0]
+
+    @pl.when(kv_index == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    q = q_ref[...]  # [block_q, head_dim]
+    # Real keys in the last kv block; padding is only ever at the end of it.
+    tail = kv_len - (num_kv_blocks - 1) * block_kv
+
+    for chunk in range(block_kv // block_kv_compute):
+        start = chunk * block_kv_compute
+
+        def step(start=start, masked=start < tail < start + block_kv_compute):
+            k = k_ref[pl.ds(start, block_kv_compute), :]  # [block_kv_compute, head_dim]
+            v = v_ref[pl.ds(start, block_kv_compute), :]  # [block_kv_compute, head_dim_v]
+            s = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32)  # [block_kv_compute, block_q]
+            if masked:  # the chunk holding the last real key: padded keys get no weight
+                position = kv_index * block_kv + start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                s = jnp.where(position < kv_len, s, MASK_VALUE)
+            m_prev = m_ref[0:1, :]  # [1, block_q]
+            l_prev = l_ref[0:1, :]  # [1, block_q]
+            m_next = jnp.maximum(m_prev, s.max(axis=0, keepdims=True))
+            p = jnp.exp2(s - m_next)  # [block_kv_compute, block_q]
+            alpha = jnp.exp2(m_prev - m_next)  # [1, block_q] rescales what came before
+            l_next = alpha * l_prev + p.sum(axis=0, keepdims=True)
+            m_ref[...] = jnp.broadcast_to(m_next, (NUM_SUBLANES, block_q))
+            l_ref[...] = jnp.broadcast_to(l_next, (NUM_SUBLANES, block_q))
+            # P in the value dtype (bf16 on the MXU for bf16 models), accumulated in fp32.
+            pv = lax.dot_general(v, p.astype(v.dtype), _TN_DIMS, preferred_element_type=jnp.float32)
+            acc_ref[...] = acc_ref[...] * alpha + pv  # [head_dim_v, block_q]
+
+        if start >= tail:
+            # Wholly padding in the last kv block, where it is skipped rather
+            # than masked; in every other block these keys are real.
+            pl.when(kv_index < num_kv_blocks - 1)(step)
+        else:
+            step()
+
+    @pl.when(kv_index == num_kv_blocks - 1)
+    def _finish():
+        # l >= 1: every query row sees at least one real key (its max scores exp2(0) = 1).
+        inverse = 1.0 / l_ref[0:1, :]  # [1, block_q]
+        o_ref[...] = (acc_ref[...] * inverse).astype(o_ref.dtype)
+
+
+def _flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret: bool):
+    """The Pallas call on padded, head-flattened arrays.
+
+    q: [heads, q_pad, head_dim]   pre-scaled by scale * log2(e); q_pad a multiple of block_q
+    k: [heads, kv_pad, head_dim]  mean-subtracted; kv_pad a multiple of block_kv
+    v: [heads, kv_pad, head_dim_v]
+    returns [heads, head_dim_v, q_pad]
+    """
+    heads, q_pad, head_dim = q.shape
+    kv_pad, head_dim_v = v.shape[1], v.shape[2]
+    block_q, block_kv, block_kv_compute = blocks
+    num_kv_blocks = kv_pad // block_kv
+    kernel = functools.partial(
+        _flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
+        block_kv_compute=block_kv_compute,
+    )
+    # Keys and values are read once per query block.
+    elements = 2 * q_pad * head_dim_v + (q_pad // block_q) * kv_pad * (head_dim + head_dim_v)
+    cost = pl.CostEstimate(
+        flops=2 * heads * q_pad * kv_pad * (head_dim + head_dim_v),
+        transcendentals=heads * q_pad * kv_pad,
+        bytes_accessed=q.dtype.itemsize * heads * elements,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0,
+            grid=(heads, q_pad // block_q, num_kv_blocks),  # kv innermost: the reduction axis
+            in_specs=[
+                pl.BlockSpec((None, block_q, head_dim), lambda h, i, j: (h, i, 0)),
+                pl.BlockSpec((None, block_kv, head_dim), lambda h, i, j: (h, j, 0)),
+                pl.BlockSpec((None, block_kv, head_dim_v), lambda h, i, j: (h, j, 0)),
+            ],
+            out_specs=pl.BlockSpec((None, head_dim_v, block_q), lambda h, i, j: (h, 0, i)),
+            scratch_shapes=[
+                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
+                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
+                pltpu.VMEM((head_dim_v, block_q), jnp.float32),
+            ],
+        ),
+        out_shape=jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="wan_splash_attention",
+    )(q, k, v)
+
+
+def _pad_axis(x, length: int, axis: int):
+    """Zero-pad ``x`` (any shape) at the end of ``axis`` to ``length``."""
+    if x.shape[axis] == length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _attention_local(
+    query,  # [batch, heads, q_len, head_dim]
+    key,  # [batch, heads, kv_len, head_dim]
+    value,  # [batch, heads, kv_len, head_dim_v]
+    *,
+    scale: float,
+    block_sizes: BlockSizes,
+    interpret: bool,
+):
+    """Attention on one device's arrays: smoothing, scaling, padding, the kernel.
+
+    Returns [batch, heads, q_len, head_dim_v] in the query's dtype.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_len, head_dim_v = key.shape[2], value.shape[3]
+    blocks = effective_block_sizes(block_sizes, q_len, kv_len)
+    q = (query.astype(jnp.float32) * (scale * LOG2_E)).astype(query.dtype)
+    k32 = key.astype(jnp.float32)
+    # Mean over the real keys only, taken before padding.
+    k = (k32 - k32.mean(axis=2, keepdims=True)).astype(key.dtype)
+    q_pad, kv_pad = _round_up(q_len, blocks.block_q), _round_up(kv_len, blocks.block_kv)
+    q = _pad_axis(q.reshape(batch * heads, q_len, head_dim), q_pad, 1)  # [batch*heads, q_pad, head_dim]
+    k = _pad_axis(k.reshape(batch * heads, kv_len, head_dim), kv_pad, 1)  # [batch*heads, kv_pad, head_dim]
+    v = _pad_axis(value.reshape(batch * heads, kv_len, head_dim_v), kv_pad, 1)  # [batch*heads, kv_pad, head_dim_v]
+    out = _flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)  # [batch*heads, dv, q_pad]
+    out = jnp.swapaxes(out[:, :, :q_len], 1, 2)  # padded query rows dropped
+    return out.reshape(batch, heads, q_len, head_dim_v).astype(query.dtype)
+
+
+def reference_attention(
+    query,  # [batch, heads, q_len, head_dim]
+    key,  # [batch, heads, kv_len, head_dim]
+    value,  # [batch, heads, kv_len, head_dim_v]
+    scale: float | None = None,
+):
+    """Plain fp32 softmax(Q K^T * scale) V -> [batch, heads, q_len, head_dim_v] float32."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    highest = lax.Precision.HIGHEST  # TPU would otherwise multiply fp32 in bf16 passes
+    q, k, v = (x.astype(jnp.float32) for x in (query, key, value))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=highest) * scale
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v, precision=highest)
+
+
+# ------------------------------------------------------------------ sharding
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """Which mesh axes split the batch, the heads and the query sequence.
+
+    Keys and values are split like the query on batch and heads and are whole
+    (replicated) along the sequence, so each device's attention is complete.
+    """
+
+    batch_axes: tuple[str, ...]
+    head_axes: tuple[str, ...]
+    seq_axes: tuple[str, ...]
+    seq_shards: int  # devices along the query sequence; q is padded to a multiple of it
+    reason: str
+    fallback: bool = False  # the heads could not be split over every free axis
+
+    @property
+    def q_spec(self):
+        return P(_axes_entry(self.batch_axes), _axes_entry(self.head_axes), _axes_entry(self.seq_axes), None)
+
+    @property
+    def kv_spec(self):
+        return P(_axes_entry(self.batch_axes), _axes_entry(self.head_axes), None, None)
+
+
+def _axes_entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def plan_sharding(query_shape, key_shape, mesh_shape) -> ShardingPlan:
+    """The split of one attention call over a ('dp', 'tp') mesh.
+
+    - batch over dp when dp divides it; the heads over the axes left
+      (tp, or dp x tp for batch 1);
+    - short keys (kv_len < q_len: cross-attention): the query sequence over
+      those axes instead, keys and values replicated (they are small);
+    - heads that the axes left do not divide (Wan 1.3B's 12 heads on tp=8):
+      heads over the largest combination of those axes that divides them
+      (tp preferred, it already splits the head projections), the query
+      sequence over the rest. 12 heads on (2, 4) with batch 1: heads over tp,
+      sequence over dp; on (1, 8): sequence over tp. No device idles and
+      none repeats another's work; the query is padded to a multiple of the
+      sequence split.
+    """
+    batch, heads, q_len = query_shape[0], query_shape[1], query_shape[2]
+    kv_len = key_shape[2]
+    sizes = {axis: int(size) for axis, size in dict(mesh_shape).items()}
+    unknown = sorted(axis for axis in sizes if axis not in MESH_AXES)
+    if unknown:
+        raise ValueError(
+            f"mesh axes {tuple(sizes)}: splash_attention shards over a ('dp', 'tp') mesh; "
+            "build it with env_manager.build_mesh"
+        )
+    dp = sizes.get("dp", 1)
+    batch_axes = ("dp",) if dp > 1 and batch % dp == 0 else ()
+    free = tuple(axis for axis in MESH_AXES if axis not in batch_axes and sizes.get(axis, 1) > 1)
+    size = lambda axes: math.prod(sizes[axis] for axis in axes)  # noqa: E731
+    if kv_len < q_len:
+        head_axes = ()
+        reason = f"short keys ({kv_len} < {q_len} queries): query sequence split, keys replicated"
+    else:
+        combos = [c for r in range(len(free), 0, -1) for c in itertools.combinations(free, r)]
+        combos.sort(key=lambda c: (-size(c), "tp" not in c))
+        head_axes = next((c for c in combos if heads % size(c) == 0), ())
+        reason = "heads split" if head_axes == free else (
+            f"{heads} heads do not divide {'x'.join(free)}={size(free)} devices: heads over "
+            f"{'x'.join(head_axes) or 'no axis'}, query sequence over the rest"
+        )
+    seq_axes = tuple(axis for axis in free if axis not in head_axes)
+    fallback = kv_len >= q_len and head_axes != free
+    return ShardingPlan(batch_axes, head_axes, seq_axes, size(seq_axes), reason, fallback)
+
+
+_logged_plans: set = set()
+
+
+def _log_plan_once(plan: ShardingPlan, query_shape, key_shape, mesh_shape):
+    key = (tuple(query_shape), tuple(key_shape), tuple(dict(mesh_shape).items()))
+    if key in _logged_plans:
+        return
+    _logged_plans.add(key)
+    level = logging.WARNING if plan.fallback else logging.INFO
+    logger.log(
+        level, "splash attention q%s k%s on mesh %s: %s (q %s, k/v %s)",
+        tuple(query_shape), tuple(key_shape), dict(mesh_shape), plan.reason, plan.q_spec, plan.kv_spec,
+    )
+
+
+def _match_explicit_mesh(x, mesh, spec):
+    """``x`` resharded to ``spec`` on a mesh with Explicit axes (e.g. ``jax.make_mesh``'s default),
+    where shard_map wants the input's sharding type to equal its in_spec; unchanged on an Auto
+    mesh (``env_manager.build_mesh``), where shard_map reshards by itself."""
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if explicit is not None and explicit in tuple(getattr(mesh, "axis_types", ())):
+        return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+    return x
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    # jax.shard_map where it exists (jax >= 0.6); the experimental one before.
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+# ------------------------------------------------------------------ entry point
+def splash_attention(
+    query,  # [batch, heads, q_len, head_dim]
+    key,  # [batch, heads, kv_len, head_dim]
+    value,  # [batch, heads, kv_len, head_dim_v]
+    *,
+    mesh=None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    scale: float | None = None,
+):
+    """softmax(Q K^T * scale) V with the Pallas kernel -> [batch, heads, q_len, head_dim_v], query's dtype.
+
+    ``mesh``: a ('dp', 'tp') mesh to shard over (``plan_sharding``), or None
+    for one device. Works inside ``jax.jit`` on sharded inputs.
+    ``scale``: None means 1/sqrt(head_dim). ``interpret``: None means
+    interpret mode except on TPU (see ``force_interpret``).
+    """
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        raise ValueError(
+            f"query {query.shape}, key {key.shape}, value {value.shape}: "
+            "splash_attention takes 4-D [batch, heads, seq, head_dim] arrays (torch SDPA layout)"
+        )
+    if key.shape[:2] != query.shape[:2] or value.shape[:3] != key.shape[:3] or key.shape[3] != query.shape[3]:
+        raise ValueError(
+            f"query {query.shape}, key {key.shape}, value {value.shape}: batch and heads must match, key and value "
+            "share a length and query and key a head_dim (repeat key/value heads for grouped-query attention)"
+        )
+    block_sizes = BlockSizes() if block_sizes is None else block_sizes
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    local = functools.partial(
+        _attention_local, scale=scale, block_sizes=block_sizes, interpret=resolve_interpret(interpret)
+    )
+    if mesh is None or mesh.size == 1:
+        return local(query, key, value)
+    plan = plan_sharding(query.shape, key.shape, mesh.shape)
+    _log_plan_once(plan, query.shape, key.shape, mesh.shape)
+    q_len = query.shape[2]
+    query = _pad_axis(query, _round_up(q_len, plan.seq_shards), 2)  # padded rows are dropped below
+    specs = (plan.q_spec, plan.kv_spec, plan.kv_spec)
+    query, key, value = (_match_explicit_mesh(x, mesh, spec) for x, spec in zip((query, key, value), specs))
+    out = _shard_map(local, mesh, specs, plan.q_spec)(query, key, value)
+    if out.shape[2] == q_len:
+        return out
+    # An explicit mesh cannot slice unevenly along a split axis: gather the sequence first.
+    return _match_explicit_mesh(out, mesh, plan.kv_spec)[:, :, :q_len]
