@@ -1,0 +1,233 @@
+"""HBM plan before loading: weights from abstract shapes, activation estimates, per-chip HBM."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import PACK_DIR, PACK_NAME, pack_module
+
+memory_plan = pack_module("memory_plan")
+sharding = pack_module("sharding")
+
+GiB = 2**30
+V6E, V5E = "TPU v6 lite", "TPU v5 lite"  # what jax reports for v6e and v5e chips
+
+
+def plan(model="14B", mesh=(2, 4), height=720, width=1280, num_frames=81, device_kind=V6E, **kwargs):
+    kwargs.setdefault("environ", {})  # not the tester's WAN_TPU_HBM_GIB
+    return memory_plan.plan_memory(model, mesh, height, width, num_frames, device_kind=device_kind, **kwargs)
+
+
+# ----------------------------------------------------------------- configs
+@pytest.mark.parametrize(
+    "component, config, low, high",
+    [
+        ("transformer", memory_plan.WAN21_CONFIGS["14B"], 14.0e9, 14.3e9),
+        ("transformer", memory_plan.WAN21_CONFIGS["1.3B"], 1.4e9, 1.6e9),
+        ("text_encoder", memory_plan.UMT5_XXL_CONFIG, 5.6e9, 5.8e9),
+        ("vae", memory_plan.WAN21_VAE_CONFIG, 0.1e9, 0.15e9),
+    ],
+)
+def test_parameter_counts_of_the_real_configs(component, config, low, high):
+    assert low <= memory_plan.parameter_count(component, config) <= high
+
+
+def test_every_real_parameter_has_a_sharding_rule():
+    for component, config in (
+        ("transformer", memory_plan.WAN21_CONFIGS["14B"]),
+        ("text_encoder", memory_plan.UMT5_XXL_CONFIG),
+        ("vae", memory_plan.WAN21_VAE_CONFIG),
+    ):
+        shapes, _ = memory_plan.abstract_weights(component, config)
+        result = sharding.plan_shardings(shapes, sharding.RULES[component], {"dp": 2, "tp": 4})
+        assert result.unmatched == [] and result.indivisible == [], component
+
+
+def test_bf16_transformer_keeps_diffusers_fp32_modules_in_fp32():
+    _, itemsizes = memory_plan.abstract_weights("transformer", memory_plan.WAN21_CONFIGS["1.3B"], "bf16")
+    assert itemsizes["blocks.0.attn1.to_q.weight"] == 2
+    assert itemsizes["blocks.0.scale_shift_table"] == 4
+    assert itemsizes["condition_embedder.time_embedder.linear_1.weight"] == 4
+    assert itemsizes["blocks.0.norm2.weight"] == 4
+    assert itemsizes["rope.freqs_cos"] == 4  # a non-persistent buffer: never cast
+
+
+# ----------------------------------------------------------------- the acceptance cases
+def test_14b_720p_on_a_v6e_8_fits():
+    result = plan("14B", (2, 4), 720, 1280, 81, precision="bf16", cfg=True)
+    assert result.hbm_bytes == 32 * GiB
+    # 14.3e9 parameters, bf16, 4-way tensor parallel, plus ~0.5 GB replicated.
+    assert 6.8e9 < result.transformer_weights_bytes < 7.8e9
+    # UMT5-XXL, 11.4e9 bytes in bf16, split over all 8 devices.
+    assert 1.3e9 < result.text_encoder_weights_bytes < 1.5e9
+    assert 0.45e9 < result.vae_weights_bytes < 0.55e9  # replicated, fp32
+    assert result.fits
+    assert result.check() is result
+    assert result.peak_bytes == result.weights_bytes + max(
+        result.transformer_activation_bytes, result.vae_activation_bytes, result.text_encoder_activation_bytes
+    )
+    line = result.summary()
+    assert "\n" not in line and "fits" in line and "32.0 GiB" in line and "14B" in line
+
+
+def test_14b_on_one_v5e_chip_is_refused_naming_the_transformer_and_a_fix():
+    result = plan("14B", (1, 1), 720, 1280, 81, device_kind=V5E)
+    assert result.hbm_bytes == 16 * GiB
+    assert not result.fits
+    with pytest.raises(memory_plan.HBMPlanError) as caught:
+        result.check()
+    message = str(caught.value)
+    assert isinstance(caught.value, ValueError)
+    assert f"transformer weights {result.transformer_weights_bytes / GiB:.1f} GiB" in message
+    assert f"~{result.peak_bytes / GiB:.1f} GiB" in message and "16.0 GiB" in message
+    assert "more chips" in message and "resolution" in message
+
+
+def test_refusing_14b_suggests_the_1_3b_model_where_it_fits():
+    with pytest.raises(memory_plan.HBMPlanError, match=r"use the 1\.3B model \(~2\d\.\d GiB per device on this mesh\)"):
+        plan("14B", (1, 1), 480, 832, 81).check()
+
+
+def test_1_3b_480p_on_one_v6e_chip_fits_but_not_on_one_v5e():
+    on_v6e = plan("1.3B", (1, 1), 480, 832, 81)
+    # bf16 UMT5 (11.4e9 bytes) and 1.3B (2.8e9), whole on one chip, + the VAE decode.
+    assert 13e9 < on_v6e.weights_bytes < 16e9
+    assert on_v6e.fits, on_v6e.summary()
+    on_v5e = plan("1.3B", (1, 1), 480, 832, 81, device_kind=V5E)
+    assert not on_v5e.fits
+    with pytest.raises(memory_plan.HBMPlanError, match="more chips"):
+        on_v5e.check()
+
+
+def test_more_chips_and_bf16_lower_the_weights_per_device():
+    one, eight = plan("14B", (1, 1)), plan("14B", (2, 4))
+    assert eight.transformer_weights_bytes < one.transformer_weights_bytes / 3
+    assert eight.text_encoder_weights_bytes * 7 < one.text_encoder_weights_bytes
+    assert eight.vae_weights_bytes == one.vae_weights_bytes  # replicated
+    fp32 = plan("14B", (2, 4), precision="fp32")
+    assert 1.9 < fp32.transformer_weights_bytes / eight.transformer_weights_bytes <= 2.0
+    assert fp32.vae_weights_bytes == eight.vae_weights_bytes  # the VAE is fp32 either way
+
+
+def test_fp32_refusal_suggests_bf16():
+    with pytest.raises(memory_plan.HBMPlanError, match="bf16 instead of fp32"):
+        plan("14B", (1, 8), precision="fp32", device_kind=V5E).check()
+
+
+# ----------------------------------------------------------------- activation formulas
+def test_sequence_length_and_activation_scaling():
+    config = memory_plan.WAN21_CONFIGS["14B"]
+    assert memory_plan.transformer_tokens(config, 720, 1280, 81) == 21 * 45 * 80
+    assert memory_plan.transformer_tokens(config, 480, 832, 81) == 21 * 30 * 52
+    big = memory_plan.transformer_activation_bytes(config, (2, 4), 720, 1280, 81)
+    small = memory_plan.transformer_activation_bytes(config, (2, 4), 480, 832, 81)
+    assert 2.0 < big / small < 2.6  # ~linear in tokens: no S x S term (flash attention)
+    # CFG's batch of 2 splits over dp=2; without CFG the one video is replicated over dp.
+    assert memory_plan.transformer_activation_bytes(config, (2, 4), 720, 1280, 81, cfg=False) == big
+    one_dp = memory_plan.transformer_activation_bytes(config, (1, 4), 720, 1280, 81)
+    assert 1.8 < one_dp / big < 2.05
+    assert memory_plan.transformer_activation_bytes(config, (2, 8), 720, 1280, 81) < big
+    vae = memory_plan.WAN21_VAE_CONFIG
+    vae_720p = memory_plan.vae_decode_activation_bytes(vae, 720, 1280, 81)
+    assert 2.0 < vae_720p / memory_plan.vae_decode_activation_bytes(vae, 480, 832, 81) < 2.6
+
+
+# ----------------------------------------------------------------- HBM per chip
+@pytest.mark.parametrize(
+    "kind, gib",
+    [
+        ("TPU v6 lite", 32), ("TPU v6e", 32), ("TPU v5 lite", 16), ("TPU v5e", 16), ("TPU v5p", 95),
+        ("TPU v5", 95), ("TPU v4", 32), ("tpu V5 LITE", 16), ("cpu", None), ("NVIDIA H100 80GB HBM3", None),
+    ],
+)
+def test_hbm_table_by_device_kind(kind, gib):
+    assert memory_plan.hbm_from_device_kind(kind) == (None if gib is None else gib * GiB)
+
+
+class FakeDevice:
+    def __init__(self, kind, stats):
+        self.device_kind, self._stats = kind, stats
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_hbm_from_the_device_then_table_then_overrides():
+    measured = FakeDevice(V6E, {"bytes_limit": 31 * GiB, "bytes_in_use": 0})
+    assert memory_plan.hbm_bytes_per_device(measured, environ={}) == (31 * GiB, f"{V6E} memory_stats")
+    assert memory_plan.hbm_bytes_per_device(FakeDevice(V5E, None), environ={})[0] == 16 * GiB
+    assert memory_plan.hbm_bytes_per_device(FakeDevice("cpu", None), environ={}) == (None, "unknown")
+    # WAN_TPU_HBM_GIB beats the device; the argument beats both.
+    env = {memory_plan.ENV_HBM_GIB: "24.5"}
+    assert memory_plan.hbm_bytes_per_device(measured, environ=env) == (int(24.5 * GiB), memory_plan.ENV_HBM_GIB)
+    assert memory_plan.hbm_bytes_per_device(measured, hbm_bytes=10 * GiB, environ=env) == (10 * GiB, "given")
+    with pytest.raises(ValueError, match="WAN_TPU_HBM_GIB"):
+        memory_plan.hbm_bytes_per_device(measured, environ={memory_plan.ENV_HBM_GIB: "lots"})
+
+
+def test_plan_memory_overrides_and_unknown_hbm():
+    assert plan("14B", (1, 1), device_kind=V5E, hbm_bytes=200 * GiB).fits
+    assert plan("14B", (1, 1), device_kind=V5E, environ={"WAN_TPU_HBM_GIB": "200"}).hbm_bytes == 200 * GiB
+    # No device kind: jax's first device, here a CPU without memory stats. Unknown HBM is not checked.
+    unknown = memory_plan.plan_memory("14B", (1, 1), environ={})
+    assert unknown.hbm_bytes is None and unknown.fits and unknown.check() is unknown
+    assert plan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers").model == "1.3B"
+    with pytest.raises(ValueError, match="num_frames=80"):
+        plan(num_frames=80)
+    with pytest.raises(ValueError, match="precision"):
+        plan(precision="fp16")
+
+
+# ----------------------------------------------------------------- abstract plan == placed bytes
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_abstract_plan_equals_the_bytes_placed_for_the_tiny_model(tiny_model_dir, precision):
+    """The meta-device plan against the real loaded modules, placed on the 8 test devices as (2, 4)."""
+    import jax
+    import numpy as np
+
+    loading, utils = pack_module("loading"), pack_module("utils")
+    source = loading.resolve_model_source(tiny_model_dir)
+    configs = {}
+    for component in ("transformer", "text_encoder", "vae"):
+        with open(os.path.join(tiny_model_dir, component, "config.json"), encoding="utf-8") as handle:
+            configs[component] = json.load(handle)
+    planned = memory_plan.plan_memory(
+        configs["transformer"], (2, 4), 32, 48, 5, precision, text_encoder_config=configs["text_encoder"],
+        vae_config=configs["vae"], hbm_bytes=GiB, environ={},
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
+    modules = {
+        "transformer": loading.load_transformer(source, precision),
+        "text_encoder": loading.load_text_encoder(source, precision),
+        "vae": loading.load_vae(source),
+    }
+    for component, module in modules.items():
+        state = dict(module.named_parameters(remove_duplicate=False))
+        state.update(dict(module.named_buffers(remove_duplicate=False)))
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
+        shardings = sharding.to_named_shardings(
+            sharding.plan_shardings(shapes, sharding.RULES[component], dict(mesh.shape)), mesh
+        )
+        placed = {id(t): jax.device_put(utils.torch_to_numpy(t), shardings[n]) for n, t in state.items()}
+        per_device = {d: 0 for d in mesh.devices.flat}
+        for array in placed.values():
+            for shard in array.addressable_shards:
+                per_device[shard.device] += shard.data.nbytes
+        assert len(set(per_device.values())) == 1, component
+        assert getattr(planned, f"{component}_weights_bytes") == per_device[mesh.devices.flat[0]], component
+
+
+# ----------------------------------------------------------------- import hygiene
+def test_importing_memory_plan_imports_no_framework():
+    code = (
+        "import sys, importlib, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location({PACK_NAME!r}, {PACK_DIR + '/__init__.py'!r})\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module\n"
+        "spec.loader.exec_module(module)\n"
+        f"importlib.import_module({PACK_NAME + '.memory_plan'!r})\n"
+        "print(','.join(m for m in ('jax', 'torchax', 'torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
