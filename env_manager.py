@@ -195,6 +195,7 @@ class TorchaxEnvManager:
         self._meshes: dict[tuple[int, int], Any] = {}
         self._components: dict[tuple, _CachedComponent] = {}
         self._compile_count = 0
+        self._cache_hits = 0
         self._attention_backend = None  # None: read ENV_ATTENTION each time
         self._splash_min_kv_len = None
         self._logged_attention_choices: set = set()
@@ -217,7 +218,8 @@ class TorchaxEnvManager:
             self._jax = jax
             self._torchax = torchax
             self._setup_compile_cache()
-            jax.monitoring.register_event_duration_secs_listener(self._on_jax_event)
+            jax.monitoring.register_event_duration_secs_listener(self._on_jax_duration_event)
+            jax.monitoring.register_event_listener(self._on_jax_event)
             env = torchax.default_env()
             self._register_overrides(env)
             self._env = env
@@ -260,14 +262,24 @@ class TorchaxEnvManager:
         self.compile_cache_dir = cache_dir
         logger.info("JAX persistent compilation cache: %s", cache_dir)
 
-    def _on_jax_event(self, event: str, duration: float, **_):
+    def _on_jax_duration_event(self, event: str, duration: float, **_):
+        # Timed around compile-or-load-from-the-persistent-cache.
         if event == "/jax/core/compile/backend_compile_duration":
             self._compile_count += 1
+
+    def _on_jax_event(self, event: str, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            self._cache_hits += 1
 
     def compile_count(self) -> int:
         """How many XLA programs this process has compiled (persistent-cache hits excluded)."""
         self.start()
-        return self._compile_count
+        return self._compile_count - self._cache_hits
+
+    def cache_hit_count(self) -> int:
+        """How many programs came from the persistent compilation cache instead."""
+        self.start()
+        return self._cache_hits
 
     # --------------------------------------------------------------- mesh
     def mesh(self, dp: Any = None, tp: Any = None):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import loading, sharding
+from . import loading, memory_plan, sharding
 from .env_manager import TorchaxEnvManager
 from .scheduler import UniPCFlowSchedule, unipc_update
 from .utils import StageTimer, device_errors, torch_to_numpy
@@ -280,6 +280,19 @@ class WanTPUPipeline:
 
         return self._cached("vae", build)
 
+    def memory_plan(self, height: int, width: int, num_frames: int, guidance_scale: float) -> "memory_plan.MemoryPlan":
+        """Per-device HBM this run will need, from the configs alone; logged, and raised
+        (``HBMPlanError``) before anything loads when it will not fit."""
+        configs = {name: loading.load_json_config(self.source, name) for name in ("transformer", "text_encoder", "vae")}
+        mesh = self.mesh
+        plan = memory_plan.plan_memory(
+            configs["transformer"], dict(mesh.shape), height, width, num_frames, self.precision,
+            cfg=guidance_scale > 1.0, text_encoder_config=configs["text_encoder"], vae_config=configs["vae"],
+            device=mesh.devices.flat[0],
+        )
+        logger.info("HBM plan: %s", plan.summary())
+        return plan.check()
+
     def vae_latent_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """(latents_mean, latents_std) from the VAE's config, without loading the VAE."""
         config = loading.load_json_config(self.source, "vae")
@@ -383,6 +396,7 @@ class WanTPUPipeline:
         check_video_shape(height, width, num_frames)
         if not 0 <= guidance_scale <= 100:
             raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 20 (5.0 is typical)")
+        self.memory_plan(height, width, num_frames, guidance_scale)
         transformer = self.transformer()
         if embeddings.text_dim != transformer.config["text_dim"]:
             raise ValueError(

@@ -46,16 +46,26 @@ class TinyWanConfig:
     vocab_size: int = 256
     vae_base_dim: int = 8
     vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
+    text_vocab_size: int = 0  # 0: the tokenizer's; 256384 gives UMT5-XXL's embedding size
     flow_shift: float = 3.0
     seed: int = 0
+    dtype: str = "float32"  # "bfloat16" to build the real-size architectures in half the memory
+    perturb: bool = True
     extra_transformer: dict = field(default_factory=dict)
 
 
-# A "small" configuration that is meaningful on a 2-core CPU (benchmarks).
+# Benchmark configurations (benchmarks/bench.py): "small" is meaningful on a
+# 2-core CPU; the others are the real Wan 2.1 architectures with random weights.
 SMALL = TinyWanConfig(
     num_heads=8, head_dim=64, ffn_dim=2048, num_layers=8, text_dim=256, text_layers=2,
     text_heads=8, text_ffn=512, vocab_size=512, vae_base_dim=32, vae_dim_mult=(1, 2, 2, 2),
 )
+_UMT5_XXL = dict(text_dim=4096, text_layers=24, text_heads=64, text_ffn=10240, text_vocab_size=256384)
+_WAN_VAE = dict(vae_base_dim=96, vae_dim_mult=(1, 2, 4, 4))
+WAN_1_3B = TinyWanConfig(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30, dtype="bfloat16",
+                         perturb=False, **_UMT5_XXL, **_WAN_VAE)
+WAN_14B = TinyWanConfig(num_heads=40, head_dim=128, ffn_dim=13824, num_layers=40, dtype="bfloat16",
+                        perturb=False, **_UMT5_XXL, **_WAN_VAE)
 
 
 def _train_tokenizer(vocab_size: int):
@@ -86,15 +96,28 @@ def build_tiny_wan(path: str | os.PathLike, config: TinyWanConfig = TinyWanConfi
     weights (seeded), so two builds of one config are interchangeable.
     """
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     path = os.fspath(path)
     torch.manual_seed(config.seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, config.dtype))
+    try:
+        _build(path, config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    logger.info("wrote a random Wan 2.1 model to %s", path)
+    return path
+
+
+def _build(path: str, config: TinyWanConfig) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
     tokenizer = _train_tokenizer(config.vocab_size)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
-            vocab_size=max(config.vocab_size, len(tokenizer)),
+            vocab_size=max(config.vocab_size, len(tokenizer), config.text_vocab_size),
             d_model=config.text_dim,
             d_kv=config.text_dim // config.text_heads,
             d_ff=config.text_ffn,
@@ -126,9 +149,10 @@ def build_tiny_wan(path: str | os.PathLike, config: TinyWanConfig = TinyWanConfi
     ).eval()
     # Random init leaves some tensors at zero (out projections, modulation
     # table); perturb everything so parity tests compare real arithmetic.
-    with torch.no_grad():
-        for param in transformer.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    if config.perturb:
+        with torch.no_grad():
+            for param in transformer.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
     vae = AutoencoderKLWan(
         base_dim=config.vae_base_dim,
         z_dim=16,
@@ -144,5 +168,3 @@ def build_tiny_wan(path: str | os.PathLike, config: TinyWanConfig = TinyWanConfi
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
     )
     pipe.save_pretrained(path, safe_serialization=True)
-    logger.info("wrote a tiny random Wan 2.1 model to %s", path)
-    return path

@@ -97,3 +97,14 @@ def test_failed_load_leaves_no_cache_entry_and_keeps_the_working_one(tiny_model_
     with pytest.raises(ValueError, match="vae weights are missing"):
         pipe.vae()
     assert manager.cached_keys() == before
+
+
+def test_a_run_that_will_not_fit_is_refused_before_loading(tiny_model_dir, manager, monkeypatch):
+    memory_plan = pack_module("memory_plan")
+    monkeypatch.setenv("WAN_TPU_HBM_GIB", "0.0001")  # a chip with 100 KiB of HBM
+    manager.release()
+    pipe = pipeline_mod.WanTPUPipeline(str(tiny_model_dir), precision="fp32")
+    embeddings = pipeline_mod.WanEmbeddings(*([__import__("torch").zeros(1, 512, 32)] * 2), "tiny")
+    with pytest.raises(memory_plan.HBMPlanError, match="GiB"):
+        pipe.denoise(embeddings, height=32, width=48, num_frames=5, num_inference_steps=1, seed=0, flow_shift=3.0)
+    assert manager.cached_keys() == []  # refused before the transformer was loaded

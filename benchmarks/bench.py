@@ -1,0 +1,368 @@
+"""Side by side: diffusers' WanPipeline on PyTorch against our core on JAX.
+
+    .venv/bin/python benchmarks/bench.py --config small            # CPU, about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench.py --config wan-1.3b --height 480 --width 848 --frames 81  # GPU/TPU
+
+Both run the same random-weight model folder (built offline, cached under
+--models-dir), the same prompt, seed and shapes, alternating run by run in
+one process. For each stage (load, encode, denoising step, decode) it prints
+and writes as JSON the first-run time (compilation included) and the median
+of the warm runs, with the ratio ours/peer (below 1: we are faster). It also
+reports:
+
+- FLOPs per denoising step from the architecture (linear + attention, CFG
+  counted) and the TFLOP/s each side reached;
+- recompilations during the warm runs (should be 0);
+- the time per step spent outside the transformer call (scheduler, CFG
+  combine, transfers), from a transformer-only program timed alone;
+- with --startup: time to first step in a fresh process with an empty
+  persistent compilation cache (cold) and in a second one that finds it
+  filled (warm), and the compilations each made.
+
+Timing: time.perf_counter around work that is synchronised (JAX
+block_until_ready; CUDA synchronize). Peer and ours use the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "A cat playing piano in a jazz club, warm cinematic lighting"
+NEGATIVE = "blurry, low quality, static"
+# config -> (TinyWanConfig name in tiny_wan, default height, width, frames, steps)
+CONFIGS = {
+    "tiny": ("TinyWanConfig", 32, 48, 5, 4),
+    "small": ("SMALL", 256, 256, 33, 4),
+    "wan-1.3b": ("WAN_1_3B", 480, 848, 81, 10),
+    "wan-14b": ("WAN_14B", 720, 1280, 81, 10),
+}
+
+
+def load_pack():
+    """Import the repository as a package by folder path, as ComfyUI does."""
+    name = os.path.basename(REPO)
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return lambda sub: importlib.import_module(f"{name}.{sub}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--runs", type=int, default=3, help="runs per side; the first includes compilation")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default: fp32 on CPU, bf16 elsewhere")
+    parser.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "wan-tpu-bench-models"))
+    parser.add_argument("--output", help="JSON path (default benchmarks/results/<config>-<backend>.json)")
+    parser.add_argument("--startup", action="store_true", help="also measure cold/warm start in fresh processes")
+    parser.add_argument("--no-peer", action="store_true", help="skip diffusers (e.g. on TPU, where torch has no device)")
+    parser.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)  # the --startup child
+    args = parser.parse_args(argv)
+    _, height, width, frames, steps = CONFIGS[args.config]
+    args.height = args.height or height
+    args.width = args.width or width
+    args.frames = args.frames or frames
+    args.steps = args.steps or steps
+    return args
+
+
+def model_folder(args, module) -> str:
+    tiny_wan = module("tiny_wan")
+    path = os.path.join(args.models_dir, args.config)
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        config = getattr(tiny_wan, CONFIGS[args.config][0])
+        tiny_wan.build_tiny_wan(path, config() if isinstance(config, type) else config)
+    return path
+
+
+def step_flops(config: dict, height: int, width: int, frames: int, cfg: bool) -> float:
+    """FLOPs of one denoising step: 2 per multiply-add in every linear layer and attention matmul."""
+    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    text_tokens = 512
+    per_layer = (
+        2 * tokens * dim * dim * 4  # self-attention q, k, v, out
+        + 2 * tokens * dim * dim * 2 + 2 * text_tokens * dim * dim * 2  # cross-attention q, out; k, v of the text
+        + 2 * tokens * dim * config["ffn_dim"] * 2  # feed-forward in and out
+        + 4 * tokens * tokens * dim  # self-attention QK^T and PV
+        + 4 * tokens * text_tokens * dim  # cross-attention QK^T and PV
+    )
+    patch = 2 * tokens * dim * 16 * 4 * 2  # patch embedding in, projection out
+    return (config["num_layers"] * per_layer + patch) * (2 if cfg else 1)
+
+
+# ------------------------------------------------------------------ the peer
+class DiffusersSide:
+    def __init__(self, folder: str, precision: str):
+        import torch
+        from diffusers import WanPipeline
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        started = time.perf_counter()
+        self.pipe = WanPipeline.from_pretrained(folder, torch_dtype=dtype)
+        self.pipe.vae.to(torch.float32)  # as ours: the VAE runs in fp32
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_seconds = time.perf_counter() - started
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def run(self, args) -> dict:
+        torch, pipe = self.torch, self.pipe
+        times = {}
+        with torch.no_grad():
+            started = time.perf_counter()
+            positive, negative = pipe.encode_prompt(
+                PROMPT, NEGATIVE, do_classifier_free_guidance=args.guidance > 1, max_sequence_length=512,
+                device=self.device,
+            )
+            self._sync()
+            times["encode"] = time.perf_counter() - started
+            stamps = [time.perf_counter()]
+
+            def on_step_end(pipeline, step, timestep, callback_kwargs):
+                self._sync()
+                stamps.append(time.perf_counter())
+                return callback_kwargs
+
+            latents = pipe(
+                prompt_embeds=positive, negative_prompt_embeds=negative, height=args.height, width=args.width,
+                num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
+                callback_on_step_end=on_step_end,
+            ).frames
+            times["steps"] = [b - a for a, b in zip(stamps, stamps[1:])]
+            started = time.perf_counter()
+            vae = pipe.vae
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+            video = vae.decode((latents * std + mean).float(), return_dict=False)[0]
+            frames = (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu()
+            self._sync()
+            times["decode"] = time.perf_counter() - started
+        times["frames"] = frames
+        return times
+
+
+# ------------------------------------------------------------------ ours
+class OurSide:
+    def __init__(self, folder: str, precision: str, module):
+        self.module = module
+        self.manager = module("env_manager").TorchaxEnvManager.instance()
+        self.pipe = module("pipeline").WanTPUPipeline(folder, precision=precision)
+        started = time.perf_counter()
+        self.pipe.text_encoder()
+        self.pipe.transformer()
+        self.pipe.vae()
+        self.load_seconds = time.perf_counter() - started
+
+    def run(self, args) -> dict:
+        times = {}
+        started = time.perf_counter()
+        embeddings = self.pipe.encode(PROMPT, NEGATIVE)
+        times["encode"] = time.perf_counter() - started
+        latents = self.pipe.denoise(
+            embeddings, height=args.height, width=args.width, num_frames=args.frames,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=0,
+            flow_shift=5.0 if args.height >= 720 else 3.0,
+        )
+        times["steps"] = list(self.pipe.last_step_seconds)
+        started = time.perf_counter()
+        times["frames"] = self.pipe.decode(latents)
+        times["decode"] = time.perf_counter() - started
+        return times
+
+    def transformer_only_seconds(self, args, repeats: int = 3) -> float:
+        """Median time of the transformer call alone, on the step's own inputs and mesh."""
+        import numpy as np
+
+        pipeline = self.module("pipeline")
+        jax = self.manager.jax
+        transformer = self.pipe.transformer()
+        mesh, module, manager = transformer.mesh, transformer.module, self.manager
+        cfg = args.guidance > 1
+        batch = 2 if cfg else 1
+        shape = pipeline.latent_shape(args.height, args.width, args.frames)
+        dtype = jax.numpy.bfloat16 if self.pipe.precision == "bf16" else jax.numpy.float32
+        sharding = pipeline._batch_sharding(mesh, batch)
+        hidden = jax.device_put(np.zeros((batch,) + shape[1:], np.float32), sharding).astype(dtype)
+        context = jax.device_put(np.zeros((batch, 512, transformer.config["text_dim"]), np.float32), sharding).astype(dtype)
+        timestep = jax.numpy.full((batch,), 500.0)
+
+        @jax.jit
+        def forward(weights, hidden, timestep, context):
+            with manager.active_mesh(mesh):
+                return pipeline.call_torch_module(
+                    manager, module, weights, "forward", (hidden, timestep, context), {"return_dict": False},
+                    pick=lambda output: output[0],
+                )
+
+        forward(transformer.weights, hidden, timestep, context).block_until_ready()
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(transformer.weights, hidden, timestep, context).block_until_ready()
+            samples.append(time.perf_counter() - started)
+        return statistics.median(samples)
+
+
+# ------------------------------------------------------------------ reporting
+def stage_summary(runs: list[dict]) -> dict:
+    first, warm = runs[0], runs[1:] or runs[:1]
+    step_first = first["steps"][0]
+    warm_steps = [s for run in warm for s in run["steps"]] + first["steps"][1:]
+    return {
+        "encode": {"first": first["encode"], "warm": statistics.median(r["encode"] for r in warm)},
+        "step": {"first": step_first, "warm": statistics.median(warm_steps)},
+        "decode": {"first": first["decode"], "warm": statistics.median(r["decode"] for r in warm)},
+        "pipeline": {
+            "first": first["encode"] + sum(first["steps"]) + first["decode"],
+            "warm": statistics.median(r["encode"] + sum(r["steps"]) + r["decode"] for r in warm),
+        },
+    }
+
+
+def startup_times(args) -> dict:
+    """Time to first step in two fresh processes sharing a new, empty compilation cache."""
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="wan-jax-cache-") as cache:
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, WAN_TPU_COMPILE_CACHE="1")
+        for label in ("cold", "warm"):
+            command = [sys.executable, os.path.abspath(__file__), "--first-step-only", "--config", args.config,
+                       "--height", str(args.height), "--width", str(args.width), "--frames", str(args.frames),
+                       "--models-dir", args.models_dir, "--precision", args.precision]
+            output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+            results[label] = json.loads(output.strip().splitlines()[-1])
+    return results
+
+
+def first_step_only(args) -> None:
+    """The --startup child: load, encode and one denoising step; prints JSON."""
+    started = time.perf_counter()
+    module = load_pack()
+    side = OurSide(model_folder(args, module), args.precision, module)
+    embeddings = side.pipe.encode(PROMPT, NEGATIVE)
+    side.pipe.denoise(embeddings, height=args.height, width=args.width, num_frames=args.frames,
+                      num_inference_steps=1, guidance_scale=args.guidance, seed=0, flow_shift=3.0)
+    sys.stdout.write(json.dumps({
+        "time_to_first_step": time.perf_counter() - started,
+        "first_step": side.pipe.last_step_seconds[0],
+        "compilations": side.manager.compile_count(),
+        "cache_hits": side.manager.cache_hit_count(),
+    }) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    module = load_pack()
+    jax = module("env_manager").TorchaxEnvManager.instance().jax
+    backend = jax.default_backend()
+    args.precision = args.precision or ("fp32" if backend == "cpu" else "bf16")
+    if args.first_step_only:
+        return first_step_only(args)
+    folder = model_folder(args, module)
+    import numpy as np
+    import torch
+
+    peer = None if args.no_peer else DiffusersSide(folder, args.precision)
+    ours = OurSide(folder, args.precision, module)
+    ours_runs, peer_runs, recompiles = [], [], []
+    for run in range(args.runs):  # alternate, so drift in the machine affects both alike
+        if peer is not None:
+            peer_runs.append(peer.run(args))
+        before = ours.manager.compile_count()
+        ours_runs.append(ours.run(args))
+        if run > 0:
+            recompiles.append(ours.manager.compile_count() - before)
+    transformer_alone = ours.transformer_only_seconds(args)
+    config = json.load(open(os.path.join(folder, "transformer", "config.json")))
+    flops = step_flops(config, args.height, args.width, args.frames, args.guidance > 1)
+    summary = {"ours": stage_summary(ours_runs)}
+    summary["ours"]["load"] = ours.load_seconds
+    report = {
+        "config": args.config, "height": args.height, "width": args.width, "frames": args.frames,
+        "steps": args.steps, "guidance": args.guidance, "precision": args.precision,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax_backend": backend,
+                    "jax_devices": [str(d) for d in jax.devices()], "torch_device": peer.device if peer else None,
+                    "jax": jax.__version__, "torch": torch.__version__},
+        "runs": args.runs, "flops_per_step": flops,
+        "recompilations_in_warm_runs": recompiles,
+        "transformer_only_step": transformer_alone,
+        "outside_transformer_fraction": max(0.0, 1 - transformer_alone / summary["ours"]["step"]["warm"]),
+        "tflops_ours": flops / summary["ours"]["step"]["warm"] / 1e12,
+    }
+    if peer is not None:
+        summary["diffusers"] = stage_summary(peer_runs)
+        summary["diffusers"]["load"] = peer.load_seconds
+        report["ratios_ours_over_diffusers"] = {
+            stage: {kind: summary["ours"][stage][kind] / summary["diffusers"][stage][kind] for kind in ("first", "warm")}
+            for stage in ("encode", "step", "decode", "pipeline")
+        }
+        report["ratios_ours_over_diffusers"]["load"] = ours.load_seconds / peer.load_seconds
+        report["tflops_diffusers"] = flops / summary["diffusers"]["step"]["warm"] / 1e12
+        report["max_abs_frame_difference"] = float(
+            np.abs(ours_runs[-1]["frames"].numpy() - peer_runs[-1]["frames"].numpy()).max()
+        )
+    report["summary"] = summary
+    if args.startup:
+        report["startup"] = startup_times(args)
+    output = args.output or os.path.join(REPO, "benchmarks", "results", f"{args.config}-{backend}.json")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print_report(report)
+    print(f"\nwritten to {output}")
+
+
+def print_report(report: dict) -> None:
+    summary = report["summary"]
+    print(f"{report['config']}: {report['height']}x{report['width']}, {report['frames']} frames, "
+          f"{report['steps']} steps, guidance {report['guidance']}, {report['precision']}, "
+          f"{report['machine']['jax_backend']} ({report['machine']['cpus']} cpus)")
+    print(f"{'stage':10} {'ours first':>11} {'ours warm':>10} {'peer first':>11} {'peer warm':>10} {'warm ratio':>11}")
+    for stage in ("encode", "step", "decode", "pipeline"):
+        ours = summary["ours"][stage]
+        peer = summary.get("diffusers", {}).get(stage, {"first": float("nan"), "warm": float("nan")})
+        print(f"{stage:10} {ours['first']:11.3f} {ours['warm']:10.3f} {peer['first']:11.3f} {peer['warm']:10.3f} "
+              f"{ours['warm'] / peer['warm']:11.3f}")
+    print(f"load: ours {summary['ours']['load']:.2f} s, diffusers {summary.get('diffusers', {}).get('load', float('nan')):.2f} s")
+    print(f"FLOPs/step {report['flops_per_step']:.3e}: ours {report['tflops_ours']:.3f} TFLOP/s"
+          + (f", diffusers {report['tflops_diffusers']:.3f} TFLOP/s" if "tflops_diffusers" in report else ""))
+    print(f"outside the transformer: {100 * report['outside_transformer_fraction']:.1f}% of a step; "
+          f"recompilations in warm runs: {report['recompilations_in_warm_runs']}")
+    if "max_abs_frame_difference" in report:
+        print(f"max |ours - diffusers| over the last run's frames: {report['max_abs_frame_difference']:.2e}")
+    if "startup" in report:
+        for label, values in report["startup"].items():
+            print(f"{label} start: {values['time_to_first_step']:.2f} s to the first step "
+                  f"({values['compilations']} compiled, {values['cache_hits']} from the cache)")
+
+
+if __name__ == "__main__":
+    main()
