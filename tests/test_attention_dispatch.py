@@ -1,0 +1,55 @@
+"""The one attention dispatch: its choices, overrides and the chunked XLA path."""
+
+import numpy as np
+import pytest
+from conftest import pack_module
+
+env_manager = pack_module("env_manager")
+splash = pack_module("splash_attention")
+
+
+@pytest.fixture
+def manager(manager):
+    yield manager
+    manager.set_attention_backend(None)
+
+
+def test_query_chunked_attention_equals_the_reference(monkeypatch):
+    import jax
+
+    monkeypatch.setattr(env_manager, "XLA_SCORE_BLOCK_BYTES", 2 * 3 * 600 * 4 * 64)  # 64-row chunks, ragged tail
+    rng = np.random.default_rng(0)
+    query, key, value = (rng.standard_normal((2, 3, n, 16)).astype(np.float32) for n in (1000, 600, 600))
+    ours = jax.jit(lambda q, k, v: env_manager.query_chunked_attention(q, k, v, scale=0.3))(query, key, value)
+    expected = splash.reference_attention(query, key, value, scale=0.3)
+    assert ours.shape == (2, 3, 1000, 16)
+    assert np.abs(np.asarray(ours) - np.asarray(expected)).max() < 1e-5
+
+
+def test_long_xla_attention_goes_through_query_chunks(manager, monkeypatch):
+    calls = []
+    original = env_manager.query_chunked_attention
+    monkeypatch.setattr(env_manager, "query_chunked_attention", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    long = np.zeros((2, 4, 4096, 8), np.float32)  # 2*4*4096*4096*4 bytes of scores: 512 MiB
+    short = np.zeros((2, 4, 64, 8), np.float32)
+    manager.attention(long, long, long)
+    manager.attention(short, short, short)
+    assert calls == [(2, 4, 4096, 8)]
+
+
+def test_choices_and_overrides(manager, monkeypatch):
+    q, short_kv, long_kv = (1, 2, 20_000, 8), (1, 2, 512, 8), (1, 2, 20_000, 8)
+    assert manager.platform == "cpu"
+    assert manager.choose_attention(q, long_kv) == "xla"  # CPU: never Splash unless forced
+    manager.set_attention_backend("splash", splash_min_kv_len=1000)
+    assert manager.choose_attention(q, long_kv) == "splash"
+    assert manager.choose_attention(q, short_kv) == "xla"  # cross-attention stays on XLA
+    manager.set_attention_backend(None)
+    monkeypatch.setenv("WAN_TPU_ATTENTION", "splash")
+    monkeypatch.setenv("WAN_TPU_SPLASH_MIN_KV_LEN", "600")
+    assert manager.choose_attention(q, long_kv) == "splash"
+    monkeypatch.setenv("WAN_TPU_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="WAN_TPU_ATTENTION='flash' is unknown"):
+        manager.choose_attention(q, long_kv)
+    with pytest.raises(ValueError, match="attention backend 'fast' is unknown"):
+        manager.set_attention_backend("fast")
