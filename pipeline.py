@@ -109,7 +109,11 @@ def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method:
         torch_weights = env.j2t_iso({f"module.{name}": value for name, value in weights.items()})
         torch_args = env.j2t_iso(args)
         with env:
-            output = torch.func.functional_call(_Method(module, method), torch_weights, torch_args, kwargs or {})
+            # Every name of a tied weight is in ``weights`` (place_weights), so no tying is needed;
+            # transformers 4.x would otherwise refuse a value for each name.
+            output = torch.func.functional_call(
+                _Method(module, method), torch_weights, torch_args, kwargs or {}, tie_weights=False
+            )
             output = pick(output)
         return env.t2j_iso(output)
 

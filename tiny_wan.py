@@ -11,6 +11,7 @@ importing this module costs nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -168,3 +169,11 @@ def _build(path: str, config: TinyWanConfig) -> None:
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
     )
     pipe.save_pretrained(path, safe_serialization=True)
+    # transformers 5 names its fast tokenizer "TokenizersBackend", which 4.x
+    # cannot load; PreTrainedTokenizerFast reads the same tokenizer.json in both.
+    tokenizer_config = os.path.join(path, "tokenizer", "tokenizer_config.json")
+    with open(tokenizer_config, encoding="utf-8") as handle:
+        settings = json.load(handle)
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(tokenizer_config, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle, indent=2)

@@ -53,10 +53,10 @@ def queue_and_wait(server: str, workflow: dict, timeout: float = 3600.0) -> list
     while time.monotonic() < deadline:
         history = _request(server, f"/history/{prompt_id}") or {}
         entry = history.get(prompt_id)
-        if entry and entry.get("status", {}).get("completed", entry.get("outputs") is not None):
-            status = entry.get("status", {})
-            if status.get("status_str") == "error":
-                raise SystemExit(f"the workflow failed: {json.dumps(status.get('messages', []))[:2000]}")
+        status = (entry or {}).get("status", {})
+        if status.get("status_str") == "error":  # a failed prompt is in the history, not completed
+            raise SystemExit(f"the workflow failed: {json.dumps(status.get('messages', []))[:2000]}")
+        if entry and status.get("completed", True):
             return output_files(entry)
         time.sleep(1.0)
     raise SystemExit(f"prompt {prompt_id} did not finish within {timeout:.0f} s")

@@ -94,3 +94,18 @@ def test_queue_script_reads_outputs_from_history():
     assert queue.output_files(entry) == ["video/wan_00001_.mp4"]
     workflow = {"1": {"inputs": {"prompt": "a", "seed": 1}}, "2": {"inputs": {"fps": 16}}}
     assert queue.override_inputs(workflow, prompt="b", seed=None)["1"]["inputs"] == {"prompt": "b", "seed": 1}
+
+
+def test_queue_script_reports_a_failed_prompt_instead_of_waiting(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("queue_workflow", os.path.join(PACK_DIR, "examples", "queue_workflow.py"))
+    queue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(queue)
+    answers = {"/prompt": {"prompt_id": "p1"},
+               "/history/p1": {"p1": {"status": {"status_str": "error", "completed": False,
+                                                 "messages": [["execution_error", {"exception_message": "boom"}]]},
+                                      "outputs": {}}}}
+    monkeypatch.setattr(queue, "_request", lambda server, path, payload=None: answers[path])
+    with pytest.raises(SystemExit, match="the workflow failed: .*boom"):
+        queue.queue_and_wait("http://127.0.0.1:1", {}, timeout=5)
