@@ -8,6 +8,7 @@ remote code is never trusted.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -107,7 +108,13 @@ def check_component(source: ModelSource, component: str) -> None:
 
 
 def load_json_config(source: ModelSource, component: str, filename: str = "config.json") -> dict:
-    """A component's JSON config, from the folder or the hub (a few KB)."""
+    """A component's JSON config, from the folder or the hub (a few KB). A fresh dict each call."""
+    return json.loads(_read_json_config(source, component, filename))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_json_config(source: ModelSource, component: str, filename: str) -> str:
+    # Cached: every run plans its memory from these, and a hub lookup is a network round trip.
     if source.is_local:
         path = os.path.join(source.location, component, filename)
         if not os.path.isfile(path):
@@ -117,7 +124,7 @@ def load_json_config(source: ModelSource, component: str, filename: str = "confi
 
         path = hf_hub_download(source.location, filename, subfolder=component)
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        return handle.read()
 
 
 def torch_dtype(precision: str):

@@ -399,7 +399,7 @@ class WanTPUPipeline:
 
         check_video_shape(height, width, num_frames)
         if not 0 <= guidance_scale <= 100:
-            raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 20 (5.0 is typical)")
+            raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 100 (5.0 is typical)")
         self.memory_plan(height, width, num_frames, guidance_scale)
         transformer = self.transformer()
         if embeddings.text_dim != transformer.config["text_dim"]:
