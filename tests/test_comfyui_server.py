@@ -90,6 +90,14 @@ def test_our_nodes_are_listed(server):
     assert info["Wan21TPUSampler"]["display_name"] == "Wan 2.1 TPU Sampler"
 
 
+def test_examples_are_served_as_workflow_templates(server):
+    templates = _get(server["url"] + "/api/workflow_templates")
+    assert sorted(templates["ComfyUI-Wan-TPU"]) == ["wan21_tpu_480p", "wan21_tpu_720p", "wan21_tpu_full_pipeline"]
+    workflow = _get(server["url"] + "/api/workflow_templates/ComfyUI-Wan-TPU/wan21_tpu_720p.json")
+    info = _get(server["url"] + "/object_info", timeout=60)
+    assert {node["type"] for node in workflow["nodes"]} <= set(info)  # core nodes included
+
+
 def test_api_example_makes_an_mp4_and_free_releases_the_device(server, tiny_model_dir):
     queue = _load_queue_script()
     with open(os.path.join(PACK_DIR, "examples", "api", "wan21_tpu_480p_api.json")) as handle:
