@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The test suite on CPU, with 8 fake devices standing in for a TPU v6e-8.
-# Sets up .venv first. Extra arguments go to pytest.
+# Sets up .venv (transformers 5.x) and runs everything there, then sets up
+# .venv-transformers4 (transformers 4.x and huggingface-hub 0.x, the other
+# generation a ComfyUI venv may hold) and runs the parity, node and loading
+# tests again there. Extra arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
-exec "${WAN_TPU_VENV:-.venv}/bin/python" -m pytest tests "$@"
+"${WAN_TPU_VENV:-.venv}/bin/python" -m pytest tests "$@"
+WAN_TPU_VENV=.venv-transformers4 WAN_TPU_REQUIREMENTS=requirements-test-transformers4.txt bash scripts/setup_venv.sh
+exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py tests/test_nodes.py tests/test_loading_errors.py "$@"

@@ -29,3 +29,13 @@ def test_requirements_keep_both_huggingface_hub_generations():
     assert user["huggingface-hub"].specifier.contains("1.33.0")
     assert not user["diffusers"].specifier.contains("0.40.0")
     assert user["transformers"].specifier.contains("4.57.6") and user["transformers"].specifier.contains("5.23.0")
+
+
+def test_transformers4_pins_differ_only_in_the_hub_generation():
+    tested, older = _read("requirements-test.txt"), _read("requirements-test-transformers4.txt")
+    assert set(tested) == set(older)
+    differing = {name for name in tested if str(tested[name].specifier) != str(older[name].specifier)}
+    assert differing == {"transformers", "huggingface-hub", "tokenizers"}
+    user = _read("requirements.txt")
+    for name in ("transformers", "huggingface-hub"):
+        assert user[name].specifier.contains(next(iter(older[name].specifier)).version)
