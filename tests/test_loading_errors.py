@@ -108,3 +108,13 @@ def test_a_run_that_will_not_fit_is_refused_before_loading(tiny_model_dir, manag
     with pytest.raises(memory_plan.HBMPlanError, match="GiB"):
         pipe.denoise(embeddings, height=32, width=48, num_frames=5, num_inference_steps=1, seed=0, flow_shift=3.0)
     assert manager.cached_keys() == []  # refused before the transformer was loaded
+
+
+def test_xla_out_of_memory_names_the_component_the_size_and_the_fix():
+    utils = pack_module("utils")
+    with pytest.raises(utils.DeviceMemoryError, match=r"the transformer ran out of device memory \(XLA asked for 12.5 GiB\)\. Lower the resolution"):
+        with utils.device_errors("the transformer", "Lower the resolution or num_frames."):
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.5GiB.")
+    with pytest.raises(KeyError):  # anything else passes through untouched
+        with utils.device_errors("the transformer", "Lower the resolution."):
+            raise KeyError("x")
