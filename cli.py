@@ -14,6 +14,7 @@ import tempfile
 import time
 
 from . import loading
+from .env_manager import ATTENTION_BACKENDS
 
 logger = logging.getLogger("wan_tpu")
 
@@ -38,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=loading.PRECISIONS, default="bf16")
     parser.add_argument("--dp", type=int, help="data-parallel mesh axis (default 2 on an even device count)")
     parser.add_argument("--tp", type=int, help="tensor-parallel mesh axis (default: the remaining devices)")
-    parser.add_argument("--attention", choices=("auto", "splash", "xla", "cudnn"), default=None)
+    parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                        help="attention override (default: Splash for long self-attention on TPU)")
     parser.add_argument("--output", help="MP4 path (default output/wan_<time>.mp4)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

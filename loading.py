@@ -19,7 +19,6 @@ from dataclasses import dataclass
 logger = logging.getLogger("wan_tpu")
 
 DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
-KNOWN_MODEL_IDS = ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
 PRECISIONS = ("bf16", "fp32")
 MAX_SEQUENCE_LENGTH = 512  # diffusers' WanPipeline default; the original pack used 226 by mistake
 

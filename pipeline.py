@@ -75,21 +75,15 @@ def latent_shape(height: int, width: int, num_frames: int) -> tuple[int, int, in
 
 
 # ------------------------------------------------------------------ torchax glue
-class _Method:
-    """Calls ``module.<method>`` as ``forward`` so ``torch.func.functional_call`` can bind weights."""
+def _method_as_forward(module, method: str):
+    """A wrapper whose ``forward`` is ``module.<method>``, so ``torch.func.functional_call``
+    (which only calls ``forward``) can bind weights for any method, e.g. the VAE's ``decode``."""
+    import torch
 
-    def __new__(cls, module, method: str):
-        import torch
-
-        class _Bound(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.module = module
-
-            def forward(self, *args, **kwargs):
-                return getattr(self.module, method)(*args, **kwargs)
-
-        return _Bound()
+    wrapper = torch.nn.Module()
+    wrapper.module = module
+    wrapper.forward = lambda *args, **kwargs: getattr(module, method)(*args, **kwargs)
+    return wrapper
 
 
 def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method: str, args: tuple,
@@ -112,10 +106,20 @@ def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method:
             # Every name of a tied weight is in ``weights`` (place_weights), so no tying is needed;
             # transformers 4.x would otherwise refuse a value for each name.
             output = torch.func.functional_call(
-                _Method(module, method), torch_weights, torch_args, kwargs or {}, tie_weights=False
+                _method_as_forward(module, method), torch_weights, torch_args, kwargs or {}, tie_weights=False
             )
             output = pick(output)
         return env.t2j_iso(output)
+
+
+def call_transformer(manager: TorchaxEnvManager, module, weights: dict, mesh, hidden, timesteps, context):
+    """The Wan transformer's velocity [B, 16, T, h, w] for jax arrays, inside ``jax.jit``;
+    Splash attention (where chosen) shards over ``mesh``."""
+    with manager.active_mesh(mesh):
+        return call_torch_module(
+            manager, module, weights, "forward", (hidden, timesteps, context), {"return_dict": False},
+            pick=lambda output: output[0],
+        )
 
 
 def place_weights(manager: TorchaxEnvManager, module, rules, mesh, component: str):
@@ -334,11 +338,7 @@ class WanTPUPipeline:
                 model_input = jnp.concatenate([model_input, model_input])
             model_input = jax.lax.with_sharding_constraint(model_input, batch_sharding)
             timesteps = jnp.full((batch,), timestep, jnp.float32)
-            with manager.active_mesh(mesh):
-                velocity = call_torch_module(
-                    manager, module, weights, "forward", (model_input, timesteps, context),
-                    {"return_dict": False}, pick=lambda output: output[0],
-                )
+            velocity = call_transformer(manager, module, weights, mesh, model_input, timesteps, context)
             velocity = velocity.astype(jnp.float32)
             if cfg:
                 cond, uncond = velocity[:1], velocity[1:]

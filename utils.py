@@ -87,12 +87,3 @@ def write_mp4(frames, path: str, fps: int = 16, quality: int = 8) -> str:
     writer.close()
     logger.info("wrote %d frames (%dx%d, %d fps) to %s", len(pixels), width, height, fps, path)
     return path
-
-
-def safe_output_path(output_dir: str, filename: str) -> str:
-    """``output_dir/filename``, refusing names that would escape ``output_dir``."""
-    root = os.path.realpath(output_dir)
-    target = os.path.realpath(os.path.join(root, filename))
-    if os.path.commonpath([root, target]) != root:
-        raise ValueError(f"filename={filename!r} points outside the output folder {root}: use a plain name")
-    return target

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import importlib.util
 import json
@@ -203,29 +204,24 @@ class OurSide:
         pipeline = self.module("pipeline")
         jax = self.manager.jax
         transformer = self.pipe.transformer()
-        mesh, module, manager = transformer.mesh, transformer.module, self.manager
+        manager = self.manager
         cfg = args.guidance > 1
         batch = 2 if cfg else 1
         shape = pipeline.latent_shape(args.height, args.width, args.frames)
         dtype = jax.numpy.bfloat16 if self.pipe.precision == "bf16" else jax.numpy.float32
-        sharding = pipeline._batch_sharding(mesh, batch)
+        sharding = pipeline._batch_sharding(transformer.mesh, batch)
         hidden = jax.device_put(np.zeros((batch,) + shape[1:], np.float32), sharding).astype(dtype)
         context = jax.device_put(np.zeros((batch, 512, transformer.config["text_dim"]), np.float32), sharding).astype(dtype)
         timestep = jax.numpy.full((batch,), 500.0)
 
-        @jax.jit
-        def forward(weights, hidden, timestep, context):
-            with manager.active_mesh(mesh):
-                return pipeline.call_torch_module(
-                    manager, module, weights, "forward", (hidden, timestep, context), {"return_dict": False},
-                    pick=lambda output: output[0],
-                )
+        forward = jax.jit(functools.partial(pipeline.call_transformer, manager, transformer.module,
+                                            mesh=transformer.mesh))
 
-        forward(transformer.weights, hidden, timestep, context).block_until_ready()
+        forward(transformer.weights, hidden=hidden, timesteps=timestep, context=context).block_until_ready()
         samples = []
         for _ in range(repeats):
             started = time.perf_counter()
-            forward(transformer.weights, hidden, timestep, context).block_until_ready()
+            forward(transformer.weights, hidden=hidden, timesteps=timestep, context=context).block_until_ready()
             samples.append(time.perf_counter() - started)
         return statistics.median(samples)
 

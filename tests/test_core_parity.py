@@ -40,11 +40,7 @@ def transformer_forward_on_mesh(manager, model_dir, mesh):
 
     @jax.jit
     def forward(weights, hidden, timestep, context):
-        with manager.active_mesh(mesh):
-            return pipeline_mod.call_torch_module(
-                manager, module, weights, "forward", (hidden, timestep, context), {"return_dict": False},
-                pick=lambda output: output[0],
-            )
+        return pipeline_mod.call_transformer(manager, module, weights, mesh, hidden, timestep, context)
 
     actual = np.asarray(forward(weights, hidden.numpy(), timestep.numpy(), context.numpy()))
     return actual, expected, weights, plan

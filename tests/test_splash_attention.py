@@ -349,11 +349,7 @@ def test_tiny_transformer_step_lowers_for_tpu_with_splash(splash_forced, tiny_mo
     context = jax.ShapeDtypeStruct((2, 512, 32), jnp.float32, sharding=batch)
 
     def step(weights, hidden, timestep, context):
-        with manager.active_mesh(mesh):
-            return pipeline_mod.call_torch_module(
-                manager, module, weights, "forward", (hidden, timestep, context), {"return_dict": False},
-                pick=lambda output: output[0],
-            )
+        return pipeline_mod.call_transformer(manager, module, weights, mesh, hidden, timestep, context)
 
     text = _exported_text(step, weights, hidden, timestep, context)
     assert len(splash_calls) == 4
