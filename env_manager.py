@@ -200,6 +200,7 @@ class TorchaxEnvManager:
         self._splash_min_kv_len = None
         self._logged_attention_choices: set = set()
         self._active_mesh = threading.local()
+        self._target = threading.local()
         self.compile_cache_dir: str | None = None
 
     # ----------------------------------------------------------- start-up
@@ -240,9 +241,29 @@ class TorchaxEnvManager:
 
     @property
     def platform(self) -> str:
-        """'tpu', 'gpu' or 'cpu': the backend of the default JAX devices."""
+        """'tpu', 'gpu' or 'cpu': the backend of the default JAX devices, or the
+        platform set by ``target_platform`` while a program is traced for it."""
+        target = getattr(self._target, "platform", None)
+        if target is not None:
+            return target
         backend = self.jax.default_backend()
         return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+    @contextlib.contextmanager
+    def target_platform(self, platform: str):
+        """Trace for ``platform`` ('tpu', 'gpu' or 'cpu') instead of the default backend.
+
+        Within this block (this thread only) the attention dispatch chooses as
+        it would on ``platform``: how ``benchmarks/tpu_compile.py`` compiles the
+        TPU programs, Splash included, on a machine with no TPU."""
+        if platform not in ("tpu", "gpu", "cpu"):
+            raise ValueError(f"platform={platform!r}: use 'tpu', 'gpu' or 'cpu'")
+        previous = getattr(self._target, "platform", None)
+        self._target.platform = platform
+        try:
+            yield platform
+        finally:
+            self._target.platform = previous
 
     def _setup_compile_cache(self):
         jax = self._jax
@@ -297,7 +318,10 @@ class TorchaxEnvManager:
 
     @contextlib.contextmanager
     def active_mesh(self, mesh):
-        """Make ``mesh`` the one attention shards over while a model is traced."""
+        """Make ``mesh`` the one attention shards over while a model is traced.
+
+        Attention traced inside this block is planned attention (see
+        ``choose_attention``); outside it nothing goes to Splash."""
         previous = getattr(self._active_mesh, "mesh", None)
         self._active_mesh.mesh = mesh
         try:
@@ -326,20 +350,29 @@ class TorchaxEnvManager:
             min_kv = int(os.environ.get(ENV_SPLASH_MIN_KV_LEN, SPLASH_MIN_KV_LEN))
         return backend, min_kv
 
-    def choose_attention(self, query_shape, key_shape) -> str:
-        """'splash', 'cudnn' or 'xla' for q [B, H, Sq, D] and k [B, H, Skv, D]."""
+    def choose_attention(self, query_shape, key_shape, planned: bool = True) -> str:
+        """'splash', 'cudnn' or 'xla' for q [B, H, Sq, D] and k [B, H, Skv, D].
+
+        ``planned``: the call is attention that was planned for Splash (the
+        transformer's, traced under ``active_mesh``). Only planned attention
+        goes to Splash: a Mosaic kernel inside ``jit`` needs the ``shard_map``
+        that plan gives it, and other long attention (the VAE's mid-block,
+        14,400 keys at 720P) would otherwise reach the kernel with no mesh,
+        which XLA:TPU refuses to partition.
+        """
         backend, min_kv = self.attention_settings()
         kv_len = key_shape[2]
+        long_planned = planned and kv_len >= min_kv
         if backend == "auto":
-            if self.platform == "tpu" and kv_len >= min_kv:
+            if self.platform == "tpu" and long_planned:
                 choice = "splash"
             elif self.platform == "gpu":
                 choice = "cudnn"
             else:
                 choice = "xla"
         elif backend == "splash":
-            # Forced Splash still leaves short (cross-attention) keys to XLA.
-            choice = "splash" if kv_len >= min_kv else "xla"
+            # Forced Splash still leaves short (cross-attention) and unplanned keys to XLA.
+            choice = "splash" if long_planned else "xla"
         else:
             choice = backend
         key = (tuple(query_shape), tuple(key_shape), choice)
@@ -352,13 +385,15 @@ class TorchaxEnvManager:
         """The single attention dispatch. jax arrays in torch SDPA layout [B, H, S, D]."""
         jax = self.jax
         jnp = jax.numpy
-        choice = "xla" if (attn_mask is not None or is_causal) else self.choose_attention(query.shape, key.shape)
+        mesh = getattr(self._active_mesh, "mesh", None)
+        if attn_mask is not None or is_causal:
+            choice = "xla"
+        else:
+            choice = self.choose_attention(query.shape, key.shape, planned=mesh is not None)
         if choice == "splash":
             from . import splash_attention as splash
 
-            return splash.splash_attention(
-                query, key, value, mesh=getattr(self._active_mesh, "mesh", None), scale=scale
-            )
+            return splash.splash_attention(query, key, value, mesh=mesh, scale=scale)
         if choice == "xla" and attn_mask is None and not is_causal and _score_bytes(query.shape, key.shape) > XLA_SCORE_BLOCK_BYTES:
             return query_chunked_attention(query, key, value, scale=scale)
         # jax.nn.dot_product_attention takes [B, S, H, D].

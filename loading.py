@@ -1,9 +1,12 @@
 """Find and load the Wan 2.1 diffusers components, each on its own.
 
-``model_id`` is a Hugging Face repo id, a local diffusers folder, or (inside
-ComfyUI) a folder name under ``models/diffusers``. Anyone who can reach a
-ComfyUI server chooses ``model_id``, so only safetensors are loaded and
-remote code is never trusted.
+``model_id`` is a Hugging Face repo id or a local diffusers folder. Anyone who
+can reach a ComfyUI server chooses ``model_id``, so inside ComfyUI a local
+folder must lie under an allowed root (ComfyUI's ``models/diffusers`` folders
+and the folders listed in ``WAN_TPU_MODEL_ROOTS``), errors name no path outside
+those roots, only safetensors are loaded and remote code is never trusted.
+Outside ComfyUI (the command line) any folder works. ``WAN_TPU_OFFLINE=1``
+refuses repo ids; ``HF_HUB_OFFLINE=1`` refuses those not in the hub cache.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ logger = logging.getLogger("wan_tpu")
 DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 PRECISIONS = ("bf16", "fp32")
 MAX_SEQUENCE_LENGTH = 512  # diffusers' WanPipeline default; the original pack used 226 by mistake
+
+MODEL_ROOTS_ENV = "WAN_TPU_MODEL_ROOTS"  # extra folders (os.pathsep-separated) that may hold models
+OFFLINE_ENV = "WAN_TPU_OFFLINE"  # 1: local folders only, never the hub
+HF_OFFLINE_ENV = "HF_HUB_OFFLINE"  # huggingface_hub's own switch: only repos already in its cache
+_TRUE = ("1", "true", "yes", "on")
+_ROOTS_FIX = f"put the model folder under ComfyUI/models/diffusers or add its parent folder to {MODEL_ROOTS_ENV}"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -44,6 +53,16 @@ class ModelSource:
         return self.location if self.is_local else f"Hugging Face repo {self.location}"
 
 
+def in_comfyui() -> bool:
+    """True when ComfyUI's ``folder_paths`` module can be imported: model_id then comes from
+    whoever can reach the server, and local folders are confined to the allowed roots."""
+    try:
+        import folder_paths  # noqa: F401  (ComfyUI's module; absent when the pack runs alone)
+    except ImportError:
+        return False
+    return True
+
+
 def comfyui_diffusers_folders() -> list[str]:
     """ComfyUI's ``models/diffusers`` folders, or [] outside ComfyUI."""
     try:
@@ -56,28 +75,135 @@ def comfyui_diffusers_folders() -> list[str]:
         return []
 
 
+def model_roots() -> list[str]:
+    """The folders local models may come from, as given: ComfyUI's ``models/diffusers``
+    folders, then those listed in ``WAN_TPU_MODEL_ROOTS`` (os.pathsep-separated)."""
+    extra = [entry.strip() for entry in os.environ.get(MODEL_ROOTS_ENV, "").split(os.pathsep)]
+    roots = []
+    for root in comfyui_diffusers_folders() + [os.path.expanduser(entry) for entry in extra if entry]:
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def _real_roots() -> list[tuple[str, str]]:
+    # (as given, resolved): symlinked roots (a models/ folder on another disk) compare by their target.
+    return [(root, os.path.realpath(root)) for root in model_roots()]
+
+
+def _inside(path: str, real_root: str) -> bool:
+    return os.path.commonpath([real_root, path]) == real_root
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def offline_reason(repo_id: str) -> str | None:
+    """Why ``repo_id`` may not come from the hub now, or None when it may."""
+    if _env_flag(OFFLINE_ENV):
+        return f"{OFFLINE_ENV}=1 allows local model folders only"
+    if _env_flag(HF_OFFLINE_ENV):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+            return f"{HF_OFFLINE_ENV}=1 and {repo_id} is not in the Hugging Face cache"
+    return None
+
+
+def _has_dotdot(model_id: str) -> bool:
+    return ".." in re.split(r"[/\\]", model_id)
+
+
 def resolve_model_source(model_id: str) -> ModelSource:
-    """Decide what ``model_id`` names. Raises ValueError saying where it looked."""
+    """Decide what ``model_id`` names. Raises ValueError saying where it looked.
+
+    Inside ComfyUI a folder is accepted only if it resolves (symlinks followed) under an
+    allowed root, and an error names no resolved path outside the roots.
+    """
     if not isinstance(model_id, str) or not model_id.strip():
         raise ValueError(f"model_id={model_id!r} is empty: give a repo id such as {DEFAULT_MODEL_ID} or a folder")
     model_id = model_id.strip()
-    path = os.path.expanduser(model_id)
-    if os.path.isdir(path):
-        return ModelSource(model_id, os.path.abspath(path), True)
-    searched = []
-    for base in comfyui_diffusers_folders():
-        candidate = os.path.realpath(os.path.join(base, model_id))
-        searched.append(candidate)
-        inside = os.path.commonpath([os.path.realpath(base), candidate]) == os.path.realpath(base)
-        if inside and os.path.isdir(candidate):
-            return ModelSource(model_id, candidate, True)
-    if os.path.isabs(path) or model_id.startswith((".", "~")) or not _REPO_ID.match(model_id):
-        where = f" and under ComfyUI's models/diffusers ({', '.join(searched)})" if searched else ""
+    if "\0" in model_id:
+        raise ValueError(f"model_id={model_id!r} has a NUL character: give a repo id or a folder name")
+    roots = _real_roots()
+    confined = in_comfyui()
+    if confined:
+        local = _confined_folder(model_id, roots)
+    else:
+        local = _any_folder(model_id, roots)
+    if local is not None:
+        return ModelSource(model_id, local, True)
+    if not _REPO_ID.match(model_id) or (not confined and (os.path.isabs(model_id) or model_id.startswith((".", "~")))):
+        where = f" under {', '.join(given for given, _ in roots)}" if roots else ""
         raise ValueError(
             f"model_id={model_id!r}: no such folder{where}, and it is not a Hugging Face repo id "
             f"(owner/name, e.g. {DEFAULT_MODEL_ID})"
+            + (f"; to use a local model, {_ROOTS_FIX}" if confined else "")
         )
+    if confined and os.path.isdir(model_id):
+        # diffusers and transformers load an existing folder before asking the hub, so this
+        # "repo id" would read a folder relative to the server's working directory.
+        raise ValueError(
+            f"model_id={model_id!r} is not under the allowed model folders, and as a repo id it would "
+            f"load a folder outside them: {_ROOTS_FIX}, or give a repo id that is not also a local path"
+        )
+    reason = offline_reason(model_id)
+    if reason is not None:
+        raise ValueError(
+            f"model_id={model_id!r} is a Hugging Face repo id, but {reason}: download the model into a "
+            f"folder that model_id may name ({_ROOTS_FIX}), or unset {OFFLINE_ENV} / {HF_OFFLINE_ENV}"
+        )
+    logger.info("resolving %s from the Hugging Face hub", model_id)
     return ModelSource(model_id, model_id, False)
+
+
+def _any_folder(model_id: str, roots: list[tuple[str, str]]) -> str | None:
+    """Outside ComfyUI (the command line): any existing folder, else a name under a root."""
+    path = os.path.expanduser(model_id)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if os.path.isabs(path):
+        return None
+    for _, real_root in roots:
+        candidate = os.path.realpath(os.path.join(real_root, model_id))
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def _confined_folder(model_id: str, roots: list[tuple[str, str]]) -> str | None:
+    """Inside ComfyUI: the real folder under an allowed root that ``model_id`` names, or None
+    when it names none (it may still be a repo id). Refuses what points out of the roots."""
+    allowed = ", ".join(given for given, _ in roots)
+    allowed = allowed or f"none (ComfyUI has no models/diffusers folder and {MODEL_ROOTS_ENV} is unset)"
+    if model_id.startswith("~") or _has_dotdot(model_id):
+        raise ValueError(
+            f"model_id={model_id!r}: '~' and '..' may not be used in a model folder name on a ComfyUI server; "
+            f"name a folder under the allowed model folders ({allowed}), or {_ROOTS_FIX}"
+        )
+    if os.path.isabs(model_id):
+        real = os.path.realpath(model_id)
+        if any(_inside(real, real_root) for _, real_root in roots) and os.path.isdir(real):
+            return real
+        # One message whether or not the path exists, so the server answers no questions about its disk.
+        raise ValueError(
+            f"model_id={model_id!r} is not a folder under the allowed model folders ({allowed}): {_ROOTS_FIX}"
+        )
+    escaped = None
+    for given, real_root in roots:
+        candidate = os.path.realpath(os.path.join(real_root, model_id))
+        if not os.path.isdir(candidate):
+            continue
+        if any(_inside(candidate, other) for _, other in roots):
+            return candidate
+        escaped = escaped or given  # a link out of the root; say so, but not where it goes
+    if escaped is not None:
+        raise ValueError(
+            f"model_id={model_id!r} under {escaped} is a link to a folder outside the allowed model "
+            f"folders ({allowed}): {_ROOTS_FIX}"
+        )
+    return None
 
 
 def check_component(source: ModelSource, component: str) -> None:
@@ -121,9 +247,15 @@ def _read_json_config(source: ModelSource, component: str, filename: str) -> str
     else:
         from huggingface_hub import hf_hub_download
 
+        _log_hub(source, f"{component}/{filename}")
         path = hf_hub_download(source.location, filename, subfolder=component)
     with open(path, encoding="utf-8") as handle:
         return handle.read()
+
+
+def _log_hub(source: ModelSource, what: str) -> None:
+    if not source.is_local:
+        logger.info("downloading %s of %s from the Hugging Face hub (or its cache)", what, source.location)
 
 
 def torch_dtype(precision: str):
@@ -139,6 +271,7 @@ def load_tokenizer(source: ModelSource):
 
     if source.is_local and not os.path.isdir(os.path.join(source.location, "tokenizer")):
         raise ValueError(f"model {source.model_id!r} has no tokenizer/ folder (looked in {source.location})")
+    _log_hub(source, "tokenizer/")
     return AutoTokenizer.from_pretrained(source.location, subfolder="tokenizer", trust_remote_code=False)
 
 
@@ -146,6 +279,7 @@ def load_text_encoder(source: ModelSource, precision: str):
     from transformers import UMT5EncoderModel
 
     check_component(source, "text_encoder")
+    _log_hub(source, "text_encoder/")
     return UMT5EncoderModel.from_pretrained(
         source.location, subfolder="text_encoder", torch_dtype=torch_dtype(precision),
         use_safetensors=True, trust_remote_code=False,
@@ -156,6 +290,7 @@ def load_transformer(source: ModelSource, precision: str):
     from diffusers import WanTransformer3DModel
 
     check_component(source, "transformer")
+    _log_hub(source, "transformer/")
     return WanTransformer3DModel.from_pretrained(
         source.location, subfolder="transformer", torch_dtype=torch_dtype(precision), use_safetensors=True
     ).eval()
@@ -167,6 +302,7 @@ def load_vae(source: ModelSource):
     from diffusers import AutoencoderKLWan
 
     check_component(source, "vae")
+    _log_hub(source, "vae/")
     return AutoencoderKLWan.from_pretrained(
         source.location, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True
     ).eval()

@@ -1,8 +1,10 @@
 """ComfyUI nodes: declare, validate, delegate to ``pipeline.WanTPUPipeline``.
 
-Node ids, display names, input names, widget order and link types are the
-original pack's, so its saved workflows load. Inputs this pack added
-(precision, mesh) are optional and come after the original widgets.
+Node ids, display names, input names, the required/optional split, widget
+order and return types and names are the original pack's (yangwhale/
+gpu-tpu-pedia, ComfyUI-Wan2.1-TPU), so its saved workflows (widgets matched by
+position) and API prompts (inputs matched by name) run unchanged. Inputs this
+pack added (precision, mesh) are optional and come after the original widgets.
 
 Nodes keep no instance state: the loaded, sharded, compiled components live in
 ``TorchaxEnvManager``'s cache and are shared by every node (one copy in HBM).
@@ -40,8 +42,10 @@ MODEL_ID = (
 OPTIONAL_DEVICE_INPUTS = {
     "precision": (
         list(loading.PRECISIONS),
-        {"default": "bf16", "tooltip": "bf16 halves memory and is what the TPU runs fastest; fp32 for exact "
-                                       "comparison with PyTorch. The VAE always runs in fp32."},
+        {"default": "bf16", "tooltip": "Weights and activations of the text encoder and transformer. bf16 halves "
+                                       "memory and is what the TPU runs fastest. fp32 stores fp32 and asks XLA for "
+                                       "full-precision matmuls (on TPU its default would multiply fp32 in bf16 "
+                                       "passes); it is for comparing with PyTorch. The VAE always runs in fp32."},
     ),
     "dp": ("INT", {"default": 0, "min": 0, "max": 256,
                    "tooltip": "Data-parallel mesh axis (cond/uncond split). 0 = automatic: 2 on an even device count."}),
@@ -59,12 +63,15 @@ VIDEO_INPUTS = {
                                     "tooltip": "Denoising steps. 50 is Wan's default; fewer is faster and rougher."}),
     "guidance_scale": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 20.0, "step": 0.1,
                                  "tooltip": "Classifier-free guidance. Above 1 runs prompt and negative prompt "
-                                            "together; 1 or less skips the negative prompt (twice as fast)."}),
+                                            "together as a batch of 2; 1 or less skips the negative prompt and "
+                                            "runs half the transformer work per step."}),
     "seed": ("INT", {"default": 2025, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                     "tooltip": "Noise seed. The same seed gives the same video as diffusers on any hardware."}),
-    "flow_shift": ("FLOAT", {"default": 5.0, "min": 0.1, "max": 20.0, "step": 0.1,
-                             "tooltip": "Flow-matching shift of the noise schedule: 5.0 for 720P, 3.0 for 480P."}),
+                     "tooltip": "Noise seed. The noise is drawn as diffusers draws it (CPU generator), so a seed "
+                                "starts from the same noise as diffusers' WanPipeline."}),
 }
+# The original's range was 1.0-10.0 in steps of 0.5; ours is wider, so its saved values validate.
+FLOW_SHIFT_INPUT = ("FLOAT", {"default": 5.0, "min": 0.1, "max": 20.0, "step": 0.1,
+                              "tooltip": "Flow-matching shift of the noise schedule: 5.0 for 720P, 3.0 for 480P."})
 FPS_INPUT = ("INT", {"default": 16, "min": 1, "max": 120, "tooltip": "Frame rate passed on to the video node. Wan 2.1 is trained at 16."})
 PROMPT_INPUT = ("STRING", {"multiline": True, "default": DEFAULT_PROMPT, "tooltip": "What the video should show."})
 NEGATIVE_INPUT = ("STRING", {"multiline": True, "default": DEFAULT_NEGATIVE_PROMPT,
@@ -95,16 +102,27 @@ def send_progress_text(text: str, unique_id) -> None:
 
 
 class StepProgress:
-    """``on_step`` for the core: ComfyUI's progress bar, Cancel, and 'step i/N, s/step, ETA' text."""
+    """``on_step`` and ``on_status`` for the core: ComfyUI's progress bar, Cancel, and progress text
+    ("loading ...", "compiling ...", "step i/N, s/step, ETA").
+
+    The core calls ``on_step(0, N)`` once loading and compiling are done, so
+    s/step and the ETA count denoising steps only.
+    """
 
     def __init__(self, total: int, unique_id=None, label: str = "denoise"):
         utils = _comfy_module("comfy.utils")
         self.bar = utils.ProgressBar(total) if utils is not None else None
-        self.unique_id, self.label, self.started = unique_id, label, time.perf_counter()
+        self.unique_id, self.label, self.started = unique_id, label, None
+        self.status = status_reporter(unique_id)
 
     def __call__(self, step: int, total: int) -> None:
-        per_step = (time.perf_counter() - self.started) / step
-        text = f"{self.label} step {step}/{total}, {per_step:.2f} s/step, ETA {per_step * (total - step):.0f} s"
+        if step == 0 or self.started is None:
+            self.started = time.perf_counter()
+        if step == 0:
+            text = f"{self.label} step 0/{total}"
+        else:
+            per_step = (time.perf_counter() - self.started) / step
+            text = f"{self.label} step {step}/{total}, {per_step:.2f} s/step, ETA {per_step * (total - step):.0f} s"
         logger.info(text)
         if self.bar is not None:
             self.bar.update_absolute(step, total)  # ComfyUI's hook raises here on Cancel
@@ -112,10 +130,25 @@ class StepProgress:
         check_interrupted()
 
 
+def status_reporter(unique_id):
+    """``on_status`` for the core: progress text for the node, and Cancel between phases."""
+    def report(text: str) -> None:
+        logger.info(text)
+        send_progress_text(text, unique_id)
+        check_interrupted()
+
+    return report
+
+
 # -------------------------------------------------------------- validation
 def validate_common(model_id=None, precision=None, dp=None, tp=None) -> str | bool:
     if model_id is not None and not str(model_id).strip():
         return f"model_id is empty: use {loading.DEFAULT_MODEL_ID} or a local diffusers folder"
+    if model_id is not None:
+        try:  # a folder outside the allowed roots, or a repo id while offline, fails before anything runs
+            loading.resolve_model_source(str(model_id))
+        except ValueError as error:
+            return str(error)
     if precision is not None and precision not in loading.PRECISIONS:
         return f"precision={precision!r}: use one of {', '.join(loading.PRECISIONS)}"
     for name, value in (("dp", dp), ("tp", tp)):
@@ -180,8 +213,8 @@ class Wan21TextEncoder:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT, "model_id": MODEL_ID},
-            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT},
+            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS},
             "hidden": dict(HIDDEN),
         }
 
@@ -189,10 +222,12 @@ class Wan21TextEncoder:
     def VALIDATE_INPUTS(cls, model_id=None, precision=None, dp=None, tp=None):
         return validate_common(model_id, precision, dp, tp)
 
-    def encode(self, prompt, negative_prompt, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+    def encode(self, prompt, negative_prompt, model_id=loading.DEFAULT_MODEL_ID, precision="bf16", dp=0, tp=0,
+               unique_id=None):
         check_interrupted()
-        send_progress_text("encoding the prompt", unique_id)
-        embeddings = make_pipeline(model_id, precision, dp, tp).encode(prompt, negative_prompt)
+        embeddings = make_pipeline(model_id, precision, dp, tp).encode(
+            prompt, negative_prompt, on_status=status_reporter(unique_id)
+        )
         return (embeddings.prompt_embeds, embeddings.negative_prompt_embeds)
 
 
@@ -205,7 +240,7 @@ class Wan21TPUSampler:
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT", "INT")
-    RETURN_NAMES = ("latent", "num_frames")
+    RETURN_NAMES = ("latents", "num_frames")
     OUTPUT_TOOLTIPS = ("Video latent [1, 16, (frames-1)/4+1, height/8, width/8].", "The number of frames.")
 
     @classmethod
@@ -215,9 +250,8 @@ class Wan21TPUSampler:
                 "prompt_embeds": ("TENSOR", {"tooltip": "From 'Wan 2.1 Text Encoder (TPU)'."}),
                 "negative_prompt_embeds": ("TENSOR", {"tooltip": "From 'Wan 2.1 Text Encoder (TPU)'."}),
                 **VIDEO_INPUTS,
-                "model_id": MODEL_ID,
             },
-            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS},
             "hidden": dict(HIDDEN),
         }
 
@@ -226,13 +260,15 @@ class Wan21TPUSampler:
         return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
 
     def sample(self, prompt_embeds, negative_prompt_embeds, height, width, num_frames, num_inference_steps,
-               guidance_scale, seed, flow_shift, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+               guidance_scale, seed, model_id=loading.DEFAULT_MODEL_ID, flow_shift=5.0, precision="bf16", dp=0, tp=0,
+               unique_id=None):
         check_interrupted()
         embeddings = embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id)
+        progress = StepProgress(num_inference_steps, unique_id)
         latents = make_pipeline(model_id, precision, dp, tp).denoise(
             embeddings, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift,
-            on_step=StepProgress(num_inference_steps, unique_id),
+            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift, on_step=progress,
+            on_status=progress.status,
         )
         return ({"samples": latents}, num_frames)
 
@@ -245,18 +281,14 @@ class Wan21TPUVAEDecoder:
     CATEGORY = CATEGORY
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("images", "fps")
+    RETURN_NAMES = ("frames", "fps")
     OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "latent": ("LATENT", {"tooltip": "Wan 2.1 video latent [1, 16, T, H/8, W/8]."}),
-                "fps": FPS_INPUT,
-                "model_id": MODEL_ID,
-            },
-            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "required": {"latents": ("LATENT", {"tooltip": "Wan 2.1 video latent [1, 16, T, H/8, W/8]."})},
+            "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, **OPTIONAL_DEVICE_INPUTS},
             "hidden": dict(HIDDEN),
         }
 
@@ -264,12 +296,14 @@ class Wan21TPUVAEDecoder:
     def VALIDATE_INPUTS(cls, model_id=None, precision=None, dp=None, tp=None):
         return validate_common(model_id, precision, dp, tp)
 
-    def decode(self, latent, fps, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+    def decode(self, latents, model_id=loading.DEFAULT_MODEL_ID, fps=16, precision="bf16", dp=0, tp=0,
+               unique_id=None):
         check_interrupted()
-        if not isinstance(latent, dict) or "samples" not in latent:
-            raise ValueError("latent has no 'samples': connect a LATENT output such as the TPU Sampler's")
-        send_progress_text("decoding the video", unique_id)
-        frames = make_pipeline(model_id, precision, dp, tp).decode(latent["samples"])
+        if not isinstance(latents, dict) or "samples" not in latents:
+            raise ValueError("latents has no 'samples': connect a LATENT output such as the TPU Sampler's")
+        frames = make_pipeline(model_id, precision, dp, tp).decode(
+            latents["samples"], on_status=status_reporter(unique_id)
+        )
         return (frames, fps)
 
 
@@ -281,20 +315,15 @@ class Wan21TPUPipeline:
     CATEGORY = CATEGORY
     FUNCTION = "generate"
     RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("images", "fps")
+    RETURN_NAMES = ("frames", "fps")
     OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {
-                "prompt": PROMPT_INPUT,
-                "negative_prompt": NEGATIVE_INPUT,
-                **VIDEO_INPUTS,
-                "fps": FPS_INPUT,
-                "model_id": MODEL_ID,
-            },
-            "optional": dict(OPTIONAL_DEVICE_INPUTS),
+            "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT, **VIDEO_INPUTS},
+            "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, "flow_shift": FLOW_SHIFT_INPUT,
+                         **OPTIONAL_DEVICE_INPUTS},
             "hidden": dict(HIDDEN),
         }
 
@@ -303,20 +332,18 @@ class Wan21TPUPipeline:
         return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
 
     def generate(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
-                 seed, flow_shift, fps, model_id, precision="bf16", dp=0, tp=0, unique_id=None):
+                 seed, model_id=loading.DEFAULT_MODEL_ID, fps=16, flow_shift=5.0, precision="bf16", dp=0, tp=0,
+                 unique_id=None):
         check_interrupted()
         pipe = make_pipeline(model_id, precision, dp, tp)
-        send_progress_text("encoding the prompt", unique_id)
-        embeddings = pipe.encode(prompt, negative_prompt)
-        check_interrupted()
+        progress = StepProgress(num_inference_steps, unique_id)
+        embeddings = pipe.encode(prompt, negative_prompt, on_status=progress.status)
         latents = pipe.denoise(
             embeddings, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift,
-            on_step=StepProgress(num_inference_steps, unique_id),
+            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift, on_step=progress,
+            on_status=progress.status,
         )
-        check_interrupted()
-        send_progress_text("decoding the video", unique_id)
-        return (pipe.decode(latents), fps)
+        return (pipe.decode(latents, on_status=progress.status), fps)
 
 
 class Wan21TPUUnload:

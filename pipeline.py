@@ -159,6 +159,30 @@ def place_weights(manager: TorchaxEnvManager, module, rules, mesh, component: st
     return weights, plan
 
 
+def _shape_key(args) -> tuple:
+    """Shapes and dtypes of a pytree of arrays: what a compiled program is specialised to."""
+    import jax
+
+    return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(args))
+
+
+def compiled_program(cache: dict, key: tuple, jitted, args: tuple, on_status: Callable | None, what: str):
+    """``jitted`` compiled ahead of time for ``args``, cached under ``key``.
+
+    Compiling before the first run (rather than inside it) lets progress say
+    "compiling" and keeps compile time out of the per-step times and the ETA.
+    A program already in JAX's persistent cache loads instead of compiling.
+    """
+    compiled = cache.get(key)
+    if compiled is None:
+        if on_status is not None:
+            on_status(f"compiling {what} (first run at this size; later runs reuse it)")
+        started = time.perf_counter()
+        compiled = cache[key] = jitted.lower(*args).compile()
+        logger.info("compiled %s in %.1f s", what, time.perf_counter() - started)
+    return compiled
+
+
 def unique_arrays(weights: dict) -> list:
     """The distinct arrays of a weights dict (tied weights appear once)."""
     return list({id(array): array for array in weights.values()}.values())
@@ -195,6 +219,7 @@ class TransformerComponent:
     scheduler_config: dict
     dtype: Any
     step_fns: dict = field(default_factory=dict)  # cfg (bool) -> jitted step
+    compiled_steps: dict = field(default_factory=dict)  # (cfg, shapes) -> compiled executable
 
 
 @dataclass
@@ -228,6 +253,15 @@ class WanTPUPipeline:
         self.last_step_seconds: list[float] = []
 
     # -------------------------------------------------------------- caching
+    def matmul_precision(self):
+        """The matmul precision the text encoder and transformer are traced with.
+
+        fp32 asks XLA for full fp32 matmuls ("highest"): on TPU its default
+        would multiply fp32 operands in bf16 passes. bf16 keeps the default.
+        The VAE (fp32 weights) always keeps XLA's default, for speed.
+        """
+        return self.manager.jax.default_matmul_precision("highest" if self.precision == "fp32" else None)
+
     @property
     def mesh(self):
         return self.manager.mesh(self.dp, self.tp)
@@ -362,14 +396,25 @@ class WanTPUPipeline:
         return jax.jit(decode)
 
     # --------------------------------------------------------------- stages
-    def encode(self, prompt: str, negative_prompt: str = "") -> WanEmbeddings:
-        """UMT5 embeddings of ``prompt`` and ``negative_prompt`` (diffusers' semantics, 512 tokens)."""
+    def _status(self, on_status: Callable | None, kind: str, label: str) -> None:
+        """Tell ``on_status`` when ``kind`` is about to be loaded (not cached yet)."""
+        if on_status is not None and self._key(kind) not in self.manager.cached_keys():
+            on_status(f"loading the {label}")
+
+    def encode(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None
+               ) -> WanEmbeddings:
+        """UMT5 embeddings of ``prompt`` and ``negative_prompt`` (diffusers' semantics, 512 tokens).
+
+        ``on_status(text)`` hears "loading ..." and "encoding ..." as they start."""
         import torch
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r}: give the prompt as text")
+        self._status(on_status, "text_encoder", "text encoder")
         component = self.text_encoder()
+        if on_status is not None:
+            on_status("encoding the prompt")
         jax = self.manager.jax
         with self.timer("encode"):
             tokens = component.tokenizer(
@@ -380,18 +425,20 @@ class WanTPUPipeline:
             batch_sharding = _batch_sharding(component.mesh, 2)
             ids = jax.device_put(tokens["input_ids"].astype(np.int32), batch_sharding)
             mask = jax.device_put(tokens["attention_mask"].astype(np.int32), batch_sharding)
-            with device_errors("the text encoder", "Use a mesh with more devices."):
+            with device_errors("the text encoder", "Use a mesh with more devices."), self.matmul_precision():
                 hidden = np.asarray(component.encode_fn(component.weights, ids, mask))
         embeds = torch.from_numpy(hidden.copy())
         return WanEmbeddings(embeds[:1], embeds[1:], self.source.model_id)
 
     def denoise(self, embeddings: WanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 81,
                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
-                on_step: Callable[[int, int], None] | None = None):
+                on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
 
-        ``on_step(i, total)`` runs after every step; an exception from it (a
-        Cancel) stops the run, and the cached components stay usable.
+        ``on_step(i, total)`` runs once with i=0 when loading and compiling are
+        done and the first step starts, then after every step; an exception
+        from it (a Cancel) stops the run, and the cached components stay
+        usable. ``on_status(text)`` hears "loading ..." and "compiling ...".
         Guidance above 1 runs cond and uncond as one batch of 2.
         """
         import torch
@@ -401,6 +448,7 @@ class WanTPUPipeline:
         if not 0 <= guidance_scale <= 100:
             raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 100 (5.0 is typical)")
         self.memory_plan(height, width, num_frames, guidance_scale)
+        self._status(on_status, "transformer", "transformer")
         transformer = self.transformer()
         if embeddings.text_dim != transformer.config["text_dim"]:
             raise ValueError(
@@ -433,25 +481,33 @@ class WanTPUPipeline:
             state = (sample, *(jnp.zeros(sample.shape, jnp.float32, device=replicated) for _ in range(3)))
             context = jax.device_put(torch_to_numpy(context), _batch_sharding(mesh, context.shape[0]))
             guidance = jnp.asarray(guidance_scale, jnp.float32)
+            coefficients, timesteps = schedule.coefficients, schedule.timesteps  # host arrays: data, not code
+            step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance)
+            with device_errors("compiling the transformer step", "Lower the resolution or num_frames, or use more devices."), \
+                    self.matmul_precision():
+                compiled = compiled_program(transformer.compiled_steps, (cfg, _shape_key(step_args[1:])), step_fn,
+                                            step_args, on_status, "the denoising step")
             self.last_step_seconds = []
-            for i in range(schedule.coefficients.shape[0]):
+            total = schedule.coefficients.shape[0]
+            if on_step is not None:
+                on_step(0, total)
+            for i in range(total):
                 started = time.perf_counter()
                 with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):
-                    state = step_fn(
-                        transformer.weights, state, context, schedule.coefficients[i], schedule.timesteps[i], guidance
-                    )
+                    state = compiled(transformer.weights, state, context, coefficients[i], timesteps[i], guidance)
                     state[0].block_until_ready()
                 self.last_step_seconds.append(time.perf_counter() - started)
                 if on_step is not None:
-                    on_step(i + 1, schedule.coefficients.shape[0])
+                    on_step(i + 1, total)
             latents = np.asarray(state[0])
         mean, std = self.vae_latent_stats()
         return torch.from_numpy(to_vae_latents(latents, mean, std))
 
-    def decode(self, latents) -> Any:
+    def decode(self, latents, on_status: Callable[[str], None] | None = None) -> Any:
         """Frames [F, H, W, 3] float32 in [0, 1] (CPU) from VAE latents [B, 16, T, h, w].
 
-        Batches are decoded one by one and their frames concatenated.
+        Batches are decoded one by one and their frames concatenated. The HBM
+        plan is checked first, as before denoising.
         """
         import torch
 
@@ -462,10 +518,16 @@ class WanTPUPipeline:
             raise ValueError(
                 f"latents of shape {tuple(latents.shape)}: the Wan 2.1 VAE decodes [batch, 16, frames, height/8, width/8]"
             )
+        _, _, latent_frames, latent_height, latent_width = latents.shape
+        self.memory_plan(latent_height * VAE_SPATIAL_FACTOR, latent_width * VAE_SPATIAL_FACTOR,
+                         (latent_frames - 1) * VAE_TEMPORAL_FACTOR + 1, guidance_scale=1.0)
+        self._status(on_status, "vae", "VAE")
         component = self.vae()
         jax = self.manager.jax
         from jax.sharding import NamedSharding, PartitionSpec
 
+        if on_status is not None:
+            on_status("decoding the video")
         frames = []
         with self.timer("decode"):
             for item in latents.float():
@@ -474,11 +536,12 @@ class WanTPUPipeline:
                     frames.append(np.asarray(component.decode_fn(component.weights, device_latents)))
         return torch.from_numpy(np.concatenate(frames))
 
-    def generate(self, prompt: str, negative_prompt: str = "", **denoise_args):
+    def generate(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None,
+                 **denoise_args):
         """encode -> denoise -> decode; returns frames [F, H, W, 3]."""
-        embeddings = self.encode(prompt, negative_prompt)
-        latents = self.denoise(embeddings, **denoise_args)
-        return self.decode(latents)
+        embeddings = self.encode(prompt, negative_prompt, on_status=on_status)
+        latents = self.denoise(embeddings, on_status=on_status, **denoise_args)
+        return self.decode(latents, on_status=on_status)
 
 
 def to_vae_latents(latents: np.ndarray, latents_mean: np.ndarray, latents_std: np.ndarray) -> np.ndarray:

@@ -44,6 +44,7 @@ def test_choices_and_overrides(manager, monkeypatch):
     manager.set_attention_backend("splash", splash_min_kv_len=1000)
     assert manager.choose_attention(q, long_kv) == "splash"
     assert manager.choose_attention(q, short_kv) == "xla"  # cross-attention stays on XLA
+    assert manager.choose_attention(q, long_kv, planned=False) == "xla"  # e.g. the VAE's mid-block attention
     manager.set_attention_backend(None)
     monkeypatch.setenv("WAN_TPU_ATTENTION", "splash")
     monkeypatch.setenv("WAN_TPU_SPLASH_MIN_KV_LEN", "600")
@@ -53,3 +54,21 @@ def test_choices_and_overrides(manager, monkeypatch):
         manager.choose_attention(q, long_kv)
     with pytest.raises(ValueError, match="attention backend 'fast' is unknown"):
         manager.set_attention_backend("fast")
+
+
+def test_only_attention_traced_under_the_transformer_mesh_reaches_splash(manager, monkeypatch):
+    """On TPU, long attention outside ``active_mesh`` (the VAE's) must stay on XLA: a Mosaic
+    kernel with no shard_map cannot be partitioned by XLA:TPU."""
+    import jax
+
+    monkeypatch.setattr(type(manager), "platform", property(lambda self: "tpu"))
+    manager.set_attention_backend("auto", splash_min_kv_len=64)
+    calls = []
+    monkeypatch.setattr(splash, "splash_attention", lambda *a, **k: calls.append(k["mesh"]) or a[0])
+    x = np.zeros((1, 1, 128, 8), np.float32)
+    manager.attention(x, x, x)
+    assert calls == []
+    mesh = env_manager.build_mesh(jax.devices()[:1])
+    with manager.active_mesh(mesh):
+        manager.attention(x, x, x)
+    assert calls == [mesh]

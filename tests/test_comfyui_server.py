@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -39,7 +40,7 @@ def _get(url, payload=None, timeout=10):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_model_dir):
     comfy_dir = os.path.abspath(COMFYUI_DIR)
     python = os.environ.get("COMFYUI_PYTHON", os.path.join(comfy_dir, ".venv", "bin", "python"))
     # Linked under the name users clone it as. (A checkout folder named "main"
@@ -53,8 +54,10 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfyui")
     port = _free_port()
     log_path = work / "server.log"
+    # The tiny model lives in pytest's temporary folder: allow it as a model root, as a server owner would.
     env = dict(os.environ, JAX_PLATFORMS="cpu", WAN_TPU_COMPILE_CACHE="0",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               WAN_TPU_MODEL_ROOTS=os.path.dirname(str(tiny_model_dir)))
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -123,3 +126,45 @@ def _load_queue_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_an_api_prompt_with_the_original_packs_input_names_runs(server, tiny_model_dir):
+    """An API prompt as written for the original pack (its input names, no inputs this pack added)."""
+    from original_interface import ORIGINAL_INPUTS
+
+    tiny = os.path.basename(str(tiny_model_dir))  # a name under an allowed root, as users give it
+    prompt = {
+        "1": {"class_type": "Wan21TextEncoder",
+              "inputs": {"prompt": "a cat", "negative_prompt": "blurry", "model_id": tiny}},
+        "2": {"class_type": "Wan21TPUSampler",
+              "inputs": {"prompt_embeds": ["1", 0], "negative_prompt_embeds": ["1", 1], "height": 256, "width": 256,
+                         "num_frames": 17, "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 42,
+                         "model_id": tiny, "flow_shift": 5.0}},
+        "3": {"class_type": "Wan21TPUVAEDecoder", "inputs": {"latents": ["2", 0], "model_id": tiny, "fps": 16}},
+        "4": {"class_type": "CreateVideo", "inputs": {"images": ["3", 0], "fps": 16.0}},
+        "5": {"class_type": "SaveVideo", "inputs": {"video": ["4", 0], "filename_prefix": "video/original_api",
+                                                    "format": "auto", "codec": "auto"}},
+    }
+    for node in prompt.values():  # exactly the original's names, nothing of ours
+        if node["class_type"] in ORIGINAL_INPUTS:
+            names = ORIGINAL_INPUTS[node["class_type"]]
+            assert set(node["inputs"]) <= set(names["required"] + names["optional"])
+    files = _load_queue_script().queue_and_wait(server["url"], prompt, timeout=900)
+    videos = [server["output"] / path for path in files if path.endswith(".mp4")]
+    assert videos and all(video.stat().st_size > 0 for video in videos)
+
+
+def test_a_model_folder_outside_the_roots_is_refused_without_naming_it(server, tmp_path):
+    outside = tmp_path / "secret-models"
+    outside.mkdir()
+    prompt = {"1": {"class_type": "Wan21TextEncoder",
+                    "inputs": {"prompt": "a cat", "negative_prompt": "", "model_id": str(outside / "..")}}}
+    request = urllib.request.Request(server["url"] + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        raise AssertionError("the prompt was accepted")
+    except urllib.error.HTTPError as error:
+        body = error.read().decode()
+    assert "model_id" in body and "WAN_TPU_MODEL_ROOTS" in body
+    assert str(tmp_path) not in body.replace(str(outside / ".."), "")

@@ -43,14 +43,14 @@ def run_three_nodes(nodes, model, unique_id="7", **overrides):
 
 def _run_three_nodes(nodes, model, unique_id="7", **overrides):
     settings = dict(TINY_SAMPLER, **overrides)
-    positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, model, precision="fp32")
+    positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, model, precision="fp32", unique_id=unique_id)
     latent, frames = nodes.Wan21TPUSampler().sample(
         positive, negative, settings["height"], settings["width"], settings["num_frames"],
-        settings["num_inference_steps"], settings["guidance_scale"], settings["seed"], settings["flow_shift"],
-        model, precision="fp32", unique_id=unique_id,
+        settings["num_inference_steps"], settings["guidance_scale"], settings["seed"], model, settings["flow_shift"],
+        precision="fp32", unique_id=unique_id,
     )
     assert frames == settings["num_frames"]
-    images, fps = nodes.Wan21TPUVAEDecoder().decode(latent, 16, model, precision="fp32")
+    images, fps = nodes.Wan21TPUVAEDecoder().decode(latent, model, 16, precision="fp32", unique_id=unique_id)
     return latent, images, fps
 
 
@@ -61,9 +61,9 @@ def test_three_node_chain_matches_diffusers(nodes, tiny_model_dir, diffusers_fra
     assert images.dtype == torch.float32 and tuple(images.shape) == (5, 32, 48, 3) and fps == 16
     assert np.abs(images.numpy() - expected).max() <= 1e-3
     # Progress every step, and step i/N, s/step and ETA as progress text for the node.
-    assert comfy.progress[-4:] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    step_texts = [text for text, node in comfy.texts if node == "7"]
-    assert len(step_texts) == 4 and "step 4/4" in step_texts[-1] and "s/step" in step_texts[-1] and "ETA" in step_texts[-1]
+    assert comfy.progress[-5:] == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+    step_texts = [text for text, node in comfy.texts if node == "7" and "s/step" in text]
+    assert len(step_texts) == 4 and "step 4/4" in step_texts[-1] and "ETA" in step_texts[-1]
 
 
 def test_full_pipeline_node_matches_diffusers_and_shares_the_cache(nodes, tiny_model_dir, diffusers_frames, manager):
@@ -72,7 +72,7 @@ def test_full_pipeline_node_matches_diffusers_and_shares_the_cache(nodes, tiny_m
     s = TINY_SAMPLER
     images, fps = nodes.Wan21TPUPipeline().generate(
         PROMPT, NEGATIVE, s["height"], s["width"], s["num_frames"], s["num_inference_steps"], s["guidance_scale"],
-        s["seed"], s["flow_shift"], 12, tiny_model_dir, precision="fp32", unique_id="9",
+        s["seed"], tiny_model_dir, 12, s["flow_shift"], precision="fp32", unique_id="9",
     )
     assert fps == 12
     assert np.abs(images.numpy() - diffusers_frames(PROMPT, NEGATIVE, 3, 5.0, 4)).max() <= 1e-3
@@ -92,9 +92,9 @@ def test_second_run_loads_and_compiles_nothing(nodes, tiny_model_dir, manager, m
     before = manager.compile_count()
     positive, negative = nodes.Wan21TextEncoder().encode("a fox", "ugly", tiny_model_dir, precision="fp32")
     latent, _ = nodes.Wan21TPUSampler().sample(
-        positive, negative, 32, 48, 5, 6, 3.0, 99, 5.0, tiny_model_dir, precision="fp32",
+        positive, negative, 32, 48, 5, 6, 3.0, 99, tiny_model_dir, 5.0, precision="fp32",
     )
-    nodes.Wan21TPUVAEDecoder().decode(latent, 16, tiny_model_dir, precision="fp32")
+    nodes.Wan21TPUVAEDecoder().decode(latent, tiny_model_dir, 16, precision="fp32")
     assert manager.compile_count() == before
 
 
@@ -122,9 +122,9 @@ def test_validate_inputs_accepts_good_values(nodes):
 def test_embeddings_from_another_model_family_are_refused(nodes, tiny_model_dir):
     wrong = torch.zeros(1, 512, 4096)
     with pytest.raises(ValueError, match="embeddings have width 4096 .* expects 32"):
-        nodes.Wan21TPUSampler().sample(wrong, wrong, 32, 48, 5, 2, 5.0, 0, 3.0, tiny_model_dir, precision="fp32")
+        nodes.Wan21TPUSampler().sample(wrong, wrong, 32, 48, 5, 2, 5.0, 0, tiny_model_dir, 3.0, precision="fp32")
     with pytest.raises(ValueError, match="prompt_embeds is \\(512, 32\\)"):
-        nodes.Wan21TPUSampler().sample(torch.zeros(512, 32), wrong, 32, 48, 5, 2, 5.0, 0, 3.0, tiny_model_dir)
+        nodes.Wan21TPUSampler().sample(torch.zeros(512, 32), wrong, 32, 48, 5, 2, 5.0, 0, tiny_model_dir, 3.0)
 
 
 def test_cancel_stops_within_one_step_and_the_next_run_works(nodes, comfy, tiny_model_dir, diffusers_frames):
@@ -133,7 +133,7 @@ def test_cancel_stops_within_one_step_and_the_next_run_works(nodes, comfy, tiny_
     comfy.interrupt_at_step = 2
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run_three_nodes(nodes, tiny_model_dir)
-    assert comfy.progress == [(1, 4), (2, 4)]  # stopped right after the step in which Cancel came
+    assert comfy.progress == [(0, 4), (1, 4), (2, 4)]  # stopped right after the step in which Cancel came
     comfy.interrupt_at_step = None
     _, images, _ = run_three_nodes(nodes, tiny_model_dir)
     assert np.abs(images.numpy() - diffusers_frames(PROMPT, NEGATIVE, 3, 5.0, 4)).max() <= 1e-3
@@ -192,7 +192,7 @@ def test_vae_decoder_on_a_comfyui_latent_equals_diffusers_vae_decode(nodes, tiny
     with torch.no_grad():
         video = vae.decode(latent, return_dict=False)[0]
     expected = (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).numpy()
-    images, _ = nodes.Wan21TPUVAEDecoder().decode({"samples": latent}, 16, tiny_model_dir)
+    images, _ = nodes.Wan21TPUVAEDecoder().decode({"samples": latent}, tiny_model_dir, 16)
     assert images.shape == expected.shape == (9, 32, 48, 3)
     assert np.abs(images.numpy() - expected).max() <= 1e-4
 
@@ -225,6 +225,35 @@ def test_display_names_and_ids_are_the_original_packs(nodes):
         "Wan21TPUUnload": "Wan 2.1 TPU Unload",
     }
     sampler = nodes.Wan21TPUSampler.INPUT_TYPES()["required"]
-    assert list(sampler) == ["prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames",
-                             "num_inference_steps", "guidance_scale", "seed", "flow_shift", "model_id"]
     assert (sampler["height"][1]["default"], sampler["width"][1]["default"], sampler["num_frames"][1]["default"]) == (720, 1280, 81)
+
+
+def test_progress_text_says_loading_compiling_then_steps_and_the_eta_counts_steps_only(
+        nodes, comfy, tiny_model_dir, manager):
+    manager.release()  # a first run: everything loads and compiles
+    comfy.texts.clear()
+    run_three_nodes(nodes, tiny_model_dir, unique_id="11")
+    texts = [text for text, node in comfy.texts if node == "11"]
+    loading_at = next(i for i, t in enumerate(texts) if t.startswith("loading the transformer"))
+    compiling_at = next(i for i, t in enumerate(texts) if t.startswith("compiling the denoising step"))
+    first_step = next(i for i, t in enumerate(texts) if t.startswith("denoise step 1/4"))
+    assert loading_at < compiling_at < first_step
+    assert any(t.startswith("loading the text encoder") for t in texts[:loading_at])
+    assert any(t.startswith("loading the VAE") for t in texts[first_step:])
+    # A warm run neither loads nor compiles, and says so by not saying it.
+    comfy.texts.clear()
+    run_three_nodes(nodes, tiny_model_dir, unique_id="12")
+    texts = [text for text, node in comfy.texts if node == "12"]
+    assert not [t for t in texts if t.startswith(("loading", "compiling"))]
+
+
+def test_step_progress_eta_excludes_what_came_before_step_zero(nodes, comfy, monkeypatch):
+    clock = iter([100.0, 103.0, 105.0])  # step 0 at t=100 (after a long load), steps of 3 s and 2 s
+    monkeypatch.setattr(nodes.time, "perf_counter", lambda: next(clock))
+    progress = nodes.StepProgress(4, unique_id="5")
+    progress(0, 4)
+    progress(1, 4)
+    progress(2, 4)
+    texts = [text for text, _ in comfy.texts]
+    assert texts[-2] == "denoise step 1/4, 3.00 s/step, ETA 9 s"
+    assert texts[-1] == "denoise step 2/4, 2.50 s/step, ETA 5 s"

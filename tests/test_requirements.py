@@ -39,3 +39,18 @@ def test_transformers4_pins_differ_only_in_the_hub_generation():
     user = _read("requirements.txt")
     for name in ("transformers", "huggingface-hub"):
         assert user[name].specifier.contains(next(iter(older[name].specifier)).version)
+
+
+def test_pyproject_lists_what_requirements_txt_lists_for_the_comfy_registry():
+    import tomllib
+
+    with open(os.path.join(PACK_DIR, "pyproject.toml"), "rb") as handle:
+        pyproject = tomllib.load(handle)
+    project = pyproject["project"]
+    with open(os.path.join(PACK_DIR, "requirements.txt")) as handle:
+        lines = [line.split("#")[0].strip() for line in handle]
+    assert [str(Requirement(line)) for line in project["dependencies"]] == [str(Requirement(line)) for line in lines if line]
+    assert "comfyui" not in project["name"].lower()  # the registry refuses such names
+    assert project["version"] and project["description"]
+    comfy = pyproject["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "Wan 2.1 TPU"
