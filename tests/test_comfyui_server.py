@@ -157,8 +157,14 @@ def test_an_api_prompt_with_the_original_packs_input_names_runs(server, tiny_mod
 def test_a_model_folder_outside_the_roots_is_refused_without_naming_it(server, tmp_path):
     outside = tmp_path / "secret-models"
     outside.mkdir()
-    prompt = {"1": {"class_type": "Wan21TextEncoder",
-                    "inputs": {"prompt": "a cat", "negative_prompt": "", "model_id": str(outside / "..")}}}
+    prompt = {
+        "1": {"class_type": "Wan21TPUPipeline",
+              "inputs": {"prompt": "a cat", "negative_prompt": "", "height": 256, "width": 256, "num_frames": 17,
+                         "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 1, "model_id": str(outside / "..")}},
+        "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 16.0}},
+        "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "video/refused",
+                                                    "format": "auto", "codec": "auto"}},
+    }
     request = urllib.request.Request(server["url"] + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
                                      headers={"Content-Type": "application/json"})
     try:
