@@ -41,6 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, help="tensor-parallel mesh axis (default: the remaining devices)")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
                         help="attention override (default: Splash for long self-attention on TPU)")
+    parser.add_argument("--sampler", choices=("unipc", "euler"), default="unipc",
+                        help="unipc (Wan's default) or euler (flow-matching Euler, for step-distilled LoRAs)")
+    parser.add_argument("--timesteps", default="",
+                        help="explicit Euler timesteps, e.g. 1000,750,500,250 (sets the step count)")
+    parser.add_argument("--magcache", action="store_true", help="skip steps with MagCache (published Wan 2.1 ratios)")
+    parser.add_argument("--magcache-threshold", type=float, default=0.06)
+    parser.add_argument("--magcache-max-skip", type=int, default=3, help="most consecutive skipped steps")
+    parser.add_argument("--magcache-retention", type=float, default=0.2, help="fraction of first steps never skipped")
     parser.add_argument("--output", help="MP4 path (default output/wan_<time>.mp4)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -50,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.flow_shift is None:
         args.flow_shift = 5.0 if args.height >= 720 else 3.0
+    from .scheduler import parse_timesteps
+
+    args.timesteps = parse_timesteps(args.timesteps)
+    if args.timesteps:
+        args.steps = len(args.timesteps)
     return args
 
 
@@ -74,13 +87,19 @@ def main(argv=None) -> str:
         embeddings = pipe.encode(args.prompt, args.negative_prompt)
 
         def report(step: int, total: int):
-            seconds = pipe.last_step_seconds[-1]
-            logger.info("step %d/%d: %.2f s", step, total, seconds)
+            if step:  # step 0: loaded and compiled, the first step starts
+                logger.info("step %d/%d: %.2f s", step, total, pipe.last_step_seconds[-1])
 
+        magcache = None
+        if args.magcache:
+            from .magcache import MagCacheSettings
+
+            magcache = MagCacheSettings(args.magcache_threshold, args.magcache_max_skip, args.magcache_retention)
         latents = pipe.denoise(
             embeddings, height=args.height, width=args.width, num_frames=args.frames,
             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-            flow_shift=args.flow_shift, on_step=report,
+            flow_shift=args.flow_shift, on_step=report, on_status=logger.info, sampler=args.sampler,
+            timesteps=args.timesteps, magcache=magcache,
         )
         frames = pipe.decode(latents)
     output = args.output or os.path.join("output", time.strftime("wan_%Y%m%d_%H%M%S.mp4"))

@@ -52,6 +52,35 @@ OPTIONAL_DEVICE_INPUTS = {
     "tp": ("INT", {"default": 0, "min": 0, "max": 256,
                    "tooltip": "Tensor-parallel mesh axis (weights split). 0 = automatic: the remaining devices."}),
 }
+# Fewer transformer evaluations (after the original widgets and precision/dp/tp).
+STEP_INPUTS = {
+    "sampler": (["unipc", "euler"], {"default": "unipc", "tooltip": "unipc: Wan's own scheduler (the original's). "
+                "euler: flow-matching Euler, what step-distilled LoRAs (lightx2v and the like) are used with, "
+                "typically 4-8 steps at guidance_scale 1.0. flow_shift is its shift."}),
+    "timesteps": ("STRING", {"default": "", "tooltip": "Euler only, optional: explicit timesteps such as "
+                  "1000,750,500,250; their count must equal num_inference_steps. Empty: evenly spaced."}),
+    "magcache": ("BOOLEAN", {"default": False, "tooltip": "MagCache: skip the transformer on steps whose output "
+                 "the published Wan 2.1 magnitude ratios predict, reusing the last residual (about 1.5-2x fewer "
+                 "evaluations at 50 steps; small changes to the video)."}),
+    "magcache_threshold": ("FLOAT", {"default": 0.06, "min": 0.0, "max": 1.0, "step": 0.01,
+                           "tooltip": "MagCache error budget; higher skips more. 0.06 is MagCache's default."}),
+    "magcache_max_skip_steps": ("INT", {"default": 3, "min": 0, "max": 50,
+                                "tooltip": "MagCache: most consecutive steps skipped. 3 is the default."}),
+    "magcache_retention_ratio": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.05,
+                                 "tooltip": "MagCache: fraction of first steps never skipped. 0.2 is the default."}),
+}
+
+
+def step_options(sampler="unipc", timesteps="", magcache=False, magcache_threshold=0.06, magcache_max_skip_steps=3,
+                 magcache_retention_ratio=0.2) -> dict:
+    """The node's step inputs as ``WanTPUPipeline.denoise`` keywords."""
+    from .magcache import MagCacheSettings
+    from .scheduler import parse_timesteps
+
+    settings = MagCacheSettings(magcache_threshold, magcache_max_skip_steps, magcache_retention_ratio) if magcache else None
+    return {"sampler": sampler, "timesteps": parse_timesteps(timesteps), "magcache": settings}
+
+
 VIDEO_INPUTS = {
     "height": ("INT", {"default": 720, "min": 256, "max": 1280, "step": 16,
                        "tooltip": "Video height in pixels, a multiple of 16. 720 for 720P, 480 for 480P."}),
@@ -168,8 +197,42 @@ def validate_video(height=None, width=None, num_frames=None) -> str | bool:
     return True
 
 
+def validate_steps(sampler=None, timesteps=None, num_inference_steps=None) -> str | bool:
+    from .scheduler import SAMPLERS, parse_timesteps
+
+    if sampler is not None and sampler not in SAMPLERS:
+        return f"sampler={sampler!r}: use one of {', '.join(SAMPLERS)}"
+    try:
+        given = parse_timesteps(timesteps)
+    except ValueError as error:
+        return str(error)
+    if given and sampler not in (None, "euler"):
+        return f"timesteps={timesteps!r} need sampler='euler' (UniPC spaces its own): choose euler or clear timesteps"
+    if given and num_inference_steps is not None and len(given) != int(num_inference_steps):
+        return (f"timesteps has {len(given)} values but num_inference_steps={num_inference_steps}: "
+                f"set num_inference_steps to {len(given)}")
+    return True
+
+
 def _first_error(*results) -> str | bool:
     return next((result for result in results if result is not True), True)
+
+
+def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, **settings):
+    """``pipe.denoise`` with ComfyUI's progress, Cancel and progress text; the step inputs
+    (sampler, timesteps, MagCache) come in ``settings`` under their node names."""
+    step_names = set(STEP_INPUTS)
+    options = step_options(**{k: v for k, v in settings.items() if k in step_names})
+    video = {k: v for k, v in settings.items() if k not in step_names}
+    if options["timesteps"]:
+        num_inference_steps = len(options["timesteps"])  # explicit timesteps set the step count
+    progress = StepProgress(num_inference_steps, unique_id)
+    latents = pipe.denoise(embeddings, num_inference_steps=num_inference_steps, on_step=progress,
+                           on_status=progress.status, **video, **options)
+    run = pipe.last_run
+    if run["magcache"]:
+        progress.status(f"MagCache: {run['transformer_evaluations']} of {run['steps']} steps ran the full transformer")
+    return latents
 
 
 def make_pipeline(model_id: str, precision: str = "bf16", dp: int = 0, tp: int = 0):
@@ -251,25 +314,25 @@ class Wan21TPUSampler:
                 "negative_prompt_embeds": ("TENSOR", {"tooltip": "From 'Wan 2.1 Text Encoder (TPU)'."}),
                 **VIDEO_INPUTS,
             },
-            "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS},
+            "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS},
             "hidden": dict(HIDDEN),
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None):
-        return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
+    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None,
+                        sampler=None, timesteps=None, num_inference_steps=None):
+        return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp),
+                            validate_steps(sampler, timesteps, num_inference_steps))
 
     def sample(self, prompt_embeds, negative_prompt_embeds, height, width, num_frames, num_inference_steps,
                guidance_scale, seed, model_id=loading.DEFAULT_MODEL_ID, flow_shift=5.0, precision="bf16", dp=0, tp=0,
-               unique_id=None):
+               unique_id=None, **step_inputs):
         check_interrupted()
         embeddings = embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id)
-        progress = StepProgress(num_inference_steps, unique_id)
-        latents = make_pipeline(model_id, precision, dp, tp).denoise(
-            embeddings, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift, on_step=progress,
-            on_status=progress.status,
-        )
+        pipe = make_pipeline(model_id, precision, dp, tp)
+        latents = run_denoise(pipe, embeddings, unique_id, height=height, width=width, num_frames=num_frames,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                              flow_shift=flow_shift, **step_inputs)
         return ({"samples": latents}, num_frames)
 
 
@@ -323,27 +386,27 @@ class Wan21TPUPipeline:
         return {
             "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT, **VIDEO_INPUTS},
             "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, "flow_shift": FLOW_SHIFT_INPUT,
-                         **OPTIONAL_DEVICE_INPUTS},
+                         **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS},
             "hidden": dict(HIDDEN),
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None):
-        return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
+    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None,
+                        sampler=None, timesteps=None, num_inference_steps=None):
+        return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp),
+                            validate_steps(sampler, timesteps, num_inference_steps))
 
     def generate(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                  seed, model_id=loading.DEFAULT_MODEL_ID, fps=16, flow_shift=5.0, precision="bf16", dp=0, tp=0,
-                 unique_id=None):
+                 unique_id=None, **step_inputs):
         check_interrupted()
         pipe = make_pipeline(model_id, precision, dp, tp)
-        progress = StepProgress(num_inference_steps, unique_id)
-        embeddings = pipe.encode(prompt, negative_prompt, on_status=progress.status)
-        latents = pipe.denoise(
-            embeddings, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, seed=seed, flow_shift=flow_shift, on_step=progress,
-            on_status=progress.status,
-        )
-        return (pipe.decode(latents, on_status=progress.status), fps)
+        report = status_reporter(unique_id)
+        embeddings = pipe.encode(prompt, negative_prompt, on_status=report)
+        latents = run_denoise(pipe, embeddings, unique_id, height=height, width=width, num_frames=num_frames,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
+                              flow_shift=flow_shift, **step_inputs)
+        return (pipe.decode(latents, on_status=report), fps)
 
 
 class Wan21TPUUnload:

@@ -16,6 +16,7 @@ flow_shift are traced values, so changing them compiles nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ import numpy as np
 
 from . import loading, memory_plan, sharding
 from .env_manager import TorchaxEnvManager
-from .scheduler import UniPCFlowSchedule, unipc_update
+from .magcache import MagCacheSettings, ratios_for, skip_schedule
+from .scheduler import UniPCFlowSchedule, make_schedule, unipc_update
 from .utils import StageTimer, device_errors, torch_to_numpy
 
 logger = logging.getLogger("wan_tpu")
@@ -75,20 +77,61 @@ def latent_shape(height: int, width: int, num_frames: int) -> tuple[int, int, in
 
 
 # ------------------------------------------------------------------ torchax glue
-def _method_as_forward(module, method: str):
-    """A wrapper whose ``forward`` is ``module.<method>``, so ``torch.func.functional_call``
-    (which only calls ``forward``) can bind weights for any method, e.g. the VAE's ``decode``."""
+def _method_as_forward(module, method):
+    """A wrapper whose ``forward`` is ``module.<method>`` (or ``method(module, ...)`` for a
+    function), so ``torch.func.functional_call`` (which only calls ``forward``) can bind
+    weights for any method, e.g. the VAE's ``decode``."""
     import torch
 
     wrapper = torch.nn.Module()
     wrapper.module = module
-    wrapper.forward = lambda *args, **kwargs: getattr(module, method)(*args, **kwargs)
+    if callable(method):
+        wrapper.forward = lambda *args, **kwargs: method(module, *args, **kwargs)
+    else:
+        wrapper.forward = lambda *args, **kwargs: getattr(module, method)(*args, **kwargs)
     return wrapper
 
 
-def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method: str, args: tuple,
+def decode_frame_by_frame(vae, z, barrier: Callable):
+    """``AutoencoderKLWan.decode(z)[0]`` (untiled, clamped to [-1, 1]), one latent frame at a time
+    in order, with ``barrier`` between frames.
+
+    The same arithmetic as diffusers' ``_decode``: each latent frame goes through
+    the decoder with the causal convolutions' feature cache. Traced into one
+    program, the frames are independent enough that XLA overlaps them and keeps
+    most frames' activations live at once (47 GiB per device at 848x480, 81
+    frames, on v6e-8). ``barrier`` (``jax.lax.optimization_barrier`` on the
+    torchax tensors) ties each frame's output, the feature cache and the
+    latents together, so frame i+1 starts only when frame i is done: the peak is
+    one frame's working set plus the caches and the finished frames. The
+    frames are concatenated once (diffusers re-concatenates after every frame).
+    """
+    import torch
+
+    if vae.config.get("patch_size") is not None:
+        raise ValueError(f"VAE patch_size={vae.config.patch_size}: this decoder handles the Wan 2.1 VAE (no patching)")
+    vae.clear_cache()
+    x = vae.post_quant_conv(z)
+    frames = []
+    count = x.shape[2]
+    for i in range(count):
+        vae._conv_idx = [0]
+        frame = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
+        if i + 1 < count:
+            cached = [j for j, value in enumerate(vae._feat_map) if isinstance(value, torch.Tensor)]
+            frame, x, *values = barrier([frame, x, *(vae._feat_map[j] for j in cached)])
+            for j, value in zip(cached, values):
+                vae._feat_map[j] = value
+        frames.append(frame)
+    out = torch.clamp(torch.cat(frames, 2), min=-1.0, max=1.0)
+    vae.clear_cache()
+    return out
+
+
+def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method: str | Callable, args: tuple,
                       kwargs: dict | None = None, pick: Callable = lambda out: out):
-    """Run ``module.<method>(*args, **kwargs)`` with ``weights`` (jax arrays) on jax arrays ``args``.
+    """Run ``module.<method>(*args, **kwargs)`` (or ``method(module, *args, **kwargs)``) with
+    ``weights`` (jax arrays) on jax arrays ``args``.
 
     Usable inside ``jax.jit``. ``pick`` selects the tensor(s) to return from
     the module's output while it is still a torch object.
@@ -112,13 +155,52 @@ def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method:
         return env.t2j_iso(output)
 
 
-def call_transformer(manager: TorchaxEnvManager, module, weights: dict, mesh, hidden, timesteps, context):
+@contextlib.contextmanager
+def _block_cache(module, record: bool, reuse):
+    """MagCache around the transformer blocks, while the transformer is traced.
+
+    ``record``: capture the blocks' residual (output of the last block minus
+    input of the first), as diffusers' MagCache hooks do. ``reuse`` (a torch
+    tensor): the blocks do no work; their output is their input plus it.
+    Yields a dict that holds "residual" after a recording forward.
+    """
+    blocks, captured, handles = module.blocks, {}, []
+    if record:
+        def keep_input(block, args, kwargs):
+            captured["input"] = args[0] if args else kwargs["hidden_states"]
+
+        def keep_residual(block, args, kwargs, output):
+            captured["residual"] = output - captured["input"]
+
+        handles.append(blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True))
+        handles.append(blocks[-1].register_forward_hook(keep_residual, with_kwargs=True))
+    if reuse is not None:
+        for index, block in enumerate(blocks):  # an instance attribute shadows the class's forward
+            block.forward = (lambda hidden_states, *_, **__: hidden_states + reuse) if index == 0 else (
+                lambda hidden_states, *_, **__: hidden_states)
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+        if reuse is not None:
+            for block in blocks:
+                del block.forward
+
+
+def call_transformer(manager: TorchaxEnvManager, module, weights: dict, mesh, hidden, timesteps, context, *,
+                     record_residual: bool = False, block_residual=None):
     """The Wan transformer's velocity [B, 16, T, h, w] for jax arrays, inside ``jax.jit``;
-    Splash attention (where chosen) shards over ``mesh``."""
-    with manager.active_mesh(mesh):
+    Splash attention (where chosen) shards over ``mesh``.
+
+    MagCache: ``record_residual`` also returns the blocks' residual [B, tokens, dim];
+    ``block_residual`` skips the blocks and reuses it (see ``magcache``).
+    """
+    reuse = None if block_residual is None else manager.env.j2t_iso(block_residual)
+    with manager.active_mesh(mesh), _block_cache(module, record_residual, reuse) as captured:
         return call_torch_module(
             manager, module, weights, "forward", (hidden, timesteps, context), {"return_dict": False},
-            pick=lambda output: output[0],
+            pick=(lambda output: (output[0], captured["residual"])) if record_residual else (lambda output: output[0]),
         )
 
 
@@ -218,8 +300,8 @@ class TransformerComponent:
     config: dict
     scheduler_config: dict
     dtype: Any
-    step_fns: dict = field(default_factory=dict)  # cfg (bool) -> jitted step
-    compiled_steps: dict = field(default_factory=dict)  # (cfg, shapes) -> compiled executable
+    step_fns: dict = field(default_factory=dict)  # (cfg, cache_mode) -> jitted step
+    compiled_steps: dict = field(default_factory=dict)  # (cfg, cache_mode, shapes) -> compiled executable
 
 
 @dataclass
@@ -354,7 +436,25 @@ class WanTPUPipeline:
 
         return jax.jit(encode)
 
-    def _make_step_fn(self, transformer: TransformerComponent, cfg: bool):
+    def _block_residual_spec(self, transformer: TransformerComponent, sample_shape, batch: int):
+        """The MagCache residual's shape, dtype and sharding: [batch, tokens, inner_dim], split over dp
+        like the batch (the "record" step constrains it to this)."""
+        jax = self.manager.jax
+        config = transformer.config
+        _, _, frames, height, width = sample_shape
+        p_t, p_h, p_w = config["patch_size"]
+        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+        dim = config["num_attention_heads"] * config["attention_head_dim"]
+        dtype = jax.numpy.bfloat16 if "bfloat16" in str(transformer.dtype) else jax.numpy.float32
+        return jax.ShapeDtypeStruct((batch, tokens, dim), dtype, sharding=_batch_sharding(transformer.mesh, batch))
+
+    def _make_step_fn(self, transformer: TransformerComponent, cfg: bool, cache_mode: str | None = None):
+        """The jitted denoising step: transformer, CFG combine, UniPC-form update.
+
+        ``cache_mode`` (MagCache): None, the plain step; "record", the step also
+        returns the blocks' residual; "reuse", the step takes a residual and
+        skips the blocks.
+        """
         jax, manager = self.manager.jax, self.manager
         jnp = jax.numpy
         from jax.sharding import NamedSharding, PartitionSpec
@@ -365,20 +465,25 @@ class WanTPUPipeline:
         batch_sharding = _batch_sharding(mesh, batch)
         jax_dtype = jnp.bfloat16 if "bfloat16" in str(dtype) else jnp.float32
 
-        def step(weights, state, context, coefficients, timestep, guidance_scale):
+        def step(weights, state, context, coefficients, timestep, guidance_scale, block_residual=None):
             sample, last_sample, m1, m2 = state
             model_input = sample.astype(jax_dtype)
             if cfg:  # cond and uncond as one batch of 2, split over dp
                 model_input = jnp.concatenate([model_input, model_input])
             model_input = jax.lax.with_sharding_constraint(model_input, batch_sharding)
             timesteps = jnp.full((batch,), timestep, jnp.float32)
-            velocity = call_transformer(manager, module, weights, mesh, model_input, timesteps, context)
+            velocity = call_transformer(manager, module, weights, mesh, model_input, timesteps, context,
+                                        record_residual=cache_mode == "record", block_residual=block_residual)
+            if cache_mode == "record":
+                velocity, block_residual = velocity
+                block_residual = jax.lax.with_sharding_constraint(block_residual, batch_sharding)
             velocity = velocity.astype(jnp.float32)
             if cfg:
                 cond, uncond = velocity[:1], velocity[1:]
                 velocity = uncond + guidance_scale * (cond - uncond)
             next_sample, corrected, m = unipc_update(coefficients, sample, velocity, last_sample, m1, m2)
-            return tuple(jax.lax.with_sharding_constraint(x, replicated) for x in (next_sample, corrected, m, m1))
+            state = tuple(jax.lax.with_sharding_constraint(x, replicated) for x in (next_sample, corrected, m, m1))
+            return (state, block_residual) if cache_mode == "record" else state
 
         return jax.jit(step, donate_argnums=(1,))
 
@@ -386,9 +491,14 @@ class WanTPUPipeline:
         jax, manager = self.manager.jax, self.manager
         jnp = jax.numpy
 
+        def barrier(tensors):
+            from torchax import interop
+
+            return interop.call_jax(jax.lax.optimization_barrier, tensors)
+
         def decode(weights, latents):
             video = call_torch_module(
-                manager, module, weights, "decode", (latents,), {"return_dict": False}, pick=lambda output: output[0]
+                manager, module, weights, lambda vae, z: decode_frame_by_frame(vae, z, barrier), (latents,)
             )  # [1, 3, F, H, W] in [-1, 1]
             frames = jnp.clip(video[0].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return jnp.transpose(frames, (1, 2, 3, 0))  # [F, H, W, 3]
@@ -432,7 +542,8 @@ class WanTPUPipeline:
 
     def denoise(self, embeddings: WanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 81,
                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
-                on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None):
+                on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
+                sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
 
         ``on_step(i, total)`` runs once with i=0 when loading and compiling are
@@ -440,6 +551,11 @@ class WanTPUPipeline:
         from it (a Cancel) stops the run, and the cached components stay
         usable. ``on_status(text)`` hears "loading ..." and "compiling ...".
         Guidance above 1 runs cond and uncond as one batch of 2.
+
+        ``sampler``: "unipc" (the model's scheduler) or "euler" (flow-matching
+        Euler with shift ``flow_shift`` and optional explicit ``timesteps``).
+        ``magcache``: MagCache settings, or None for every step in full.
+        ``self.last_run`` then says how many steps ran the transformer.
         """
         import torch
         from diffusers.utils.torch_utils import randn_tensor
@@ -456,7 +572,15 @@ class WanTPUPipeline:
                 f"{self.source.model_id!r} expects {transformer.config['text_dim']}: encode the prompt with the "
                 f"same Wan 2.1 model family"
             )
-        schedule = UniPCFlowSchedule.create(transformer.scheduler_config, num_inference_steps, flow_shift)
+        schedule = make_schedule(sampler, transformer.scheduler_config, num_inference_steps, flow_shift, timesteps)
+        total = len(schedule.timesteps)
+        # Per step, which program runs: None (plain), or with MagCache "record" (a full step that
+        # keeps the blocks' residual) or "reuse" (the blocks skipped). Decided here, on the host.
+        if magcache is None:
+            modes = [None] * total
+        else:
+            compute = skip_schedule(total, ratios_for(transformer.config, magcache), magcache)
+            modes = ["record" if run else "reuse" for run in compute]
         jax = self.manager.jax
         jnp = jax.numpy
         from jax.sharding import NamedSharding, PartitionSpec
@@ -464,12 +588,9 @@ class WanTPUPipeline:
         mesh = transformer.mesh
         replicated = NamedSharding(mesh, PartitionSpec())
         cfg = guidance_scale > 1.0
-        step_fn = transformer.step_fns.get(cfg)
-        if step_fn is None:
-            step_fn = transformer.step_fns[cfg] = self._make_step_fn(transformer, cfg)
+        batch = 2 if cfg else 1
 
-        # The noise is drawn exactly as diffusers draws it, on the CPU, so a
-        # seed gives the same video on any hardware.
+        # The noise is drawn exactly as diffusers draws it (CPU generator, float32).
         generator = torch.Generator("cpu").manual_seed(int(seed))
         noise = randn_tensor(latent_shape(height, width, num_frames), generator=generator, dtype=torch.float32)
         context = [embeddings.prompt_embeds] + ([embeddings.negative_prompt_embeds] if cfg else [])
@@ -483,23 +604,41 @@ class WanTPUPipeline:
             guidance = jnp.asarray(guidance_scale, jnp.float32)
             coefficients, timesteps = schedule.coefficients, schedule.timesteps  # host arrays: data, not code
             step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance)
+            residual = self._block_residual_spec(transformer, sample.shape, batch)
+            programs = {}
             with device_errors("compiling the transformer step", "Lower the resolution or num_frames, or use more devices."), \
                     self.matmul_precision():
-                compiled = compiled_program(transformer.compiled_steps, (cfg, _shape_key(step_args[1:])), step_fn,
-                                            step_args, on_status, "the denoising step")
+                for mode in dict.fromkeys(modes):  # each program this run needs, compiled before step 1
+                    key = (cfg, mode)
+                    if key not in transformer.step_fns:
+                        transformer.step_fns[key] = self._make_step_fn(transformer, cfg, mode)
+                    args = step_args + ((residual,) if mode == "reuse" else ())
+                    what = "the denoising step" + {None: "", "record": " (MagCache, full)", "reuse": " (MagCache, skip)"}[mode]
+                    programs[mode] = compiled_program(transformer.compiled_steps, (cfg, mode, _shape_key(args[1:])),
+                                                      transformer.step_fns[key], args, on_status, what)
             self.last_step_seconds = []
-            total = schedule.coefficients.shape[0]
             if on_step is not None:
                 on_step(0, total)
-            for i in range(total):
+            for i, mode in enumerate(modes):
                 started = time.perf_counter()
+                args = (transformer.weights, state, context, coefficients[i], timesteps[i], guidance)
                 with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):
-                    state = compiled(transformer.weights, state, context, coefficients[i], timesteps[i], guidance)
+                    if mode == "reuse":
+                        state = programs[mode](*args, residual)
+                    elif mode == "record":
+                        state, residual = programs[mode](*args)
+                    else:
+                        state = programs[mode](*args)
                     state[0].block_until_ready()
                 self.last_step_seconds.append(time.perf_counter() - started)
                 if on_step is not None:
                     on_step(i + 1, total)
             latents = np.asarray(state[0])
+        evaluations = sum(mode != "reuse" for mode in modes)
+        self.last_run = {"steps": total, "transformer_evaluations": evaluations, "skipped_steps": total - evaluations,
+                         "sampler": sampler, "magcache": magcache is not None}
+        if magcache is not None:
+            logger.info("MagCache: %d of %d steps ran the transformer", evaluations, total)
         mean, std = self.vae_latent_stats()
         return torch.from_numpy(to_vae_latents(latents, mean, std))
 

@@ -153,3 +153,85 @@ def unipc_update(coefficients, sample, velocity, last_sample, m1, m2):
     corrected = c["c_x"] * sample + c["c_last"] * last_sample + c["c_m"] * m + c["c_m1"] * m1 + c["c_m2"] * m2
     next_sample = c["p_x"] * corrected + c["p_m"] * m + c["p_m1"] * m1
     return next_sample, corrected, m
+
+
+# ------------------------------------------------------------------ flow-matching Euler
+def flow_match_euler_schedule(num_inference_steps: int, shift: float, timesteps=None,
+                              num_train_timesteps: int = 1000) -> UniPCFlowSchedule:
+    """diffusers' ``FlowMatchEulerDiscreteScheduler(shift=shift)`` as UniPC-form coefficients.
+
+    An Euler step ``x + (sigma_next - sigma) * v`` is the UniPC row with no
+    corrector (c_x = 1) and predictor weights p_x = sigma_next / sigma,
+    p_m = 1 - p_x (with m = x - sigma * v), so it runs in the same compiled
+    denoising step as UniPC: choosing Euler compiles nothing new.
+
+    ``timesteps`` (optional, e.g. [1000, 750, 500, 250], as step-distilled Wan
+    LoRAs use): the transformer is conditioned on them as given and the sigmas
+    are ``shift``-ed from timesteps / num_train_timesteps, as diffusers does.
+    """
+    if not shift > 0:
+        raise ValueError(f"shift={shift}: use a positive flow shift (5.0 for 720P, 3.0 for 480P)")
+    train = float(num_train_timesteps)
+    if timesteps is not None and len(timesteps):
+        given = np.asarray([float(t) for t in timesteps], np.float32)
+        if num_inference_steps not in (None, len(given)):
+            raise ValueError(
+                f"timesteps has {len(given)} values but num_inference_steps={num_inference_steps}: "
+                f"give as many timesteps as steps, or leave timesteps empty"
+            )
+        if np.any(given <= 0) or np.any(given > train) or np.any(np.diff(given) >= 0):
+            raise ValueError(
+                f"timesteps={given.tolist()}: give decreasing values in (0, {num_train_timesteps}], "
+                f"e.g. 1000,750,500,250"
+            )
+        sigmas = given / np.float32(train)
+    else:
+        steps = int(num_inference_steps)
+        if steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps}: use at least 1 step")
+        given = None
+        # The scheduler's own sigma range is already shifted once (diffusers' __init__); set_timesteps
+        # spaces timesteps over it and shifts again. Reproduced as diffusers does it, in float32.
+        base = np.linspace(1, train, int(train), dtype=np.float32)[::-1] / np.float32(train)
+        base = np.float32(shift) * base / (1 + (np.float32(shift) - 1) * base)
+        sigmas = np.linspace(base[0] * train, base[-1] * train, steps).astype(np.float32) / np.float32(train)
+    sigmas = (np.float32(shift) * sigmas / (1 + (np.float32(shift) - 1) * sigmas)).astype(np.float32)
+    timesteps_out = given if given is not None else (sigmas * np.float32(train)).astype(np.float32)
+    sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+    rows = np.zeros((len(timesteps_out), len(COEFFICIENT_NAMES)), np.float64)
+    s = sigmas.astype(np.float64)
+    rows[:, _I["sigma"]] = s[:-1]
+    rows[:, _I["c_x"]] = 1.0
+    rows[:, _I["p_x"]] = s[1:] / s[:-1]
+    rows[:, _I["p_m"]] = 1.0 - s[1:] / s[:-1]
+    return UniPCFlowSchedule(timesteps=timesteps_out.astype(np.float32), sigmas=sigmas,
+                             coefficients=rows.astype(np.float32))
+
+
+SAMPLERS = ("unipc", "euler")
+
+
+def make_schedule(sampler: str, scheduler_config: dict, num_inference_steps: int, flow_shift: float,
+                  timesteps=None) -> UniPCFlowSchedule:
+    """The per-step weights for ``sampler``: 'unipc' (the model's own scheduler, Wan's default)
+    or 'euler' (flow-matching Euler, for step-distilled models)."""
+    if sampler == "unipc":
+        if timesteps is not None and len(timesteps):
+            raise ValueError("explicit timesteps need sampler='euler': UniPC spaces its own timesteps")
+        return UniPCFlowSchedule.create(scheduler_config, num_inference_steps, flow_shift)
+    if sampler == "euler":
+        return flow_match_euler_schedule(num_inference_steps, flow_shift, timesteps,
+                                         scheduler_config.get("num_train_timesteps", 1000))
+    raise ValueError(f"sampler={sampler!r}: use one of {', '.join(SAMPLERS)}")
+
+
+def parse_timesteps(text) -> list[float] | None:
+    """'1000, 750, 500, 250' -> [1000.0, 750.0, 500.0, 250.0]; '' or None -> None."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, str):
+        try:
+            return [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"timesteps={text!r}: give numbers separated by commas, e.g. 1000,750,500,250") from None
+    return [float(t) for t in text]

@@ -1,0 +1,19 @@
+"""The command line runs end to end on a tiny model it builds itself."""
+
+import os
+
+from conftest import pack_module
+
+cli = pack_module("cli")
+
+
+def test_tiny_run_writes_an_mp4_with_euler_and_magcache(tmp_path, manager):
+    output = tmp_path / "tiny.mp4"
+    path = cli.main(["a fox", "--tiny", "--steps", "3", "--frames", "5", "--height", "32", "--width", "48",
+                     "--sampler", "euler", "--output", str(output)])
+    assert path == str(output) and os.path.getsize(output) > 0
+
+
+def test_timesteps_set_the_step_count():
+    args = cli.parse_args(["--tiny", "--sampler", "euler", "--timesteps", "1000,750,500,250"])
+    assert args.timesteps == [1000.0, 750.0, 500.0, 250.0] and args.steps == 4
