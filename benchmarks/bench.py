@@ -17,7 +17,13 @@ reports:
   combine, transfers), from a transformer-only program timed alone;
 - with --startup: time to first step in a fresh process with an empty
   persistent compilation cache (cold) and in a second one that finds it
-  filled (warm), and the compilations each made.
+  filled (warm), and the compilations each made;
+- with --fewer-steps: three cases per side, each against the 50-step UniPC
+  baseline at guidance 5.0: "MagCache at defaults" (threshold 0.06, 3 skips,
+  retention 0.2, the published Wan 2.1 14B ratios, given to both sides) and
+  "4-step Euler, guidance 1" (shift 5). For each: transformer evaluations,
+  warm denoising wall time, ours/diffusers, speed-up over the baseline, and
+  the PSNR of the frames against the same side's baseline.
 
 Timing: time.perf_counter around work that is synchronised (JAX
 block_until_ready; CUDA synchronize). Peer and ours use the same precision.
@@ -77,6 +83,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="JSON path (default benchmarks/results/<config>-<backend>.json)")
     parser.add_argument("--startup", action="store_true", help="also measure cold/warm start in fresh processes")
     parser.add_argument("--no-peer", action="store_true", help="skip diffusers (e.g. on TPU, where torch has no device)")
+    parser.add_argument("--fewer-steps", action="store_true",
+                        help="benchmark MagCache and 4-step Euler against 50-step UniPC instead (see above)")
     parser.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)  # the --startup child
     args = parser.parse_args(argv)
     _, height, width, frames, steps = CONFIGS[args.config]
@@ -272,6 +280,118 @@ def first_step_only(args) -> None:
     }) + "\n")
 
 
+# ------------------------------------------------------------------ fewer steps
+FEWER_STEP_CASES = {  # name -> (steps, guidance, sampler, shift, magcache)
+    "UniPC 50 steps (baseline)": (50, 5.0, "unipc", None, False),
+    "MagCache at defaults": (50, 5.0, "unipc", None, True),
+    "4-step Euler, guidance 1": (4, 1.0, "euler", 5.0, False),
+}
+
+
+def _psnr(a, b) -> float:
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _diffusers_case(peer, args, steps, guidance, sampler, shift, use_magcache, ratios):
+    """(seconds denoising, transformer evaluations, frames) for diffusers doing the same thing."""
+    torch, pipe = peer.torch, peer.pipe
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.hooks import MagCacheConfig
+
+    original = pipe.scheduler
+    calls = []
+    hooks = [pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(False)),
+             pipe.transformer.blocks[0].attn1.register_forward_hook(lambda *_: calls.__setitem__(-1, True))]
+    try:
+        if sampler == "euler":
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        if use_magcache:
+            pipe.transformer.enable_cache(MagCacheConfig(num_inference_steps=steps, mag_ratios=list(ratios)))
+            # diffusers 0.39 keeps a stale list of hooked submodules once the transformer has run, and
+            # MagCache's hooks would then share one state between the CFG halves: refresh it.
+            pipe.transformer._diffusers_hook._child_registries_cache = None
+        with torch.no_grad():
+            positive, negative = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=guidance > 1,
+                                                    max_sequence_length=512, device=peer.device)
+            peer._sync()
+            started = time.perf_counter()
+            latents = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, height=args.height,
+                           width=args.width, num_frames=args.frames, num_inference_steps=steps,
+                           guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(0),
+                           output_type="latent").frames
+            peer._sync()
+            seconds = time.perf_counter() - started
+            vae = pipe.vae
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+            video = vae.decode((latents * std + mean).float(), return_dict=False)[0]
+            frames = (video[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu().numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if use_magcache:
+            pipe.transformer.disable_cache()
+        pipe.scheduler = original
+    per_call = 2 if guidance > 1 else 1
+    return seconds, sum(calls) // per_call, frames
+
+
+def _our_case(ours, args, steps, guidance, sampler, shift, use_magcache, ratios):
+    module = ours.module
+    settings = module("magcache").MagCacheSettings(mag_ratios=tuple(ratios)) if use_magcache else None
+    embeddings = ours.pipe.encode(PROMPT, NEGATIVE)
+    started = time.perf_counter()
+    latents = ours.pipe.denoise(embeddings, height=args.height, width=args.width, num_frames=args.frames,
+                                num_inference_steps=steps, guidance_scale=guidance, seed=0, sampler=sampler,
+                                flow_shift=shift or (5.0 if args.height >= 720 else 3.0), magcache=settings)
+    seconds = time.perf_counter() - started
+    return seconds, ours.pipe.last_run["transformer_evaluations"], ours.pipe.decode(latents).numpy()
+
+
+def fewer_steps(args, module, peer, ours) -> dict:
+    """Each case twice per side (the first compiles), alternating; the second run is reported."""
+    ratios = module("magcache").PUBLISHED_RATIOS[(40, 40)]
+    results = {}
+    for name, (steps, guidance, sampler, shift, use_magcache) in FEWER_STEP_CASES.items():
+        case = (steps, guidance, sampler, shift, use_magcache, ratios)
+        for _ in range(2):
+            peer_result = _diffusers_case(peer, args, *case) if peer is not None else None
+            before = ours.manager.compile_count()
+            ours_result = _our_case(ours, args, *case)
+        results[name] = {"ours": ours_result, "diffusers": peer_result,
+                         "recompilations_in_warm_run": ours.manager.compile_count() - before}
+    baseline = results["UniPC 50 steps (baseline)"]
+    report = {}
+    for name, result in results.items():
+        entry = {"recompilations_in_warm_run": result["recompilations_in_warm_run"]}
+        for side in ("ours", "diffusers"):
+            if result[side] is None:
+                continue
+            seconds, evaluations, frames = result[side]
+            entry[side] = {"seconds": seconds, "transformer_evaluations": evaluations,
+                           "speedup_over_baseline": baseline[side][0] / seconds,
+                           "psnr_vs_baseline_db": _psnr(frames, baseline[side][2])}
+        if result["diffusers"] is not None:
+            entry["ours_over_diffusers"] = result["ours"][0] / result["diffusers"][0]
+            entry["max_abs_frame_difference"] = float(abs(result["ours"][2] - result["diffusers"][2]).max())
+        report[name] = entry
+    return report
+
+
+def print_fewer_steps(report: dict) -> None:
+    print(f"{'case':28} {'evals ours':>10} {'evals peer':>10} {'ours s':>8} {'peer s':>8} {'ours/peer':>9} "
+          f"{'speed-up':>9} {'PSNR dB':>8}")
+    for name, entry in report.items():
+        ours, peer = entry["ours"], entry.get("diffusers", {})
+        print(f"{name:28} {ours['transformer_evaluations']:10d} {peer.get('transformer_evaluations', -1):10d} "
+              f"{ours['seconds']:8.1f} {peer.get('seconds', float('nan')):8.1f} "
+              f"{entry.get('ours_over_diffusers', float('nan')):9.3f} {ours['speedup_over_baseline']:9.2f} "
+              f"{ours['psnr_vs_baseline_db']:8.1f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -281,6 +401,21 @@ def main(argv=None):
     args.precision = args.precision or ("fp32" if backend == "cpu" else "bf16")
     if args.first_step_only:
         return first_step_only(args)
+    if args.fewer_steps:
+        folder = model_folder(args, module)
+        peer = None if args.no_peer else DiffusersSide(folder, args.precision)
+        ours = OurSide(folder, args.precision, module)
+        report = {"config": args.config, "height": args.height, "width": args.width, "frames": args.frames,
+                  "precision": args.precision, "backend": backend, "cpus": os.cpu_count(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "cases": fewer_steps(args, module, peer, ours)}
+        output = args.output or os.path.join(REPO, "benchmarks", "results", f"{args.config}-{backend}-fewer-steps.json")
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        with open(output, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print_fewer_steps(report["cases"])
+        print(f"\nwritten to {output}")
+        return
     folder = model_folder(args, module)
     import numpy as np
     import torch
