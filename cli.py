@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--magcache-threshold", type=float, default=0.06)
     parser.add_argument("--magcache-max-skip", type=int, default=3, help="most consecutive skipped steps")
     parser.add_argument("--magcache-retention", type=float, default=0.2, help="fraction of first steps never skipped")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH:STRENGTH",
+                        help="a .safetensors Wan LoRA and its strength (default 1.0); repeat to stack")
     parser.add_argument("--output", help="MP4 path (default output/wan_<time>.mp4)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -61,9 +63,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .scheduler import parse_timesteps
 
     args.timesteps = parse_timesteps(args.timesteps)
+    args.lora = [parse_lora(text) for text in args.lora]
     if args.timesteps:
         args.steps = len(args.timesteps)
     return args
+
+
+def parse_lora(text: str):
+    """'path/to/lora.safetensors:0.8' -> LoraSpec(path, 0.8); no ':<number>' means strength 1.0."""
+    from .lora import LoraSpec
+
+    path, _, strength = text.rpartition(":")
+    try:
+        return LoraSpec(path, float(strength)) if path else LoraSpec(text, 1.0)
+    except ValueError:
+        return LoraSpec(text, 1.0)  # a ':' inside the path, no strength given
 
 
 def main(argv=None) -> str:
@@ -99,7 +113,7 @@ def main(argv=None) -> str:
             embeddings, height=args.height, width=args.width, num_frames=args.frames,
             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
             flow_shift=args.flow_shift, on_step=report, on_status=logger.info, sampler=args.sampler,
-            timesteps=args.timesteps, magcache=magcache,
+            timesteps=args.timesteps, magcache=magcache, loras=args.lora,
         )
         frames = pipe.decode(latents)
     output = args.output or os.path.join("output", time.strftime("wan_%Y%m%d_%H%M%S.mp4"))

@@ -463,6 +463,12 @@ class TorchaxEnvManager:
             self._components[key] = _CachedComponent(value, list(arrays))
             return value
 
+    def set_component_arrays(self, key: tuple, arrays: list) -> None:
+        """The device arrays a cached component owns now (e.g. after a LoRA replaced some of its
+        weights), so that ``release`` deletes these and not the ones they replaced."""
+        with self._lock:
+            self._components[key].arrays = list(arrays)
+
     def cached_keys(self) -> list[tuple]:
         with self._lock:
             return list(self._components)

@@ -71,6 +71,10 @@ STEP_INPUTS = {
 }
 
 
+LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoRA' nodes, fused into the "
+                                          "transformer's weights on the device. Not connected: no LoRA."})
+
+
 def step_options(sampler="unipc", timesteps="", magcache=False, magcache_threshold=0.06, magcache_max_skip_steps=3,
                  magcache_retention_ratio=0.2) -> dict:
     """The node's step inputs as ``WanTPUPipeline.denoise`` keywords."""
@@ -218,11 +222,13 @@ def _first_error(*results) -> str | bool:
     return next((result for result in results if result is not True), True)
 
 
-def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, **settings):
+def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, lora=None, **settings):
     """``pipe.denoise`` with ComfyUI's progress, Cancel and progress text; the step inputs
-    (sampler, timesteps, MagCache) come in ``settings`` under their node names."""
+    (sampler, timesteps, MagCache) come in ``settings`` under their node names, the LoRA
+    chain in ``lora`` (None: no LoRA, and any LoRA a previous run fused is undone)."""
     step_names = set(STEP_INPUTS)
     options = step_options(**{k: v for k, v in settings.items() if k in step_names})
+    options["loras"] = tuple(lora or ())
     video = {k: v for k, v in settings.items() if k not in step_names}
     if options["timesteps"]:
         num_inference_steps = len(options["timesteps"])  # explicit timesteps set the step count
@@ -314,7 +320,8 @@ class Wan21TPUSampler:
                 "negative_prompt_embeds": ("TENSOR", {"tooltip": "From 'Wan 2.1 Text Encoder (TPU)'."}),
                 **VIDEO_INPUTS,
             },
-            "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS},
+            "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS,
+                         "lora": LORA_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -386,7 +393,7 @@ class Wan21TPUPipeline:
         return {
             "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT, **VIDEO_INPUTS},
             "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, "flow_shift": FLOW_SHIFT_INPUT,
-                         **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS},
+                         **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS, "lora": LORA_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -407,6 +414,63 @@ class Wan21TPUPipeline:
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                               flow_shift=flow_shift, **step_inputs)
         return (pipe.decode(latents, on_status=report), fps)
+
+
+def lora_file_choices() -> list[str] | None:
+    """The files in ComfyUI's models/loras folders, or None outside ComfyUI."""
+    folder_paths = _comfy_module("folder_paths")
+    if folder_paths is None:
+        return None
+    try:
+        return list(folder_paths.get_filename_list("loras"))
+    except Exception:  # a ComfyUI without a "loras" folder type
+        return []
+
+
+class Wan21TPULoRA:
+    DESCRIPTION = (
+        "Adds a Wan 2.1 LoRA (ComfyUI/kohya, diffusers/PEFT or musubi-tuner safetensors, from models/loras) to a "
+        "chain for the TPU Sampler or Full Pipeline. The LoRA is fused into the sharded weights on the device: "
+        "changing LoRAs or strengths compiles nothing and reloads nothing (the base weights they change are kept "
+        "in host memory, about 28 GB for Wan 14B in bf16)."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "add"
+    RETURN_TYPES = ("WAN_TPU_LORA",)
+    RETURN_NAMES = ("lora",)
+    OUTPUT_TOOLTIPS = ("The LoRA chain: connect to the Sampler's or Full Pipeline's lora input, or to another LoRA node.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        choices = lora_file_choices()
+        name_tooltip = "A .safetensors LoRA for Wan 2.1 in ComfyUI/models/loras."
+        lora_name = (choices, {"tooltip": name_tooltip}) if choices is not None else (
+            "STRING", {"default": "", "tooltip": name_tooltip + " Outside ComfyUI: a path."})
+        return {
+            "required": {
+                "lora_name": lora_name,
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
+                                       "tooltip": "LoRA strength, as diffusers' fuse_lora(lora_scale=...)."}),
+            },
+            "optional": {"lora": ("WAN_TPU_LORA", {"tooltip": "Optional: a chain to add this LoRA to (they stack)."})},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name=None, strength=None):
+        if lora_name is None:
+            return True
+        from .lora import resolve_lora_path
+
+        try:
+            resolve_lora_path(str(lora_name))
+        except ValueError as error:
+            return str(error)
+        return True
+
+    def add(self, lora_name, strength, lora=None):
+        from .lora import LoraSpec, resolve_lora_path
+
+        return (tuple(lora or ()) + (LoraSpec(resolve_lora_path(str(lora_name)), float(strength)),),)
 
 
 class Wan21TPUUnload:
@@ -440,6 +504,7 @@ NODE_CLASS_MAPPINGS = {
     "Wan21TPUVAEDecoder": Wan21TPUVAEDecoder,
     "Wan21TPUPipeline": Wan21TPUPipeline,
     "Wan21TPUUnload": Wan21TPUUnload,
+    "Wan21TPULoRA": Wan21TPULoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TextEncoder": "Wan 2.1 Text Encoder (TPU)",
@@ -447,4 +512,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TPUVAEDecoder": "Wan 2.1 TPU VAE Decoder",
     "Wan21TPUPipeline": "Wan 2.1 TPU Full Pipeline",
     "Wan21TPUUnload": "Wan 2.1 TPU Unload",
+    "Wan21TPULoRA": "Wan 2.1 TPU LoRA",
 }

@@ -248,12 +248,16 @@ def _shape_key(args) -> tuple:
     return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(args))
 
 
-def compiled_program(cache: dict, key: tuple, jitted, args: tuple, on_status: Callable | None, what: str):
-    """``jitted`` compiled ahead of time for ``args``, cached under ``key``.
+def compiled_program(cache: dict, key: tuple, jitted, args: tuple, on_status: Callable | None, what: str,
+                     fix: str = "Lower the resolution or num_frames, or use more devices.", device=None):
+    """``jitted`` compiled ahead of time for ``args``, cached under ``key``, and checked against HBM.
 
     Compiling before the first run (rather than inside it) lets progress say
     "compiling" and keeps compile time out of the per-step times and the ETA.
     A program already in JAX's persistent cache loads instead of compiling.
+    Before it runs, its own ``memory_analysis()`` is checked against ``device``'s
+    memory (``memory_plan.check_compiled_memory``): a program that will not fit
+    is refused with ``HBMPlanError`` saying how much it needs and ``fix``.
     """
     compiled = cache.get(key)
     if compiled is None:
@@ -262,6 +266,7 @@ def compiled_program(cache: dict, key: tuple, jitted, args: tuple, on_status: Ca
         started = time.perf_counter()
         compiled = cache[key] = jitted.lower(*args).compile()
         logger.info("compiled %s in %.1f s", what, time.perf_counter() - started)
+    memory_plan.check_compiled_memory(compiled, what[:1].upper() + what[1:], fix, device=device)
     return compiled
 
 
@@ -300,6 +305,7 @@ class TransformerComponent:
     config: dict
     scheduler_config: dict
     dtype: Any
+    device_loras: Any = None  # lora.DeviceLoras, made on the first LoRA: applies and undoes LoRAs in place
     step_fns: dict = field(default_factory=dict)  # (cfg, cache_mode) -> jitted step
     compiled_steps: dict = field(default_factory=dict)  # (cfg, cache_mode, shapes) -> compiled executable
 
@@ -313,6 +319,7 @@ class VAEComponent:
     decode_fn: Callable
     latents_mean: np.ndarray  # [16]
     latents_std: np.ndarray  # [16]
+    compiled_decodes: dict = field(default_factory=dict)  # latent shapes -> compiled executable
 
 
 class WanTPUPipeline:
@@ -436,6 +443,30 @@ class WanTPUPipeline:
 
         return jax.jit(encode)
 
+    def apply_loras(self, loras=(), on_status: Callable[[str], None] | None = None) -> None:
+        """Fuse ``loras`` (``lora.LoraSpec``s) into the cached transformer's weights on the device.
+
+        The weights change in place and keep their shapes and shardings, so
+        nothing recompiles; the bases of changed weights are kept on the host,
+        so another list (or none) restores them exactly without reading the
+        model again. The manager's release then frees the new arrays.
+        """
+        from .lora import DeviceLoras, LoraSpec
+
+        loras = [spec if isinstance(spec, LoraSpec) else LoraSpec(*spec) for spec in (loras or ())]
+        transformer = self.transformer()
+        if transformer.device_loras is None:
+            if not loras:
+                return
+            transformer.device_loras = DeviceLoras(self.manager, transformer.mesh)
+        before = transformer.device_loras.state
+        if on_status is not None and loras:
+            on_status(f"applying {len(loras)} LoRA(s)")
+        with device_errors("applying the LoRA", "Use fewer or lower-rank LoRAs, or more devices."):
+            transformer.device_loras.apply(transformer.weights, loras)
+        if transformer.device_loras.state != before:
+            self.manager.set_component_arrays(self._key("transformer"), unique_arrays(transformer.weights))
+
     def _block_residual_spec(self, transformer: TransformerComponent, sample_shape, batch: int):
         """The MagCache residual's shape, dtype and sharding: [batch, tokens, inner_dim], split over dp
         like the batch (the "record" step constrains it to this)."""
@@ -543,7 +574,7 @@ class WanTPUPipeline:
     def denoise(self, embeddings: WanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 81,
                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
-                sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None):
+                sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=()):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
 
         ``on_step(i, total)`` runs once with i=0 when loading and compiling are
@@ -556,6 +587,8 @@ class WanTPUPipeline:
         Euler with shift ``flow_shift`` and optional explicit ``timesteps``).
         ``magcache``: MagCache settings, or None for every step in full.
         ``self.last_run`` then says how many steps ran the transformer.
+        ``loras``: ``lora.LoraSpec``s fused into the transformer's weights on the
+        device for this run (and kept until another list is given; () undoes them).
         """
         import torch
         from diffusers.utils.torch_utils import randn_tensor
@@ -573,6 +606,7 @@ class WanTPUPipeline:
                 f"same Wan 2.1 model family"
             )
         schedule = make_schedule(sampler, transformer.scheduler_config, num_inference_steps, flow_shift, timesteps)
+        self.apply_loras(loras, on_status)
         total = len(schedule.timesteps)
         # Per step, which program runs: None (plain), or with MagCache "record" (a full step that
         # keeps the blocks' residual) or "reuse" (the blocks skipped). Decided here, on the host.
@@ -615,7 +649,8 @@ class WanTPUPipeline:
                     args = step_args + ((residual,) if mode == "reuse" else ())
                     what = "the denoising step" + {None: "", "record": " (MagCache, full)", "reuse": " (MagCache, skip)"}[mode]
                     programs[mode] = compiled_program(transformer.compiled_steps, (cfg, mode, _shape_key(args[1:])),
-                                                      transformer.step_fns[key], args, on_status, what)
+                                                      transformer.step_fns[key], args, on_status, what,
+                                                      device=mesh.devices.flat[0])
             self.last_step_seconds = []
             if on_step is not None:
                 on_step(0, total)
@@ -671,8 +706,15 @@ class WanTPUPipeline:
         with self.timer("decode"):
             for item in latents.float():
                 device_latents = jax.device_put(item[None].numpy(), NamedSharding(component.mesh, PartitionSpec()))
+                args = (component.weights, device_latents)
+                with device_errors("compiling the VAE decoder", "Lower the resolution."):
+                    decode_program = compiled_program(
+                        component.compiled_decodes, _shape_key(args[1:]), component.decode_fn, args, on_status,
+                        "the VAE decode", "Lower the resolution (the VAE is replicated: more devices do not help).",
+                        device=component.mesh.devices.flat[0],
+                    )
                 with device_errors("the VAE decoder", "Lower the resolution or num_frames."):
-                    frames.append(np.asarray(component.decode_fn(component.weights, device_latents)))
+                    frames.append(np.asarray(decode_program(*args)))
         return torch.from_numpy(np.concatenate(frames))
 
     def generate(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None,

@@ -22,7 +22,8 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (with this pack's requirements) to run"
 )
-OUR_NODES = {"Wan21TextEncoder", "Wan21TPUSampler", "Wan21TPUVAEDecoder", "Wan21TPUPipeline", "Wan21TPUUnload"}
+OUR_NODES = {"Wan21TextEncoder", "Wan21TPUSampler", "Wan21TPUVAEDecoder", "Wan21TPUPipeline", "Wan21TPUUnload",
+             "Wan21TPULoRA"}
 
 
 def _free_port() -> int:
