@@ -96,7 +96,8 @@ def test_our_nodes_are_listed(server):
 
 def test_examples_are_served_as_workflow_templates(server):
     templates = _get(server["url"] + "/api/workflow_templates")
-    assert sorted(templates["ComfyUI-Wan-TPU"]) == ["wan21_tpu_480p", "wan21_tpu_720p", "wan21_tpu_full_pipeline"]
+    assert sorted(templates["ComfyUI-Wan-TPU"]) == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p",
+                                                    "wan21_tpu_full_pipeline"]
     workflow = _get(server["url"] + "/api/workflow_templates/ComfyUI-Wan-TPU/wan21_tpu_720p.json")
     info = _get(server["url"] + "/object_info", timeout=60)
     assert {node["type"] for node in workflow["nodes"]} <= set(info)  # core nodes included
