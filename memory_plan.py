@@ -113,16 +113,21 @@ def _clean_config(config: Mapping) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-@functools.lru_cache(maxsize=16)
-def _abstract_tensors(component: str, config_key: str, precision: str) -> tuple[tuple[str, tuple, int, int, bool], ...]:
-    """(name, shape, itemsize, identity, is_parameter) of every parameter and buffer, as the loader would hold them.
+def meta_module(component: str, config: Mapping, precision: str = "bf16"):
+    """``component`` as ``loading.load_*`` gives it, built on torch's meta device (nothing allocated).
 
-    Built on the meta device: shapes and dtypes only. ``identity`` groups tied
-    weights (UMT5's shared embedding), which the pack places once.
+    Same classes, same config keys and the dtypes the loaders give: diffusers
+    keeps the transformer's ``_keep_in_fp32_modules`` in fp32, transformers
+    keeps UMT5's ``_keep_in_fp32_modules_strict`` in fp32 for bf16, the VAE is
+    fp32. Non-persistent buffers (the transformer's RoPE tables) keep the
+    dtype they are built in, as the loaders cast only what the checkpoint holds.
+    ``benchmarks/tpu_compile.py`` traces the production programs with it.
     """
     import torch
 
-    config = _clean_config(json.loads(config_key))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
+    config = _clean_config(config)
     with torch.device("meta"):
         if component == "transformer":
             from diffusers import WanTransformer3DModel
@@ -144,17 +149,29 @@ def _abstract_tensors(component: str, config_key: str, precision: str) -> tuple[
             raise ValueError(f"component={component!r}: use one of {COMPONENTS}")
     target, keep_fp32 = _load_dtype(component, module, precision)
     persistent = set(module.state_dict())
+    tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    cast = set()
+    for name, tensor in tensors:
+        if name in persistent and tensor.is_floating_point() and id(tensor) not in cast:
+            cast.add(id(tensor))
+            dtype = torch.float32 if any(m in name.split(".") for m in keep_fp32) else target
+            tensor.data = tensor.data.to(dtype)
+    module.eval()
+    return module
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_tensors(component: str, config_key: str, precision: str) -> tuple[tuple[str, tuple, int, int, bool], ...]:
+    """(name, shape, itemsize, identity, is_parameter) of every parameter and buffer, as the loader would hold them.
+
+    From ``meta_module``: shapes and dtypes only. ``identity`` groups tied
+    weights (UMT5's shared embedding), which the pack places once.
+    """
+    module = meta_module(component, json.loads(config_key), precision)
     parameters = {id(p) for p in module.parameters()}
     tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
-    out = []
-    for name, tensor in tensors:
-        dtype = tensor.dtype
-        # The loaders cast only what is in the checkpoint (state_dict); non-persistent
-        # buffers such as the transformer's RoPE tables keep the dtype they are built in.
-        if name in persistent and tensor.is_floating_point():
-            dtype = torch.float32 if any(m in name.split(".") for m in keep_fp32) else target
-        out.append((name, tuple(tensor.shape), dtype.itemsize, id(tensor), id(tensor) in parameters))
-    return tuple(out)
+    return tuple((name, tuple(tensor.shape), tensor.dtype.itemsize, id(tensor), id(tensor) in parameters)
+                 for name, tensor in tensors)
 
 
 def _init_keys(cls) -> set:
@@ -485,6 +502,16 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         return self.weights_bytes + self.activation_bytes
 
+    def stage_peak_bytes(self, component: str) -> int:
+        """Per-device bytes of ``component``'s stage alone: its weights + its activations.
+
+        What that stage's compiled program holds at its peak (its arguments are
+        the component's weights), so this is the figure to test against
+        ``memory_analysis()`` (``benchmarks/tpu_compile.py``)."""
+        if component not in COMPONENTS:
+            raise ValueError(f"component={component!r}: use one of {COMPONENTS}")
+        return self.weights_by_component[component] + self.activations_by_stage[component]
+
     @property
     def fits(self) -> bool:
         return self.hbm_bytes is None or self.peak_bytes <= self.hbm_bytes
@@ -527,6 +554,61 @@ class MemoryPlan:
             + (f" (Activations are estimates; {ENV_HBM_GIB} sets the HBM per device the plan assumes.)"
                if self.weights_bytes <= self.hbm_bytes else "")
         )
+
+
+def compiled_memory(compiled) -> dict | None:
+    """Per-device bytes of a compiled program, from its own ``memory_analysis()``:
+    {"argument", "output", "temp", "alias", "peak"}; None where the backend reports nothing.
+
+    ``peak`` is the compiler's ``peak_memory_in_bytes`` where it reports one,
+    else argument + output + temp - alias."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # backends without the analysis
+        return None
+    if stats is None:
+        return None
+    out = {name: int(getattr(stats, f"{name}_size_in_bytes")) for name in ("argument", "output", "temp", "alias")}
+    reported = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
+    out["peak"] = reported if reported > 0 else out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def check_compiled_memory(compiled, what: str, fix: str, device=None, hbm_bytes: int | None = None,
+                          environ: Mapping | None = None) -> dict | None:
+    """Refuse (``HBMPlanError``) to run ``compiled`` when its own memory analysis does not fit one device.
+
+    The compiler's figures are facts where the plan's activations are
+    estimates, so this runs after compiling and before the first execution.
+    The program's arguments (weights, state) are already on the device; what
+    it adds is its peak minus its arguments, which must fit in what is free:
+    the device's ``bytes_limit - bytes_in_use`` where it reports memory stats,
+    else its HBM (``hbm_bytes_per_device``) minus the arguments. Unknown HBM
+    (a CPU) is not checked. Returns the program's bytes (``compiled_memory``).
+    """
+    facts = compiled_memory(compiled)
+    if facts is None:
+        return None
+    limit, source = hbm_bytes_per_device(device, hbm_bytes=hbm_bytes, environ=environ)
+    if limit is None:
+        return facts
+    in_use = None
+    if device is not None and hbm_bytes is None:
+        try:
+            in_use = (device.memory_stats() or {}).get("bytes_in_use")
+        except Exception:  # backends without memory stats
+            in_use = None
+    extra = facts["peak"] - facts["argument"]
+    free = limit - (in_use if in_use is not None else facts["argument"])
+    if extra > free:
+        held = f"{_gib(in_use)} in use" if in_use is not None else f"its arguments {_gib(facts['argument'])}"
+        raise HBMPlanError(
+            f"{what} needs {_gib(facts['peak'])} per device at its peak by the compiler's count (arguments "
+            f"{_gib(facts['argument'])}, temporaries {_gib(facts['temp'])}, outputs {_gib(facts['output'])}), "
+            f"{_gib(extra)} more than its arguments, but each device has {_gib(limit)} ({source}) with {held}, "
+            f"leaving {_gib(max(free, 0))}. {fix}"
+        )
+    return facts
 
 
 def resolve_model(model: str | Mapping) -> tuple[str, dict]:

@@ -231,3 +231,45 @@ def test_importing_memory_plan_imports_no_framework():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+# ----------------------------------------------------------------- the compiled program's own memory
+def _compiled_doubling():
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda x: jnp.concatenate([x, x * 2])).lower(jnp.ones((1024, 1024), jnp.float32)).compile()
+
+
+def test_compiled_memory_is_checked_against_the_device_before_running():
+    compiled = _compiled_doubling()
+    facts = memory_plan.compiled_memory(compiled)
+    assert facts["argument"] == 4 * 2**20 and facts["output"] == 8 * 2**20 and facts["peak"] >= 8 * 2**20
+    assert memory_plan.check_compiled_memory(compiled, "The step", "Lower it.", hbm_bytes=GiB) == facts
+    assert memory_plan.check_compiled_memory(compiled, "The step", "Lower it.", environ={}) is not None  # CPU: unchecked
+    with pytest.raises(memory_plan.HBMPlanError) as caught:
+        memory_plan.check_compiled_memory(compiled, "The VAE decode", "Lower the resolution.", hbm_bytes=6 * 2**20)
+    message = str(caught.value)
+    assert message.startswith("The VAE decode needs") and "compiler" in message and message.endswith("Lower the resolution.")
+    assert "0.0 GiB" in message and "(given)" in message
+
+
+def test_the_pipeline_compiles_once_per_shape_and_checks_before_each_run(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    pipeline = pack_module("pipeline")
+    checked = []
+    monkeypatch.setattr(memory_plan, "check_compiled_memory", lambda compiled, what, fix, device=None: checked.append(what))
+    jitted, cache = jax.jit(lambda x: x + 1), {}
+    args = (jnp.ones(4),)
+    first = pipeline.compiled_program(cache, ("k",), jitted, args, None, "the VAE decode")
+    assert pipeline.compiled_program(cache, ("k",), jitted, args, None, "the VAE decode") is first
+    assert checked == ["The VAE decode"] * 2 and list(cache) == [("k",)]
+
+    def refuse(compiled, what, fix, device=None):
+        raise memory_plan.HBMPlanError(f"{what} needs more. {fix}")
+
+    monkeypatch.setattr(memory_plan, "check_compiled_memory", refuse)
+    with pytest.raises(memory_plan.HBMPlanError, match="The denoising step needs more. Lower"):
+        pipeline.compiled_program(cache, ("k",), jitted, args, None, "the denoising step")
