@@ -37,6 +37,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 _COMPONENT_WEIGHTS = {
     "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
     "transformer": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "transformer_2": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
 }
 
@@ -258,6 +259,11 @@ def _log_hub(source: ModelSource, what: str) -> None:
         logger.info("downloading %s of %s from the Hugging Face hub (or its cache)", what, source.location)
 
 
+def load_model_index(source: ModelSource) -> dict:
+    """The folder's ``model_index.json`` (which components and pipeline settings it has)."""
+    return load_json_config(source, "", "model_index.json")
+
+
 def torch_dtype(precision: str):
     import torch
 
@@ -286,13 +292,14 @@ def load_text_encoder(source: ModelSource, precision: str):
     ).eval()
 
 
-def load_transformer(source: ModelSource, precision: str):
+def load_transformer(source: ModelSource, precision: str, subfolder: str = "transformer"):
+    """A Wan transformer: ``transformer`` or, for Wan 2.2 A14B's low-noise expert, ``transformer_2``."""
     from diffusers import WanTransformer3DModel
 
-    check_component(source, "transformer")
-    _log_hub(source, "transformer/")
+    check_component(source, subfolder)
+    _log_hub(source, f"{subfolder}/")
     return WanTransformer3DModel.from_pretrained(
-        source.location, subfolder="transformer", torch_dtype=torch_dtype(precision), use_safetensors=True
+        source.location, subfolder=subfolder, torch_dtype=torch_dtype(precision), use_safetensors=True
     ).eval()
 
 

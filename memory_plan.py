@@ -94,7 +94,7 @@ HBM_GIB_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
 # The activation formulas count the tensors a stage holds at its peak; XLA
 # adds padding to (8, 128) tiles, layout copies (e.g. [B, S, H, D] <-> [B, H, S, D]
 # around the attention kernel), collective buffers and scratch we do not model.
-TRANSFORMER_ACTIVATION_SAFETY = 1.5
+TRANSFORMER_ACTIVATION_SAFETY = 1.1  # fitted to the compiled step (see transformer_activation_bytes)
 VAE_ACTIVATION_SAFETY = 1.25  # the conv working set is counted generously already
 TEXT_ENCODER_ACTIVATION_SAFETY = 1.5
 
@@ -265,26 +265,30 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
     row-parallel projections end in an all-reduce), D_t = D / tp when tp
     divides the heads (else the attention runs on all heads), F_t = ffn / tp,
     a = 2 (bf16) or 4 (fp32). Layers run one after another and XLA frees each
-    layer's temporaries, so the peak is one sub-layer's live set:
+    layer's temporaries, so the peak is one sub-layer's live set, the larger of:
 
-      full-width, per token:  D * (2a + 4 + 2a)
-          residual + normalised/modulated input (a each); one fp32 temporary
-          (diffusers runs the norms, modulation and gated residual add in
-          fp32); the row-parallel output's partial sums and all-reduced
-          result (a each)
-      attention, per token:   D_t * 6a
-          q, k, v; q and k after RoPE; the attention output. A flash kernel
-          (Splash on TPU) is assumed: no S x S score matrix, its blocks are
-          negligible.
-      FFN, per token:         F_t * 2a
-          up-projection output and its GELU
+      the norms, per token:   D * (a + 8)
+          the residual (a); diffusers runs the norms, the modulation and the
+          gated residual add in fp32: the upcast residual and the fp32
+          normalised, modulated result (4 each)
+      a sub-layer, per token: D * 2a + max(attention, FFN)
+          the residual and the normalised input (a each), then
+          attention:  D_t * 6a   q, k, v; q and k after RoPE; the output. A
+                      flash kernel (Splash on TPU) is assumed: no S x S scores;
+          FFN:        F_t * 2a   up-projection output and its GELU
 
-      step = safety * (B * S * (full + max(attention, FFN)) + fixed)
+      step = safety * (B * S * per_token + fixed)
 
     ``fixed``: RoPE tables (S * head_dim * 2 * 4 bytes), the text context and
     its projection (B * 512 * (text_dim + D) * a), the cross-attention keys and
     values (2 * B * 512 * D_t * a), and the scheduler state (six fp32 latents,
     replicated) with the model's input and output (B latents in a, fp32).
+
+    Checked against the compiler (``benchmarks/tpu_compile.py``, libtpu for
+    v6e-8): the compiled step's activations are 10-11 x B x S x D bytes in
+    bf16 for 1.3B and 14B at 480P and 720P, the norms' term; the safety factor
+    (1.1) covers the rest, and tests/test_tpu_compile.py holds the plan
+    within 25% of the compiled peak.
     """
     a = 2 if precision == "bf16" else 4
     mesh = _mesh_dict(mesh_shape)
@@ -295,10 +299,10 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
     ffn_t = _split(config["ffn_dim"], mesh["tp"])
     tokens = transformer_tokens(config, height, width, num_frames)
 
-    full = width_d * (2 * a + 4 + 2 * a)
+    norms = width_d * (a + 8)
     attention = width_t * 6 * a
     ffn = ffn_t * 2 * a
-    per_token = full + max(attention, ffn)
+    per_token = max(norms, width_d * 2 * a + max(attention, ffn))
 
     latent = config.get("in_channels", 16) * ((num_frames - 1) // 4 + 1) * (height // 8) * (width // 8)
     fixed = (
@@ -376,19 +380,27 @@ def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, nu
     return int(VAE_ACTIVATION_SAFETY * 4 * (cache + working + video))
 
 
-def text_encoder_activation_bytes(te_config: Mapping) -> int:
+def text_encoder_activation_bytes(te_config: Mapping, mesh_shape=(1, 1)) -> int:
     """Estimated peak activation bytes per device of encoding the prompt pair (an estimate).
 
-    Batch 2 (prompt, negative prompt) x 512 tokens, counted whole on every
-    device (small next to the others): per token 6 fp32 model-width
-    tensors and 3 of the FFN width; the attention scores, position bias and
-    probabilities in fp32 (UMT5's relative bias rules out a flash kernel):
+    Batch 2 (prompt, negative prompt) x 512 tokens, B = 2 / dp per device (the
+    pair is split over dp); the heads and the FFN width are split over all
+    n = dp x tp devices (``sharding.TEXT_ENCODER_RULES``). Per token 6 fp32
+    model-width tensors and 3 of the FFN width; the attention scores, position
+    bias and probabilities in fp32 (UMT5's relative bias rules out a flash kernel):
 
-      encode = safety * (2 * L * (6 * d_model + 3 * d_ff) * 4 + 2 * heads * L^2 * 3 * 4)
+      encode = safety * (B * L * (6 * d_model + 3 * d_ff / n) * 4 + B * heads / n * L^2 * 3 * 4)
+
+    Checked against the compiler on v6e-8 (2, 4): 0.12 GiB of temporaries, as
+    this gives (``benchmarks/tpu_compile.py``).
     """
     length = TEXT_SEQUENCE_LENGTH
+    mesh = _mesh_dict(mesh_shape)
+    devices = mesh["dp"] * mesh["tp"]
+    batch = _local_batch(2, mesh["dp"])
     d_model, d_ff, heads = te_config["d_model"], te_config["d_ff"], te_config["num_heads"]
-    total = 2 * length * (6 * d_model + 3 * d_ff) * 4 + 2 * heads * length**2 * 3 * 4
+    total = (batch * length * (6 * d_model + 3 * _split(d_ff, devices)) * 4
+             + batch * _split(heads, devices) * length**2 * 3 * 4)
     return int(TEXT_ENCODER_ACTIVATION_SAFETY * total)
 
 
@@ -475,10 +487,13 @@ class MemoryPlan:
     hbm_bytes: int | None  # per device; None when unknown (then ``fits`` is True and nothing is checked)
     hbm_source: str = "unknown"
     suggestions: list[str] = field(default_factory=list)
+    # Wan 2.2 A14B keeps a second (low-noise) transformer expert resident beside the first.
+    second_expert_weights_bytes: int = 0
 
     @property
     def weights_bytes(self) -> int:
-        return self.text_encoder_weights_bytes + self.transformer_weights_bytes + self.vae_weights_bytes
+        return (self.text_encoder_weights_bytes + self.transformer_weights_bytes + self.vae_weights_bytes
+                + self.second_expert_weights_bytes)
 
     @property
     def weights_by_component(self) -> dict[str, int]:
@@ -524,6 +539,8 @@ class MemoryPlan:
     def summary(self) -> str:
         """One line: per-device weights, activations, peak and HBM, in GiB."""
         weights = ", ".join(f"{_LABELS[c]} {_gib(b)}" for c, b in self.weights_by_component.items())
+        if self.second_expert_weights_bytes:
+            weights += f", low-noise transformer {_gib(self.second_expert_weights_bytes)}"
         hbm = f"{_gib(self.hbm_bytes)} ({self.hbm_source})" if self.hbm_bytes is not None else "unknown"
         verdict = "unchecked" if self.hbm_bytes is None else ("fits" if self.fits else "does NOT fit")
         return (f"{self._describe()}: per device weights {_gib(self.weights_bytes)} ({weights}) + "
@@ -647,7 +664,7 @@ def _plan(label, config, te_config, vae_config, mesh, height, width, num_frames,
             config, mesh, height, width, num_frames, precision, cfg
         ),
         vae_activation_bytes=vae_decode_activation_bytes(vae_config, height, width, num_frames),
-        text_encoder_activation_bytes=text_encoder_activation_bytes(te_config),
+        text_encoder_activation_bytes=text_encoder_activation_bytes(te_config, mesh),
         hbm_bytes=hbm, hbm_source=hbm_source,
     )
 
@@ -726,7 +743,7 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
                 num_frames: int = 81, precision: str = "bf16", cfg: bool = True, *,
                 text_encoder_config: Mapping | None = None, vae_config: Mapping | None = None,
                 hbm_bytes: int | None = None, device_kind: str | None = None, device=None,
-                environ: Mapping | None = None) -> MemoryPlan:
+                environ: Mapping | None = None, experts: int = 1) -> MemoryPlan:
     """The per-device HBM plan of a Wan 2.1 run, from configs alone (nothing is loaded).
 
     ``model``: "14B", "1.3B", a known repo id, or a transformer config dict
@@ -735,6 +752,7 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     HBM per device: ``hbm_bytes``, else ``WAN_TPU_HBM_GIB``, else ``device``
     (or jax's first device when no ``device_kind`` is given), else the table
     by ``device_kind``. Call ``.check()`` on the result to refuse early.
+    ``experts``: 2 for Wan 2.2 A14B, whose two transformers are both resident.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
@@ -747,6 +765,7 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     args = dict(height=height, width=width, num_frames=num_frames, precision=precision, cfg=bool(cfg),
                 hbm=hbm, hbm_source=source)
     plan = _plan(label, config, te_config, vae_config, mesh, **args)
+    plan.second_expert_weights_bytes = plan.transformer_weights_bytes * (int(experts) - 1)
     if not plan.fits:
         plan.suggestions = _suggestions(plan, config, te_config, vae_config, args)
     logger.debug("%s", plan.summary())

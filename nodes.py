@@ -68,6 +68,9 @@ STEP_INPUTS = {
                                 "tooltip": "MagCache: most consecutive steps skipped. 3 is the default."}),
     "magcache_retention_ratio": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.05,
                                  "tooltip": "MagCache: fraction of first steps never skipped. 0.2 is the default."}),
+    "guidance_scale_2": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 20.0, "step": 0.1,
+                         "tooltip": "Two-expert models (Wan 2.2 A14B) only: the guidance of the low-noise expert. "
+                                    "-1: the same as guidance_scale."}),
 }
 
 
@@ -76,13 +79,15 @@ LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoR
 
 
 def step_options(sampler="unipc", timesteps="", magcache=False, magcache_threshold=0.06, magcache_max_skip_steps=3,
-                 magcache_retention_ratio=0.2) -> dict:
+                 magcache_retention_ratio=0.2, guidance_scale_2=-1.0) -> dict:
     """The node's step inputs as ``WanTPUPipeline.denoise`` keywords."""
     from .magcache import MagCacheSettings
     from .scheduler import parse_timesteps
 
     settings = MagCacheSettings(magcache_threshold, magcache_max_skip_steps, magcache_retention_ratio) if magcache else None
-    return {"sampler": sampler, "timesteps": parse_timesteps(timesteps), "magcache": settings}
+    second = None if guidance_scale_2 is None or guidance_scale_2 < 0 else float(guidance_scale_2)
+    return {"sampler": sampler, "timesteps": parse_timesteps(timesteps), "magcache": settings,
+            "guidance_scale_2": second}
 
 
 VIDEO_INPUTS = {

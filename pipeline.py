@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import loading, memory_plan, sharding
+from . import families, loading, memory_plan, sharding
 from .env_manager import TorchaxEnvManager
 from .magcache import MagCacheSettings, ratios_for, skip_schedule
 from .scheduler import UniPCFlowSchedule, make_schedule, unipc_update
@@ -365,7 +365,24 @@ class WanTPUPipeline:
         if key not in self.manager.cached_keys():
             # Check the folder before the old component of this kind is released for it.
             loading.check_component(self.source, kind)
-        return self.manager.cached_component(key, build, replaces=lambda other: other[0] == kind)
+        # Another model's component of this kind goes first; so does another model's second
+        # expert when its first is replaced (a Wan 2.1 model after a Wan 2.2 A14B one).
+        kinds = ("transformer", "transformer_2") if kind == "transformer" else (kind,)
+        return self.manager.cached_component(
+            key, build, replaces=lambda other: other[0] == kind or (other[0] in kinds and other[1] != key[1])
+        )
+
+    @property
+    def family(self) -> families.WanFamily:
+        """The model family, from the folder's model_index.json (Wan 2.1 T2V when it has none)."""
+        if getattr(self, "_family", None) is None:
+            try:
+                model_index = loading.load_model_index(self.source)
+            except (ValueError, OSError):
+                logger.info("%s has no model_index.json: taken as Wan 2.1 T2V", self.source.describe())
+                model_index = {}
+            self._family = families.family_from_model_index(model_index, repr(self.source.model_id))
+        return self._family
 
     def text_encoder(self) -> TextEncoderComponent:
         def build():
@@ -381,20 +398,33 @@ class WanTPUPipeline:
 
         return self._cached("text_encoder", build)
 
-    def transformer(self) -> TransformerComponent:
+    def transformer(self, expert: str = "transformer") -> TransformerComponent:
+        """A transformer expert: "transformer" (every family; Wan 2.2 A14B's high-noise expert) or
+        "transformer_2" (Wan 2.2 A14B's low-noise expert). Both experts of A14B stay resident."""
         def build():
             mesh = self.mesh
-            with self.timer("load_transformer"), self.manager.loading():
+            with self.timer(f"load_{expert}"), self.manager.loading():
                 scheduler_config = loading.load_json_config(self.source, "scheduler", "scheduler_config.json")
                 UniPCFlowSchedule.create(scheduler_config, 1, 1.0)  # refuse an unsupported scheduler before loading
-                module = loading.load_transformer(self.source, self.precision)
-            weights, plan = place_weights(self.manager, module, sharding.TRANSFORMER_RULES, mesh, "transformer")
+                module = loading.load_transformer(self.source, self.precision, expert)
+            weights, plan = place_weights(self.manager, module, sharding.TRANSFORMER_RULES, mesh, expert)
             component = TransformerComponent(
                 module, weights, plan, mesh, dict(module.config), scheduler_config, module.dtype
             )
             return component, unique_arrays(weights)
 
-        return self._cached("transformer", build)
+        return self._cached(expert, build)
+
+    def experts(self, on_status: Callable[[str], None] | None = None) -> list[TransformerComponent]:
+        """The family's transformer experts, loaded (high-noise first)."""
+        loaded = []
+        for expert in self.family.experts:
+            self._status(on_status, expert, "transformer" if expert == "transformer" else "low-noise transformer")
+            loaded.append(self.transformer(expert))
+        if len(loaded) == 2 and loaded[0].config != loaded[1].config:
+            raise ValueError(f"{self.source.model_id!r}: its two transformer experts have different configs; "
+                             f"Wan 2.2 A14B's experts share one architecture, so this folder is not one")
+        return loaded
 
     def vae(self) -> VAEComponent:
         def build():
@@ -419,6 +449,7 @@ class WanTPUPipeline:
         plan = memory_plan.plan_memory(
             configs["transformer"], dict(mesh.shape), height, width, num_frames, self.precision,
             cfg=guidance_scale > 1.0, text_encoder_config=configs["text_encoder"], vae_config=configs["vae"],
+            experts=len(self.family.experts),
             device=mesh.devices.flat[0],
         )
         logger.info("HBM plan: %s", plan.summary())
@@ -574,7 +605,8 @@ class WanTPUPipeline:
     def denoise(self, embeddings: WanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 81,
                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
-                sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=()):
+                sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=(),
+                guidance_scale_2: float | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
 
         ``on_step(i, total)`` runs once with i=0 when loading and compiling are
@@ -589,6 +621,11 @@ class WanTPUPipeline:
         ``self.last_run`` then says how many steps ran the transformer.
         ``loras``: ``lora.LoraSpec``s fused into the transformer's weights on the
         device for this run (and kept until another list is given; () undoes them).
+
+        Two-expert families (Wan 2.2 A14B): steps whose timestep is below the
+        boundary run the low-noise expert, with ``guidance_scale_2`` (None: the
+        same as ``guidance_scale``); CFG runs when ``guidance_scale`` > 1, as in
+        diffusers. Both experts share one compiled step (same shapes).
         """
         import torch
         from diffusers.utils.torch_utils import randn_tensor
@@ -596,18 +633,29 @@ class WanTPUPipeline:
         check_video_shape(height, width, num_frames)
         if not 0 <= guidance_scale <= 100:
             raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 100 (5.0 is typical)")
+        family = self.family
+        if guidance_scale_2 is not None and not family.two_experts:
+            raise ValueError(f"guidance_scale_2={guidance_scale_2} is for two-expert models (Wan 2.2 A14B); "
+                             f"{self.source.model_id!r} is {family.name}: leave it unset")
+        if family.two_experts and (magcache is not None or loras):
+            raise ValueError(f"{family.name}: MagCache and LoRAs are not supported with two experts yet; "
+                             f"turn them off for this model")
         self.memory_plan(height, width, num_frames, guidance_scale)
-        self._status(on_status, "transformer", "transformer")
-        transformer = self.transformer()
+        experts = self.experts(on_status)
+        transformer = experts[0]
         if embeddings.text_dim != transformer.config["text_dim"]:
             raise ValueError(
                 f"the embeddings have width {embeddings.text_dim} (from {embeddings.model_id!r}) but "
                 f"{self.source.model_id!r} expects {transformer.config['text_dim']}: encode the prompt with the "
-                f"same Wan 2.1 model family"
+                f"same model's Text Encoder"
             )
         schedule = make_schedule(sampler, transformer.scheduler_config, num_inference_steps, flow_shift, timesteps)
         self.apply_loras(loras, on_status)
         total = len(schedule.timesteps)
+        train_steps = transformer.scheduler_config.get("num_train_timesteps", 1000)
+        expert_of_step = [family.expert_for(float(t), train_steps) for t in schedule.timesteps]
+        second_guidance = guidance_scale if guidance_scale_2 is None else float(guidance_scale_2)
+        guidance_of_step = [guidance_scale if e == 0 else second_guidance for e in expert_of_step]
         # Per step, which program runs: None (plain), or with MagCache "record" (a full step that
         # keeps the blocks' residual) or "reuse" (the blocks skipped). Decided here, on the host.
         if magcache is None:
@@ -635,9 +683,9 @@ class WanTPUPipeline:
             # The state is donated to each step, so each slot needs a buffer of its own.
             state = (sample, *(jnp.zeros(sample.shape, jnp.float32, device=replicated) for _ in range(3)))
             context = jax.device_put(torch_to_numpy(context), _batch_sharding(mesh, context.shape[0]))
-            guidance = jnp.asarray(guidance_scale, jnp.float32)
+            guidance = np.asarray(guidance_of_step, np.float32)  # per step: the two experts may differ
             coefficients, timesteps = schedule.coefficients, schedule.timesteps  # host arrays: data, not code
-            step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance)
+            step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance[0])
             residual = self._block_residual_spec(transformer, sample.shape, batch)
             programs = {}
             with device_errors("compiling the transformer step", "Lower the resolution or num_frames, or use more devices."), \
@@ -656,7 +704,9 @@ class WanTPUPipeline:
                 on_step(0, total)
             for i, mode in enumerate(modes):
                 started = time.perf_counter()
-                args = (transformer.weights, state, context, coefficients[i], timesteps[i], guidance)
+                # The experts have the same shapes and shardings: one compiled step runs either's weights.
+                weights = experts[expert_of_step[i]].weights
+                args = (weights, state, context, coefficients[i], timesteps[i], guidance[i])
                 with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):
                     if mode == "reuse":
                         state = programs[mode](*args, residual)
@@ -671,7 +721,8 @@ class WanTPUPipeline:
             latents = np.asarray(state[0])
         evaluations = sum(mode != "reuse" for mode in modes)
         self.last_run = {"steps": total, "transformer_evaluations": evaluations, "skipped_steps": total - evaluations,
-                         "sampler": sampler, "magcache": magcache is not None}
+                         "sampler": sampler, "magcache": magcache is not None,
+                         "low_noise_expert_steps": sum(expert_of_step)}
         if magcache is not None:
             logger.info("MagCache: %d of %d steps ran the transformer", evaluations, total)
         mean, std = self.vae_latent_stats()

@@ -53,10 +53,14 @@ class TinyWanConfig:
     dtype: str = "float32"  # "bfloat16" to build the real-size architectures in half the memory
     perturb: bool = True
     extra_transformer: dict = field(default_factory=dict)
+    boundary_ratio: float | None = None  # set: a Wan 2.2 A14B-style model with a second (low-noise) expert
 
 
 # Benchmark configurations (benchmarks/bench.py): "small" is meaningful on a
 # 2-core CPU; the others are the real Wan 2.1 architectures with random weights.
+# A Wan 2.2 T2V A14B-style tiny model: two experts, switching at 60% of the timesteps.
+TINY_A14B = TinyWanConfig(boundary_ratio=0.6)
+
 SMALL = TinyWanConfig(
     num_heads=8, head_dim=64, ffn_dim=2048, num_layers=8, text_dim=256, text_layers=2,
     text_heads=8, text_ffn=512, vocab_size=512, vae_base_dim=32, vae_dim_mult=(1, 2, 2, 2),
@@ -154,6 +158,12 @@ def _build(path: str, config: TinyWanConfig) -> None:
         with torch.no_grad():
             for param in transformer.parameters():
                 param.add_(torch.randn_like(param) * 0.05)
+    transformer_2 = None
+    if config.boundary_ratio is not None:
+        transformer_2 = WanTransformer3DModel.from_config(transformer.config).eval()
+        with torch.no_grad():
+            for param in transformer_2.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
     vae = AutoencoderKLWan(
         base_dim=config.vae_base_dim,
         z_dim=16,
@@ -165,8 +175,10 @@ def _build(path: str, config: TinyWanConfig) -> None:
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
         flow_shift=config.flow_shift,
     )
+    experts = {} if transformer_2 is None else {"transformer_2": transformer_2, "boundary_ratio": config.boundary_ratio}
     pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler,
+        **experts,
     )
     pipe.save_pretrained(path, safe_serialization=True)
     # transformers 5 names its fast tokenizer "TokenizersBackend", which 4.x
