@@ -28,11 +28,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--negative-prompt", default="blurry, low quality, static, worst quality")
     parser.add_argument("--model", default=loading.DEFAULT_MODEL_ID, help="Hugging Face repo id or diffusers folder")
     parser.add_argument("--tiny", action="store_true", help="build and use a tiny random model (smoke run, no download)")
+    parser.add_argument("--tiny-family", choices=("wan2.1-t2v", "wan2.2-t2v-a14b"), default="wan2.1-t2v",
+                        help="with --tiny: which family's layout the tiny model has")
     parser.add_argument("--height", type=int, help="multiple of 16 (default 720; 64 with --tiny)")
     parser.add_argument("--width", type=int, help="multiple of 16 (default 1280; 64 with --tiny)")
     parser.add_argument("--frames", type=int, help="4n+1 (default 81; 9 with --tiny)")
     parser.add_argument("--steps", type=int, help="denoising steps (default 50; 4 with --tiny)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance; <= 1 turns it off")
+    parser.add_argument("--guidance-2", type=float, default=None,
+                        help="Wan 2.2 A14B: guidance of the low-noise expert (default: --guidance)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--flow-shift", type=float, help="5.0 for 720P, 3.0 for 480P (default: by height)")
     parser.add_argument("--fps", type=int, default=16)
@@ -93,9 +97,10 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory(prefix="wan-tiny-") as scratch:
         model = args.model
         if args.tiny:
-            from .tiny_wan import build_tiny_wan
+            from .tiny_wan import TINY_A14B, TinyWanConfig, build_tiny_wan
 
-            model = build_tiny_wan(os.path.join(scratch, "tiny-wan21"))
+            config = TINY_A14B if args.tiny_family == "wan2.2-t2v-a14b" else TinyWanConfig()
+            model = build_tiny_wan(os.path.join(scratch, "tiny-" + args.tiny_family), config)
         pipe = WanTPUPipeline(model, precision=args.precision, dp=args.dp, tp=args.tp)
         started = time.perf_counter()
         embeddings = pipe.encode(args.prompt, args.negative_prompt)
@@ -113,7 +118,7 @@ def main(argv=None) -> str:
             embeddings, height=args.height, width=args.width, num_frames=args.frames,
             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
             flow_shift=args.flow_shift, on_step=report, on_status=logger.info, sampler=args.sampler,
-            timesteps=args.timesteps, magcache=magcache, loras=args.lora,
+            timesteps=args.timesteps, magcache=magcache, loras=args.lora, guidance_scale_2=args.guidance_2,
         )
         frames = pipe.decode(latents)
     output = args.output or os.path.join("output", time.strftime("wan_%Y%m%d_%H%M%S.mp4"))

@@ -92,40 +92,99 @@ def _method_as_forward(module, method):
     return wrapper
 
 
-def decode_frame_by_frame(vae, z, barrier: Callable):
-    """``AutoencoderKLWan.decode(z)[0]`` (untiled, clamped to [-1, 1]), one latent frame at a time
-    in order, with ``barrier`` between frames.
+class VAEChunkDecoder:
+    """The VAE decode, one latent frame (4 video frames) per call of a small compiled program.
 
-    The same arithmetic as diffusers' ``_decode``: each latent frame goes through
-    the decoder with the causal convolutions' feature cache. Traced into one
-    program, the frames are independent enough that XLA overlaps them and keeps
-    most frames' activations live at once (47 GiB per device at 848x480, 81
-    frames, on v6e-8). ``barrier`` (``jax.lax.optimization_barrier`` on the
-    torchax tensors) ties each frame's output, the feature cache and the
-    latents together, so frame i+1 starts only when frame i is done: the peak is
-    one frame's working set plus the caches and the finished frames. The
-    frames are concatenated once (diffusers re-concatenates after every frame).
+    The same arithmetic as diffusers' ``AutoencoderKLWan._decode``: each latent
+    frame goes through the decoder with the causal convolutions' feature cache
+    of the frames before it. Here the cache is carried between calls as jax
+    arrays, so one compiled program serves every frame of a kind: the first
+    (an empty cache), the second (some entries still "Rep", diffusers' marker)
+    and all later ones; three programs for any frame count.
+
+    Traced as one program instead, XLA overlapped the 21 frames of an 81-frame
+    video: 47 GiB of temporaries per device at 848x480 (v6e-8 holds 32), and a
+    compile that had not finished after 30 minutes on 2 cores. A chunk needs
+    one frame's working set and compiles in a fraction of the time.
     """
-    import torch
 
-    if vae.config.get("patch_size") is not None:
-        raise ValueError(f"VAE patch_size={vae.config.patch_size}: this decoder handles the Wan 2.1 VAE (no patching)")
-    vae.clear_cache()
-    x = vae.post_quant_conv(z)
-    frames = []
-    count = x.shape[2]
-    for i in range(count):
-        vae._conv_idx = [0]
-        frame = vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
-        if i + 1 < count:
-            cached = [j for j, value in enumerate(vae._feat_map) if isinstance(value, torch.Tensor)]
-            frame, x, *values = barrier([frame, x, *(vae._feat_map[j] for j in cached)])
-            for j, value in zip(cached, values):
-                vae._feat_map[j] = value
-        frames.append(frame)
-    out = torch.clamp(torch.cat(frames, 2), min=-1.0, max=1.0)
-    vae.clear_cache()
-    return out
+    def __init__(self, manager: TorchaxEnvManager, module):
+        self.manager, self.module = manager, module
+        if module.config.get("patch_size") is not None:
+            raise ValueError(f"VAE patch_size={module.config.patch_size}: this decoder handles the Wan 2.1 VAE "
+                             f"(no patching)")
+        self.conv_count = module._cached_conv_counts["decoder"]
+        self.jitted = manager.jax.jit(self._chunk, static_argnums=(3,))
+        self.markers_after: dict[tuple, tuple] = {}  # cache markers in -> out, recorded when a chunk is traced
+        self.compiled: dict = {}
+
+    @property
+    def first_markers(self) -> tuple:
+        return (None,) * self.conv_count
+
+    def _chunk(self, weights, z, cache, markers):
+        """One latent frame z [1, 16, 1, h, w] -> (frames [4 or 1, H, W, 3] float32 in [0, 1], new cache arrays).
+
+        ``markers`` (static) says per cache entry: None (empty), "Rep" or "T" (an array, in ``cache`` order).
+        """
+        import torch
+
+        manager, jnp = self.manager, self.manager.jax.numpy
+        env = manager.env
+        vae = self.module
+        with torch.inference_mode(False), torch.no_grad():
+            torch_weights = env.j2t_iso({f"module.{name}": value for name, value in weights.items()})
+            arrays = iter(env.j2t_iso(list(cache)))
+            feat = [None if m is None else ("Rep" if m == "Rep" else next(arrays)) for m in markers]
+            first = all(m is None for m in markers)
+
+            def run(z):
+                x = vae.post_quant_conv(z)  # a 1x1x1 convolution: per frame it is what diffusers does at once
+                return torch.clamp(vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=first), -1.0, 1.0)
+
+            wrapper = _method_as_forward(vae, lambda _, z: run(z))
+            with env:
+                out = torch.func.functional_call(wrapper, torch_weights, (env.j2t_iso(z),), tie_weights=False)
+            self.markers_after[markers] = tuple(
+                None if f is None else ("Rep" if isinstance(f, str) else "T") for f in feat)
+            out = env.t2j_iso(out)
+            new_cache = [env.t2j_iso(f) for f in feat if f is not None and not isinstance(f, str)]
+        frames = jnp.clip(out[0].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [3, f, H, W]
+        return jnp.transpose(frames, (1, 2, 3, 0)), new_cache
+
+    def chunk_kinds(self, weights, latent_shape) -> list[tuple[tuple, tuple]]:
+        """(markers, abstract args) of each program a decode of ``latent_shape`` runs, first to steady:
+        what the compile-for-TPU command compiles. Traced abstractly (nothing runs)."""
+        jax = self.manager.jax
+        batch, channels, frames, height, width = latent_shape
+        z = jax.ShapeDtypeStruct((batch, channels, 1, height, width), jax.numpy.float32,
+                                 sharding=getattr(next(iter(weights.values())), "sharding", None))
+        kinds, markers, cache = [], self.first_markers, []
+        for _ in range(min(frames, 3)):
+            kinds.append((markers, (weights, z, list(cache))))
+            _, cache = jax.eval_shape(lambda w, zz, c, m=markers: self._chunk(w, zz, c, m), weights, z, list(cache))
+            markers = self.markers_after[markers]
+        return kinds
+
+    def decode(self, weights, latents, replicated, on_status=None, device=None) -> np.ndarray:
+        """Frames [F, H, W, 3] float32 (host) of latents [1, 16, T, h, w] (host)."""
+        jax = self.manager.jax
+        markers, cache, frames = self.first_markers, [], []
+        for index in range(latents.shape[2]):
+            z = jax.device_put(np.ascontiguousarray(latents[:, :, index:index + 1]), replicated)
+            args = (weights, z, cache)
+            key = (markers, _shape_key(args[1:]))
+            if key not in self.compiled:
+                with device_errors("compiling the VAE decoder", "Lower the resolution."):
+                    lowered_args = args + (markers,)
+                    self.compiled[key] = compiled_program(
+                        {}, key, self.jitted, lowered_args, on_status, "the VAE decode",
+                        "Lower the resolution (the VAE is replicated: more devices do not help).", device=device)
+            with device_errors("the VAE decoder", "Lower the resolution or num_frames."):
+                chunk, cache = self.compiled[key](*args)
+            markers = self.markers_after[markers]
+            frames.append(np.asarray(chunk))
+        return np.concatenate(frames)
 
 
 def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method: str | Callable, args: tuple,
@@ -316,10 +375,9 @@ class VAEComponent:
     weights: dict
     plan: sharding.ShardingPlan
     mesh: Any
-    decode_fn: Callable
+    decoder: "VAEChunkDecoder"
     latents_mean: np.ndarray  # [16]
     latents_std: np.ndarray  # [16]
-    compiled_decodes: dict = field(default_factory=dict)  # latent shapes -> compiled executable
 
 
 class WanTPUPipeline:
@@ -434,7 +492,7 @@ class WanTPUPipeline:
             weights, plan = place_weights(self.manager, module, sharding.VAE_RULES, mesh, "VAE")
             config = module.config
             component = VAEComponent(
-                module, weights, plan, mesh, self._make_decode_fn(module, mesh),
+                module, weights, plan, mesh, VAEChunkDecoder(self.manager, module),
                 np.asarray(config.latents_mean, np.float32), np.asarray(config.latents_std, np.float32),
             )
             return component, unique_arrays(weights)
@@ -548,24 +606,6 @@ class WanTPUPipeline:
             return (state, block_residual) if cache_mode == "record" else state
 
         return jax.jit(step, donate_argnums=(1,))
-
-    def _make_decode_fn(self, module, mesh):
-        jax, manager = self.manager.jax, self.manager
-        jnp = jax.numpy
-
-        def barrier(tensors):
-            from torchax import interop
-
-            return interop.call_jax(jax.lax.optimization_barrier, tensors)
-
-        def decode(weights, latents):
-            video = call_torch_module(
-                manager, module, weights, lambda vae, z: decode_frame_by_frame(vae, z, barrier), (latents,)
-            )  # [1, 3, F, H, W] in [-1, 1]
-            frames = jnp.clip(video[0].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-            return jnp.transpose(frames, (1, 2, 3, 0))  # [F, H, W, 3]
-
-        return jax.jit(decode)
 
     # --------------------------------------------------------------- stages
     def _status(self, on_status: Callable | None, kind: str, label: str) -> None:
@@ -754,18 +794,11 @@ class WanTPUPipeline:
         if on_status is not None:
             on_status("decoding the video")
         frames = []
+        replicated = NamedSharding(component.mesh, PartitionSpec())
         with self.timer("decode"):
             for item in latents.float():
-                device_latents = jax.device_put(item[None].numpy(), NamedSharding(component.mesh, PartitionSpec()))
-                args = (component.weights, device_latents)
-                with device_errors("compiling the VAE decoder", "Lower the resolution."):
-                    decode_program = compiled_program(
-                        component.compiled_decodes, _shape_key(args[1:]), component.decode_fn, args, on_status,
-                        "the VAE decode", "Lower the resolution (the VAE is replicated: more devices do not help).",
-                        device=component.mesh.devices.flat[0],
-                    )
-                with device_errors("the VAE decoder", "Lower the resolution or num_frames."):
-                    frames.append(np.asarray(decode_program(*args)))
+                frames.append(component.decoder.decode(component.weights, item[None].numpy(), replicated, on_status,
+                                                       device=component.mesh.devices.flat[0]))
         return torch.from_numpy(np.concatenate(frames))
 
     def generate(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None,

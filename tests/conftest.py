@@ -103,3 +103,19 @@ def diffusers_bf16_frames(tiny_model_dir):
         return cache[key]
 
     return frames
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow_tpu_compile: compiles a whole real-size Wan program for TPU (minutes on 2 cores); "
+        "deselected unless selected with -m slow_tpu_compile",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if "slow_tpu_compile" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("slow_tpu_compile")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("slow_tpu_compile")]

@@ -17,3 +17,10 @@ def test_tiny_run_writes_an_mp4_with_euler_and_magcache(tmp_path, manager):
 def test_timesteps_set_the_step_count():
     args = cli.parse_args(["--tiny", "--sampler", "euler", "--timesteps", "1000,750,500,250"])
     assert args.timesteps == [1000.0, 750.0, 500.0, 250.0] and args.steps == 4
+
+
+def test_tiny_two_expert_family_runs(tmp_path, manager):
+    output = tmp_path / "a14b.mp4"
+    cli.main(["a fox", "--tiny", "--tiny-family", "wan2.2-t2v-a14b", "--steps", "3", "--frames", "5", "--height", "32",
+              "--width", "48", "--guidance-2", "3.0", "--output", str(output)])
+    assert os.path.getsize(output) > 0

@@ -1,0 +1,647 @@
+"""Compile the pack's TPU programs for a TPU slice, on a machine with no TPU.
+
+    .venv/bin/python benchmarks/tpu_compile.py --model 14B --height 720 --width 1280 --frames 81 \\
+        --chip v6e-8 --json out.json
+    .venv/bin/python benchmarks/tpu_compile.py --table        # the README's table (all cells; resumable)
+
+libtpu compiles for a TPU topology it is told about (``jax.experimental.
+topologies``), with no TPU attached and nothing downloaded. The programs are
+exactly the ones the pack runs, built the way the pack builds them:
+
+- the functions ``WanTPUPipeline`` jits (``_make_encode_fn``, ``_make_step_fn``
+  with CFG and without; the VAE decode's chunk programs, ``VAEChunkDecoder``);
+- the diffusers / transformers modules built on torch's meta device with the
+  dtypes the loaders give (``memory_plan.meta_module``);
+- weights as abstract arrays carrying the shardings of ``sharding.py`` on the
+  mesh of ``env_manager.build_mesh`` (dp=2, tp the rest);
+- the real Mosaic Splash kernel (``splash.force_interpret(False)``), with the
+  attention dispatch tracing for TPU (``TorchaxEnvManager.target_platform``).
+
+Before compiling a stage, the HBM plan (``memory_plan.plan_memory(...).check()``)
+is asked, as the pipeline asks it before loading; a configuration it refuses
+is recorded as refused, with its message, and not compiled (``--ignore-plan``
+compiles it anyway and records the plan's verdict beside the compiler's).
+
+Per stage it prints a row and writes JSON: compiled or the compiler's error;
+lower and compile seconds; per-device bytes (arguments, outputs, temporaries,
+aliased, peak) against the chip's HBM; the plan's per-device estimate for the
+stage; FLOPs per device; the collectives of the optimised HLO by kind (count,
+bytes per device); for the denoising step, seconds per step at the chip's
+peak bf16 FLOP/s and at 38% of it (the original's measured MFU on v6e-8).
+These are compiler facts and projections, not measurements on a TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+
+# Compile for the named topology; never grab a TPU this machine may have, and
+# time real compilations (not loads from JAX's persistent cache).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("WAN_TPU_COMPILE_CACHE", "0")
+# libtpu takes a lockfile per process; compiling for a topology opens no TPU, so
+# a second process (a test run, a ComfyUI holding the TPU) may compile beside it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2**30
+MFU_ORIGINAL = 0.38  # the original pack's measured MFU, Wan 14B 720P on v6e-8
+STAGES = ("text_encoder", "step_cfg", "step", "vae_decode")
+TEXT_LENGTH = 512  # loading.MAX_SEQUENCE_LENGTH
+TABLE_MODELS = ("1.3B", "14B")
+TABLE_SIZES = ((480, 848), (480, 832), (720, 1280))
+TABLE_CHIPS = ("v6e-8", "v5p-8", "v5e-8")
+TABLE_FRAMES = 81
+
+logger = logging.getLogger("wan_tpu.tpu_compile")
+
+
+# ------------------------------------------------------------------ chips
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    peak_flops: float  # bf16 FLOP/s per chip
+    hbm_gib: float  # per chip
+    cores_per_chip: int  # the "-N" of a slice name counts cores (v4, v5p) or chips (v5e, v6e)
+    three_d: bool  # topology names are AxBxC (v4, v5p) or AxB (v5e, v6e)
+
+
+GENERATIONS = {
+    "v5e": Generation(197e12, 16, 1, False),
+    "v6e": Generation(918e12, 32, 1, False),
+    "v5p": Generation(459e12, 95, 2, True),
+    "v4": Generation(275e12, 32, 2, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str  # "v6e-8"
+    generation: str  # "v6e"
+    chips: int
+    topology: str  # libtpu's topology name, "v6e:2x4"
+
+    @property
+    def spec(self) -> Generation:
+        return GENERATIONS[self.generation]
+
+
+def _grid(chips: int, dims: int) -> str:
+    """A near-square power-of-two grid of ``chips`` chips: 8 -> 2x4 (2-D) or 2x2x2 (3-D), 4 -> 2x2x1."""
+    if chips < 1 or chips & (chips - 1):
+        raise ValueError(f"{chips} chips: give a slice of a power-of-two size (8, 16, 32, ...)")
+    sides = [1] * dims
+    for i in range(chips.bit_length() - 1):
+        sides[i % dims] *= 2
+    sides = sorted(sides) if dims == 2 else sorted(sides[:2]) + sides[2:]
+    if dims == 3 and chips == 4:
+        sides = [2, 2, 1]
+    return "x".join(map(str, sides))
+
+
+def parse_chip(name: str) -> Chip:
+    """'v6e-8' -> Chip(v6e, 8 chips, 'v6e:2x4'); 'v5p-8' is 4 chips (8 cores), 'v5p:2x2x1'."""
+    match = re.fullmatch(r"(v5e|v6e|v5p|v4)-(\d+)", name.strip().lower())
+    if not match:
+        raise ValueError(f"chip={name!r}: give a TPU slice such as v6e-8, v5e-8, v5p-8, v4-8, v6e-16 or v5p-16")
+    generation, size = match.group(1), int(match.group(2))
+    spec = GENERATIONS[generation]
+    if size % spec.cores_per_chip:
+        raise ValueError(f"chip={name!r}: a {generation} slice counts {spec.cores_per_chip} cores per chip")
+    chips = size // spec.cores_per_chip
+    return Chip(name, generation, chips, f"{generation}:{_grid(chips, 3 if spec.three_d else 2)}")
+
+
+def topology_devices(chip: Chip) -> list:
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=chip.topology).devices)
+
+
+# ------------------------------------------------------------------ the pack
+def load_pack():
+    """Import the repository as a package by folder path, as ComfyUI does."""
+    name = os.path.basename(REPO)
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return lambda sub: importlib.import_module(f"{name}.{sub}")
+
+
+# ------------------------------------------------------------------ HLO facts
+COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
+    "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
+    "c64": 8, "c128": 16,
+}
+_SHAPE = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+# "%name = <shape> all-reduce(" (synchronous) or "... all-gather-done(" (the result of an async pair).
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<shape>.*?)\s+(?P<kind>" + "|".join(COLLECTIVE_KINDS)
+    + r")(?P<suffix>-start|-done)?\("
+)
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of the array shape(s) in HLO shape text: 'bf16[2,128]{1,0}' or a tuple of them."""
+    total = 0.0
+    for dtype, dims in _SHAPE.findall(text):
+        if dtype not in _DTYPE_BYTES:
+            continue
+        elements = 1
+        for dim in filter(None, dims.split(",")):
+            elements *= int(dim)
+        total += elements * _DTYPE_BYTES[dtype]
+    return int(total)
+
+
+def collectives(hlo_text: str) -> dict:
+    """{kind: {count, bytes_per_device}} over the optimised (SPMD-partitioned, per-device) HLO.
+
+    A synchronous collective counts with its result shape; an async pair
+    (``-start`` / ``-done``) counts once, at ``-done``, whose result is the
+    collective's result.
+    """
+    out = {kind: {"count": 0, "bytes_per_device": 0} for kind in COLLECTIVE_KINDS}
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.match(line)
+        if not match or match.group("suffix") == "-start":
+            continue
+        entry = out[match.group("kind")]
+        entry["count"] += 1
+        entry["bytes_per_device"] += shape_bytes(match.group("shape"))
+    return out
+
+
+def custom_call_count(hlo_text: str, target: str = "tpu_custom_call") -> int:
+    """Mosaic kernels in the optimised HLO (each Splash call is one)."""
+    return len(re.findall(r'custom_call_target="' + re.escape(target) + '"', hlo_text))
+
+
+def memory_facts(compiled) -> dict:
+    stats = compiled.memory_analysis()
+    argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    temp, alias = stats.temp_size_in_bytes, stats.alias_size_in_bytes
+    reported = getattr(stats, "peak_memory_in_bytes", 0) or 0
+    return {
+        "argument_bytes_per_device": int(argument),
+        "output_bytes_per_device": int(output),
+        "temp_bytes_per_device": int(temp),
+        "alias_bytes_per_device": int(alias),
+        "generated_code_bytes_per_device": int(stats.generated_code_size_in_bytes),
+        # The compiler's own peak where it reports one; else the sum.
+        "peak_bytes_per_device": int(reported) if reported > 0 else int(argument + output + temp - alias),
+        "peak_source": "memory_analysis().peak_memory_in_bytes" if reported > 0 else "argument + output + temp - alias",
+    }
+
+
+# ------------------------------------------------------------------ programs
+class Programs:
+    """The pack's jitted stage functions for one (model, precision, chip, mesh), with abstract arguments."""
+
+    def __init__(self, pack, chip: Chip, precision: str = "bf16", dp=None, tp=None):
+        self.pack, self.chip, self.precision = pack, chip, precision
+        env_manager, pipeline = pack("env_manager"), pack("pipeline")
+        self.manager = env_manager.TorchaxEnvManager.instance()
+        self.jax = self.manager.jax
+        self.devices = topology_devices(chip)
+        self.mesh = env_manager.build_mesh(self.devices, dp, tp)
+        self.mesh_shape = tuple(self.mesh.shape.values())
+        # The pipeline's own stage builders; they need only the manager and the precision.
+        self.pipeline = pipeline.WanTPUPipeline.__new__(pipeline.WanTPUPipeline)
+        self.pipeline.manager, self.pipeline.precision = self.manager, precision
+        self._modules: dict = {}
+
+    # -- abstract weights, as pipeline.place_weights would place them
+    def component(self, component: str, config: dict):
+        memory_plan, sharding = self.pack("memory_plan"), self.pack("sharding")
+        key = (component, json.dumps(config, sort_keys=True, default=list))
+        if key not in self._modules:
+            precision = "fp32" if component == "vae" else self.precision
+            module = memory_plan.meta_module(component, config, precision)
+            state = dict(module.named_parameters(remove_duplicate=False))
+            state.update(dict(module.named_buffers(remove_duplicate=False)))
+            plan = sharding.plan_shardings({n: tuple(t.shape) for n, t in state.items()}, sharding.RULES[component],
+                                           dict(self.mesh.shape))
+            named = sharding.to_named_shardings(plan, self.mesh)
+            jnp = self.jax.numpy
+            weights = {
+                name: self.jax.ShapeDtypeStruct(tuple(t.shape), jnp.dtype(str(t.dtype).removeprefix("torch.")),
+                                                sharding=named[name])
+                for name, t in state.items()
+            }
+            self._modules[key] = (module, weights, plan)
+        return self._modules[key]
+
+    def _sharding(self, *spec):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+    def _abstract(self, shape, dtype, sharding):
+        return self.jax.ShapeDtypeStruct(tuple(shape), self.jax.numpy.dtype(dtype), sharding=sharding)
+
+    def text_encoder(self, te_config: dict):
+        pipeline = self.pack("pipeline")
+        module, weights, _ = self.component("text_encoder", te_config)
+        batch = pipeline._batch_sharding(self.mesh, 2)
+        ids = self._abstract((2, TEXT_LENGTH), "int32", batch)
+        return self.pipeline._make_encode_fn(module, self.mesh), (weights, ids, ids)
+
+    def step(self, config: dict, height: int, width: int, frames: int, cfg: bool):
+        pipeline = self.pack("pipeline")
+        module, weights, plan = self.component("transformer", config)
+        transformer = pipeline.TransformerComponent(module, weights, plan, self.mesh, dict(module.config), {},
+                                                    module.dtype)
+        jitted = self.pipeline._make_step_fn(transformer, cfg)
+        replicated = self._sharding()
+        latents = self._abstract(pipeline.latent_shape(height, width, frames), "float32", replicated)
+        batch = 2 if cfg else 1
+        context_dtype = "bfloat16" if self.precision == "bf16" else "float32"
+        context = self._abstract((batch, TEXT_LENGTH, config["text_dim"]), context_dtype,
+                                 pipeline._batch_sharding(self.mesh, batch))
+        scheduler = self.pack("scheduler")
+        coefficients = self._abstract((len(scheduler.COEFFICIENT_NAMES),), "float32", replicated)
+        scalar = self._abstract((), "float32", replicated)
+        return jitted, (weights, (latents,) * 4, context, coefficients, scalar, scalar)
+
+    def vae_decode(self, vae_config: dict, height: int, width: int, frames: int):
+        """The VAE decode's chunk programs (``pipeline.VAEChunkDecoder``): [(jitted, args, runs per decode)],
+        first latent frame, second, and the steady one that runs for every later frame."""
+        pipeline = self.pack("pipeline")
+        module, weights, _ = self.component("vae", vae_config)
+        decoder = pipeline.VAEChunkDecoder(self.manager, module)
+        shape = pipeline.latent_shape(height, width, frames)
+        with self.manager.target_platform("tpu"):
+            kinds = decoder.chunk_kinds(weights, shape)
+        runs = [1, 1, shape[2] - 2][:len(kinds)]
+        return [(decoder.jitted, args + (markers,), count) for (markers, args), count in zip(kinds, runs)]
+
+    def compile(self, jitted, args, matmul_precision: bool = True):
+        """(compiled, lower seconds, compile seconds): traced for TPU with the Mosaic Splash kernel."""
+        splash = self.pack("splash_attention")
+        precision = self.pipeline.matmul_precision() if matmul_precision else self.jax.default_matmul_precision(None)
+        started = time.perf_counter()
+        with self.manager.target_platform("tpu"), splash.force_interpret(False), precision:
+            lowered = jitted.lower(*args)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        return compiled, lowered_at - started, time.perf_counter() - lowered_at
+
+
+# ------------------------------------------------------------------ one configuration
+@dataclasses.dataclass
+class Config:
+    model: str
+    height: int
+    width: int
+    frames: int
+    chip: str
+    precision: str = "bf16"
+    dp: int | None = None
+    tp: int | None = None
+
+
+def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: int) -> dict:
+    spec = chip.spec
+    return {
+        "name": name, "model": cfg_run.model, "height": cfg_run.height, "width": cfg_run.width,
+        "frames": cfg_run.frames, "chip": chip.name, "topology": chip.topology, "devices": devices,
+        "mesh": {"dp": mesh_shape[0], "tp": mesh_shape[1]}, "precision": cfg_run.precision,
+        "hbm_bytes_per_device": int(spec.hbm_gib * chip.chips / devices * GiB),
+        "peak_flops_per_device": spec.peak_flops * chip.chips / devices,
+        "compiled": False, "refused": False, "error": None,
+        "lower_seconds": None, "compile_seconds": None, "peak_bytes_per_device": None,
+        "flops_per_device": None, "collectives": None,
+    }
+
+
+def _plan_for(memory_plan, cfg_run: Config, mesh_shape, hbm_bytes: int, cfg: bool):
+    return memory_plan.plan_memory(cfg_run.model, mesh_shape, cfg_run.height, cfg_run.width, cfg_run.frames,
+                                   cfg_run.precision, cfg, hbm_bytes=hbm_bytes)
+
+
+PLAN_COMPONENT = {"text_encoder": "text_encoder", "step_cfg": "transformer", "step": "transformer",
+                  "vae_decode": "vae"}
+
+
+def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: bool = False,
+               shared: dict | None = None, on_stage=None) -> list[dict]:
+    """Compile (or refuse) each stage of one configuration. ``shared`` reuses results of programs
+    that do not depend on the model or size (the text encoder; the VAE decode per size)."""
+    memory_plan = programs.pack("memory_plan")
+    chip, mesh_shape = programs.chip, programs.mesh_shape
+    shared = {} if shared is None else shared
+    _, transformer_config = memory_plan.resolve_model(cfg_run.model)
+    records = []
+    for name in stages:
+        record = stage_record(name, cfg_run, chip, mesh_shape, len(programs.devices))
+        cfg = name == "step_cfg"
+        plan = _plan_for(memory_plan, cfg_run, mesh_shape, record["hbm_bytes_per_device"], cfg)
+        component = PLAN_COMPONENT[name]
+        record["plan_bytes_per_device"] = plan.stage_peak_bytes(component)
+        record["plan_run_peak_bytes_per_device"] = plan.peak_bytes
+        record["plan_fits"] = plan.fits
+        record["plan_summary"] = plan.summary()
+        try:
+            plan.check()
+        except memory_plan.HBMPlanError as error:
+            record["plan_error"] = str(error)
+            if not ignore_plan:
+                record.update(refused=True, error=str(error))
+                records.append(record)
+                _report(record, on_stage)
+                continue
+        if name == "text_encoder":
+            key = ("text_encoder", cfg_run.precision)
+        elif name == "vae_decode":
+            key = ("vae_decode", cfg_run.height, cfg_run.width, cfg_run.frames)
+        else:
+            key = None
+        if key is not None and key in shared:
+            record.update({k: v for k, v in shared[key].items() if k in _COMPILER_FIELDS})
+            record["reused_from"] = shared[key]["model"]
+        else:
+            try:
+                if name == "text_encoder":
+                    program_list = [(*programs.text_encoder(dict(memory_plan.UMT5_XXL_CONFIG)), 1)]
+                elif name == "vae_decode":
+                    program_list = programs.vae_decode(dict(memory_plan.WAN21_VAE_CONFIG), cfg_run.height,
+                                                       cfg_run.width, cfg_run.frames)
+                else:
+                    program_list = [(*programs.step(transformer_config, cfg_run.height, cfg_run.width,
+                                                    cfg_run.frames, cfg), 1)]
+                record.update(compile_programs(programs, program_list, matmul_precision=name != "vae_decode"))
+            except Exception as error:  # the compiler's refusal is a result
+                record.update(compiled=False, error=f"{type(error).__name__}: {error}"[:4000])
+                logger.debug("%s", traceback.format_exc())
+            if key is not None:
+                shared[key] = dict(record)
+        if record["compiled"]:
+            peak = record["peak_bytes_per_device"]
+            record["fits_hbm"] = peak <= record["hbm_bytes_per_device"]
+            record["plan_ratio"] = round(record["plan_bytes_per_device"] / peak, 3) if peak else None
+            if name.startswith("step"):
+                ideal = record["flops_per_device"] / record["peak_flops_per_device"]
+                record["seconds_per_step_at_peak"] = round(ideal, 3)
+                record["seconds_per_step_at_38pct_mfu"] = round(ideal / MFU_ORIGINAL, 3)
+        records.append(record)
+        _report(record, on_stage)
+    return records
+
+
+def compile_programs(programs: Programs, program_list, matmul_precision: bool) -> dict:
+    """Compile each (jitted, args, runs) of a stage; the stage's facts: the largest program's memory
+    (they run one after another), FLOPs and collectives times how often each program runs."""
+    facts, flops, accessed, lower_total, compile_total, kernels = None, 0.0, 0.0, 0.0, 0.0, 0
+    merged: dict = {}
+    for jitted, args, runs in program_list:
+        compiled, lower_s, compile_s = programs.compile(jitted, args, matmul_precision=matmul_precision)
+        text = compiled.as_text()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        memory = memory_facts(compiled)
+        if facts is None or memory.get("peak_bytes_per_device", 0) > facts.get("peak_bytes_per_device", 0):
+            facts = memory
+        flops += runs * float(cost.get("flops", 0.0))
+        accessed += runs * float(cost.get("bytes accessed", 0.0))
+        lower_total, compile_total = lower_total + lower_s, compile_total + compile_s
+        kernels = max(kernels, custom_call_count(text))
+        for kind, entry in collectives(text).items():
+            total = merged.setdefault(kind, {"count": 0, "bytes_per_device": 0})
+            total["count"] += runs * entry["count"]
+            total["bytes_per_device"] += runs * entry["bytes_per_device"]
+        del compiled, text
+    return dict(facts, compiled=True, lower_seconds=round(lower_total, 1), compile_seconds=round(compile_total, 1),
+                flops_per_device=flops, bytes_accessed_per_device=accessed, collectives=merged,
+                mosaic_kernels=kernels, programs=len(program_list))
+
+
+_COMPILER_FIELDS = (
+    "compiled", "error", "lower_seconds", "compile_seconds", "argument_bytes_per_device", "output_bytes_per_device",
+    "temp_bytes_per_device", "alias_bytes_per_device", "generated_code_bytes_per_device", "peak_bytes_per_device",
+    "peak_source", "flops_per_device", "bytes_accessed_per_device", "collectives", "mosaic_kernels",
+)
+
+
+# ------------------------------------------------------------------ output
+HEADER = (f"{'stage':<12} {'model':<5} {'size':>9} {'chip':<6} {'result':<9} {'peak GiB':>8} {'plan GiB':>8} "
+          f"{'HBM GiB':>7} {'compile s':>9} {'TFLOP/dev':>9} {'s/step@peak':>11} {'@38%':>6}  collectives")
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value / GiB:.2f}"
+
+
+def _collectives_text(record) -> str:
+    found = record.get("collectives") or {}
+    return ", ".join(f"{kind} {entry['count']} ({entry['bytes_per_device'] / GiB:.2f} GiB)"
+                     for kind, entry in found.items() if entry["count"]) or "-"
+
+
+def row(record: dict) -> str:
+    result = "compiled" if record["compiled"] else ("refused" if record["refused"] else "FAILED")
+    flops = record.get("flops_per_device")
+    return (f"{record['name']:<12} {record['model']:<5} {record['width']:>4}x{record['height']:<4} "
+            f"{record['chip']:<6} {result:<9} {_gib(record.get('peak_bytes_per_device')):>8} "
+            f"{_gib(record.get('plan_bytes_per_device')):>8} {record['hbm_bytes_per_device'] / GiB:>7.1f} "
+            f"{record['compile_seconds'] if record.get('compile_seconds') is not None else '-':>9} "
+            f"{flops / 1e12 if flops else 0:>9.1f} {record.get('seconds_per_step_at_peak', '-'):>11} "
+            f"{record.get('seconds_per_step_at_38pct_mfu', '-'):>6}  {_collectives_text(record)}")
+
+
+def _report(record, on_stage):
+    print(row(record), flush=True)
+    if not record["compiled"] and record.get("error"):
+        print(f"    {'refused' if record['refused'] else 'error'}: {record['error'][:600]}", flush=True)
+    if on_stage is not None:
+        on_stage(record)
+
+
+def machine() -> dict:
+    import jax
+
+    return {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "jax": jax.__version__, "platform": platform.platform(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path: str, stages: list[dict], extra: dict | None = None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    payload = {"machine": machine(), "stages": stages, **(extra or {})}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def replan(pack, records: list[dict]) -> list[dict]:
+    """The plan's fields of ``records`` recomputed with the current ``memory_plan`` (compiler facts kept):
+    how the README table follows a change to the plan without compiling again."""
+    memory_plan = pack("memory_plan")
+    for record in records:
+        config = Config(record["model"], record["height"], record["width"], record["frames"], record["chip"],
+                        record["precision"])
+        mesh = (record["mesh"]["dp"], record["mesh"]["tp"])
+        plan = _plan_for(memory_plan, config, mesh, record["hbm_bytes_per_device"], record["name"] == "step_cfg")
+        record.update(plan_bytes_per_device=plan.stage_peak_bytes(PLAN_COMPONENT[record["name"]]),
+                      plan_run_peak_bytes_per_device=plan.peak_bytes, plan_fits=plan.fits, plan_summary=plan.summary())
+        try:
+            plan.check()
+            record.pop("plan_error", None)
+            if record["refused"]:
+                record.update(refused=False, error=None)  # the plan now admits it: compile it again
+        except memory_plan.HBMPlanError as error:
+            record.update(plan_error=str(error), refused=True, error=str(error))
+        if record.get("peak_bytes_per_device"):
+            record["plan_ratio"] = round(record["plan_bytes_per_device"] / record["peak_bytes_per_device"], 3)
+    return records
+
+
+def markdown(stages: list[dict]) -> str:
+    """The README table: one row per (model, size, chip): the step with CFG, the VAE decode, the text encoder."""
+    by = {}
+    for record in stages:
+        by[(record["model"], record["width"], record["height"], record["chip"], record["name"])] = record
+
+    def cell(record):
+        if record is None or (not record["compiled"] and not record["refused"] and not record.get("error")):
+            return "not compiled yet"
+        if record["refused"]:
+            return "refused by the HBM plan"
+        if not record["compiled"]:
+            return "**compiler error**"
+        return (f"{record['peak_bytes_per_device'] / GiB:.1f} (plan {record['plan_bytes_per_device'] / GiB:.1f}) "
+                f"of {record['hbm_bytes_per_device'] / GiB:.0f}; {record['compile_seconds']:.0f} s")
+
+    lines = ["| model | size | chip | step with CFG: peak GiB/device (plan) of HBM; compile s | TFLOP/step/device "
+             "| s/step at peak | at 38% MFU | VAE decode: peak GiB (plan) of HBM; compile s "
+             "| text encoder: peak GiB (plan); compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model in TABLE_MODELS:
+        for height, width in TABLE_SIZES:
+            for chip in TABLE_CHIPS:
+                get = lambda name: by.get((model, width, height, chip, name))  # noqa: E731
+                step = get("step_cfg")
+                compiled = step is not None and step["compiled"] and not step["refused"]
+                flops = (f"{step['flops_per_device'] / 1e12:.0f} | {step['seconds_per_step_at_peak']:.2f} | "
+                         f"{step['seconds_per_step_at_38pct_mfu']:.2f}") if compiled else "- | - | -"
+                lines.append(f"| {model} | {width}x{height} | {chip} | {cell(step)} | {flops} | "
+                             f"{cell(get('vae_decode'))} | {cell(get('text_encoder'))} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+def _key(record) -> tuple:
+    return (record["name"], record["model"], record["height"], record["width"], record["frames"], record["chip"],
+            record["precision"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Compile the pack's TPU programs (text encoding, denoising step with and without CFG, "
+                    "VAE decode) for a TPU slice with libtpu, on a machine with no TPU. Prints and writes "
+                    "per-device memory, FLOPs and collectives: compiler facts and projections, not measurements.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="14B", help="Wan 2.1 T2V size: 1.3B or 14B")
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--chip", default="v6e-8",
+                        help="TPU slice: v5e-8, v6e-8, v5p-8 (4 chips), v4-8 (4 chips), or a larger one libtpu "
+                             "knows (v6e-16, v5p-16, ...)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    parser.add_argument("--dp", type=int, default=None, help="mesh override (default: env_manager's rule)")
+    parser.add_argument("--tp", type=int, default=None)
+    parser.add_argument("--ignore-plan", action="store_true",
+                        help="compile stages the HBM plan refuses too (records the plan's verdict beside them)")
+    parser.add_argument("--table", action="store_true",
+                        help=f"every cell of the README table: {'/'.join(TABLE_MODELS)} x "
+                             f"{', '.join(f'{w}x{h}' for h, w in TABLE_SIZES)} x {', '.join(TABLE_CHIPS)}, "
+                             f"{TABLE_FRAMES} frames; skips cells already in --json (resumable)")
+    parser.add_argument("--chips", default=",".join(TABLE_CHIPS), help="with --table: the chips, in order")
+    parser.add_argument("--markdown", action="store_true", help="print the README table from --json and exit")
+    parser.add_argument("--replan", action="store_true",
+                        help="with --markdown: recompute the HBM plan's figures with the current memory_plan")
+    parser.add_argument("--json", default=None, help="write the results here (default with --table: "
+                                                     "benchmarks/results/tpu_compile_table.json)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if (args.table or args.markdown) and args.json is None:
+        args.json = os.path.join(REPO, "benchmarks", "results", "tpu_compile_table.json")
+    if args.markdown:
+        with open(args.json) as handle:
+            records = json.load(handle)["stages"]
+        print(markdown(replan(load_pack(), records) if args.replan else records))
+        return 0
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"--stages {','.join(unknown)}: use a subset of {','.join(STAGES)}")
+
+    pack = load_pack()
+    done: list[dict] = []
+    if args.table and os.path.exists(args.json):
+        with open(args.json) as handle:
+            # Compiled and refused cells are kept; failed ones are tried again.
+            done = [r for r in json.load(handle)["stages"] if r["compiled"] or r["refused"]]
+    results = list(done)
+    finished = {_key(r) for r in done}
+
+    def save(record):
+        results.append(record)
+        if args.json:
+            write_json(args.json, results)
+
+    if args.table:
+        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp)
+                   for chip in args.chips.split(",") for height_width in [TABLE_SIZES] for (h, w) in height_width
+                   for model in TABLE_MODELS]
+    else:
+        configs = [Config(args.model, args.height, args.width, args.frames, args.chip, args.precision, args.dp,
+                          args.tp)]
+    print(HEADER, flush=True)
+    programs_by_chip, shared_by_chip = {}, {}
+    for record in done:  # reuse what an earlier (interrupted) table run compiled
+        if record["compiled"] and record["name"] in ("text_encoder", "vae_decode"):
+            key = (("text_encoder", record["precision"]) if record["name"] == "text_encoder"
+                   else ("vae_decode", record["height"], record["width"], record["frames"]))
+            shared_by_chip.setdefault(record["chip"], {})[key] = record
+    failed = False
+    for config in configs:
+        chip = parse_chip(config.chip)
+        todo = [s for s in stages if (s, config.model, config.height, config.width, config.frames, chip.name,
+                                      config.precision) not in finished]
+        if not todo:
+            continue
+        if chip.name not in programs_by_chip:
+            programs_by_chip.clear()  # one chip's modules at a time
+            programs_by_chip[chip.name] = Programs(pack, chip, config.precision, config.dp, config.tp)
+        records = run_config(programs_by_chip[chip.name], config, todo, args.ignore_plan,
+                             shared_by_chip.setdefault(chip.name, {}), on_stage=save)
+        failed |= any(not r["compiled"] and not r["refused"] for r in records)
+    if args.table:
+        print(markdown(results))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

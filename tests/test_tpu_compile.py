@@ -1,0 +1,193 @@
+"""The pack's programs compile for TPU with libtpu, on this machine with no TPU.
+
+``jax.experimental.topologies`` describes a TPU slice (v6e:2x4 is a v6e-8) and
+XLA:TPU compiles for it for real: Mosaic lowers the Splash kernel (a kernel it
+rejects fails these tests), the SPMD partitioner splits the program over the
+(dp, tp) mesh, and the compiled program reports its memory, FLOPs and
+collectives. The programs are built as ``benchmarks/tpu_compile.py`` builds
+them: the pipeline's own jitted stage functions, the modules on the meta
+device with the loaders' dtypes, the sharding rules and the mesh rule.
+
+The whole real-size step (1.3B at 480P, ~5 minutes on 2 cores) is marked
+``slow_tpu_compile`` and deselected unless ``-m slow_tpu_compile``; the CI
+tests compile two real-width blocks instead.
+"""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+from conftest import PACK_DIR, pack_module
+
+env_manager = pack_module("env_manager")
+memory_plan = pack_module("memory_plan")
+pipeline_mod = pack_module("pipeline")
+splash = pack_module("splash_attention")
+
+_spec = importlib.util.spec_from_file_location("tpu_compile", os.path.join(PACK_DIR, "benchmarks", "tpu_compile.py"))
+tpu_compile = sys.modules.setdefault("tpu_compile", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(tpu_compile)
+
+GiB = 2**30
+
+
+@pytest.fixture
+def manager(manager):
+    manager.set_attention_backend("auto")
+    yield manager
+    manager.set_attention_backend(None)
+
+
+@pytest.fixture(scope="module")
+def v6e_8():
+    return tpu_compile.Programs(pack_module, tpu_compile.parse_chip("v6e-8"))
+
+
+# ------------------------------------------------------------------ slices and HLO parsing (no compiling)
+def test_slice_names_map_to_the_topologies_libtpu_knows():
+    assert tpu_compile.parse_chip("v6e-8").topology == "v6e:2x4"
+    assert tpu_compile.parse_chip("v5e-8").topology == "v5e:2x4"
+    assert tpu_compile.parse_chip("v6e-16").topology == "v6e:4x4"
+    v5p = tpu_compile.parse_chip("v5p-8")  # 8 cores = 4 chips, one jax device per chip (megacore)
+    assert (v5p.chips, v5p.topology) == (4, "v5p:2x2x1")
+    assert tpu_compile.parse_chip("v5p-16").topology == "v5p:2x2x2"
+    with pytest.raises(ValueError, match="v6e-8"):
+        tpu_compile.parse_chip("v7-8")
+    devices = tpu_compile.topology_devices(v5p)
+    assert len(devices) == 4 and "v5" in devices[0].device_kind.lower()
+    assert env_manager.build_mesh(devices).shape == {"dp": 2, "tp": 2}
+
+
+def test_collectives_are_parsed_from_optimised_hlo():
+    hlo = """
+  %all-reduce.1 = bf16[1,32760,1536]{2,1,0} all-reduce(bf16[1,32760,1536]{2,1,0} %x), channel_id=1, to_apply=%add
+  %ag-start = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(f32[4,8]{1,0} %y), dimensions={0}
+  %ag-done = f32[16,8]{1,0} all-gather-done((f32[4,8]{1,0}, f32[16,8]{1,0}) %ag-start)
+  ROOT %cp = (f32[2]{0}, bf16[4]{0}) collective-permute(%z), source_target_pairs={{0,1}}
+  %fusion.3 = bf16[8]{0} fusion(%all-reduce.1), kind=kLoop, calls=%fused
+"""
+    found = tpu_compile.collectives(hlo)
+    assert found["all-reduce"] == {"count": 1, "bytes_per_device": 32760 * 1536 * 2}
+    assert found["all-gather"] == {"count": 1, "bytes_per_device": 16 * 8 * 4}
+    assert found["collective-permute"] == {"count": 1, "bytes_per_device": 2 * 4 + 4 * 2}
+    assert found["reduce-scatter"]["count"] == found["all-to-all"]["count"] == 0
+
+
+def test_target_platform_makes_the_dispatch_trace_for_tpu_only_inside_the_block(manager):
+    q, k = (2, 40, 32760, 128), (2, 40, 32760, 128)
+    assert manager.choose_attention(q, k) == "xla"  # this machine is a CPU
+    with manager.target_platform("tpu"):
+        assert manager.platform == "tpu"
+        assert manager.choose_attention(q, k) == "splash"
+        assert manager.choose_attention(q, k, planned=False) == "xla"  # e.g. the VAE's mid-block
+    assert manager.platform == "cpu"
+    with pytest.raises(ValueError, match="tpu"):
+        with manager.target_platform("tensorcore"):
+            pass
+
+
+# ------------------------------------------------------------------ the Splash kernel, compiled by Mosaic
+@pytest.mark.parametrize("tokens", [32760, 75600], ids=["14B-480P", "14B-720P"])
+@pytest.mark.parametrize("chip", ["v6e-8", "v5e-8", "v5p-8"])
+def test_splash_kernel_compiles_for_tpu_at_the_14b_shapes(chip, tokens):
+    """Batch 2 (CFG), 40 heads, head_dim 128 under shard_map on the chip's mesh; Mosaic must accept it."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = env_manager.build_mesh(tpu_compile.topology_devices(tpu_compile.parse_chip(chip)))
+    spec = NamedSharding(mesh, PartitionSpec("dp", "tp"))
+    x = jax.ShapeDtypeStruct((2, 40, tokens, 128), jnp.bfloat16, sharding=spec)
+    with splash.force_interpret(False):
+        lowered = jax.jit(lambda q, k, v: splash.splash_attention(q, k, v, mesh=mesh)).lower(x, x, x)
+    compiled = lowered.compile()  # raises if Mosaic rejects the kernel (block shapes, VMEM)
+    text = compiled.as_text()
+    assert tpu_compile.custom_call_count(text) == 1
+    assert sum(entry["count"] for entry in tpu_compile.collectives(text).values()) == 0  # heads stay local
+    per_device = x.size * 2 // (mesh.shape["dp"] * mesh.shape["tp"])  # one of q, k, v or the output
+    assert tpu_compile.memory_facts(compiled)["peak_bytes_per_device"] < 16 * per_device  # never the S x S scores (hundreds of GiB)
+    flops = compiled.cost_analysis()["flops"]
+    heads_per_device = 2 * 40 // (mesh.shape["dp"] * mesh.shape["tp"])
+    assert flops >= 4 * heads_per_device * tokens * tokens * 128  # QK^T and PV on this device's heads
+
+
+# ------------------------------------------------------------------ the tiny model's three stages
+def _tiny_configs(tiny_model_dir):
+    def read(component):
+        with open(os.path.join(tiny_model_dir, component, "config.json")) as handle:
+            return json.load(handle)
+
+    return read("transformer"), read("text_encoder"), read("vae")
+
+
+def test_the_tiny_models_three_stages_compile_for_v6e_8(tiny_model_dir, manager, v6e_8):
+    transformer, text_encoder, vae = _tiny_configs(tiny_model_dir)
+    video = dict(height=32, width=48, frames=5)
+    programs = [
+        ("text_encoder", *v6e_8.text_encoder(text_encoder)),
+        ("step_cfg", *v6e_8.step(transformer, cfg=True, **video)),
+        ("step", *v6e_8.step(transformer, cfg=False, **video)),
+    ]
+    chunks = v6e_8.vae_decode(vae, **video)  # the VAE decode: one program per kind of latent frame
+    assert [runs for _, _, runs in chunks] == [1, 1]  # 5 frames are 2 latent frames: first and second
+    programs += [("vae_decode", jitted, args) for jitted, args, _ in chunks]
+    frames = 0
+    for name, jitted, args in programs:
+        compiled, _, _ = v6e_8.compile(jitted, args, matmul_precision=name != "vae_decode")
+        outputs = compiled.out_info
+        if name.startswith("step"):
+            assert [o.shape for o in outputs] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
+        elif name == "vae_decode":
+            frames += outputs[0].shape[0]
+            assert outputs[0].shape[1:] == (32, 48, 3)
+        else:
+            assert outputs.shape == (2, 512, text_encoder["d_model"])
+        assert tpu_compile.memory_facts(compiled)["peak_bytes_per_device"] > 0
+    assert frames == 5  # 1 frame from the first latent frame, 4 from the second
+
+
+# ------------------------------------------------------------------ real-width blocks: the step as designed
+def test_real_width_step_compiles_with_splash_and_one_all_reduce_per_sublayer(manager, v6e_8):
+    """Two blocks of the real 14B architecture, CFG, on v6e-8 (2, 4), at 832x480 and 25 frames
+    (10,920 tokens: long enough for Splash, short enough to compile in CI).
+
+    As the sharding plan implies: Splash for every self-attention; no weight
+    is ever all-gathered (nothing is gathered at all); each block all-reduces
+    its three row-parallel outputs (self-attention, cross-attention, FFN),
+    [1, S, D] bf16 per device with the CFG pair split over dp, plus small
+    reductions (the q/k RMS norms across the split heads)."""
+    config = dict(memory_plan.WAN21_CONFIGS["14B"], num_layers=2)
+    height, width, frames = 480, 832, 25
+    jitted, args = v6e_8.step(config, height, width, frames, cfg=True)
+    compiled, _, _ = v6e_8.compile(jitted, args)
+    text = compiled.as_text()
+    found = tpu_compile.collectives(text)
+    assert tpu_compile.custom_call_count(text) == 2, found
+    assert found["all-gather"]["count"] == 0, found
+    assert found["reduce-scatter"]["count"] == found["all-to-all"]["count"] == 0, found
+    tokens = memory_plan.transformer_tokens(config, height, width, frames)
+    sublayer = tokens * 5120 * 2  # bf16 [1, S, D] per device
+    all_reduce = found["all-reduce"]
+    assert 3 * 2 <= all_reduce["count"], found
+    assert 3 * 2 * sublayer <= all_reduce["bytes_per_device"] < 3 * 2 * sublayer * 1.1, (found, sublayer)
+    assert found["collective-permute"]["bytes_per_device"] < 0.01 * all_reduce["bytes_per_device"], found
+    # The HBM plan's estimate for the step agrees with the compiler (+-25%).
+    peak = tpu_compile.memory_facts(compiled)["peak_bytes_per_device"]
+    plan = memory_plan.plan_memory(config, (2, 4), height, width, frames, "bf16", cfg=True, hbm_bytes=32 * GiB)
+    assert 0.75 <= plan.stage_peak_bytes("transformer") / peak <= 1.25, (plan.stage_peak_bytes("transformer"), peak)
+
+
+@pytest.mark.slow_tpu_compile
+def test_the_whole_1_3b_step_compiles_for_v6e_8(manager, v6e_8):
+    """The real 1.3B step at 832x480, 81 frames, CFG: 30 Splash calls, 3 all-reduces of [1, S, D] per block."""
+    config = memory_plan.WAN21_CONFIGS["1.3B"]
+    jitted, args = v6e_8.step(config, 480, 832, 81, cfg=True)
+    compiled, _, _ = v6e_8.compile(jitted, args)
+    text = compiled.as_text()
+    assert tpu_compile.custom_call_count(text) == config["num_layers"]
+    found = tpu_compile.collectives(text)
+    assert found["all-gather"]["count"] == 0
+    sublayer = memory_plan.transformer_tokens(config, 480, 832, 81) * 1536 * 2
+    assert 3 * 30 * sublayer <= found["all-reduce"]["bytes_per_device"] < 3 * 30 * sublayer * 1.1
