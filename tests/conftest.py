@@ -54,13 +54,11 @@ def manager():
 TINY_VIDEO = dict(height=32, width=48, num_frames=5)
 
 
-@pytest.fixture(scope="session")
-def diffusers_frames(tiny_model_dir):
-    """diffusers' PyTorch WanPipeline on the tiny model: {(seed, guidance, steps): frames}."""
+def cached_diffusers_runs(pipe):
+    """``frames(prompt, negative_prompt, seed, guidance_scale, steps, flow_shift=3.0, **video)`` of
+    ``pipe`` (a diffusers WanPipeline), each distinct run computed once."""
     import torch
-    from diffusers import WanPipeline
 
-    pipe = WanPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     cache = {}
 
@@ -80,29 +78,23 @@ def diffusers_frames(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def diffusers_frames(tiny_model_dir):
+    """diffusers' PyTorch WanPipeline (fp32) on the tiny model."""
+    import torch
+    from diffusers import WanPipeline
+
+    return cached_diffusers_runs(WanPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32))
+
+
+@pytest.fixture(scope="session")
 def diffusers_bf16_frames(tiny_model_dir):
     """diffusers' WanPipeline in bf16 as its docs run Wan (text encoder and transformer in bf16,
-    the VAE in fp32), on the tiny model: {(prompt, seed, guidance, steps, ...): frames}."""
+    the VAE in fp32), on the tiny model."""
     import torch
     from diffusers import AutoencoderKLWan, WanPipeline
 
     vae = AutoencoderKLWan.from_pretrained(tiny_model_dir, subfolder="vae", torch_dtype=torch.float32)
-    pipe = WanPipeline.from_pretrained(tiny_model_dir, vae=vae, torch_dtype=torch.bfloat16)
-    pipe.set_progress_bar_config(disable=True)
-    cache = {}
-
-    def frames(prompt, negative_prompt, seed, guidance_scale, steps, flow_shift=3.0, **video):
-        key = (prompt, negative_prompt, seed, guidance_scale, steps, flow_shift, tuple(sorted(video.items())))
-        if key not in cache:
-            pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
-            cache[key] = pipe(
-                prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="np", **(video or TINY_VIDEO),
-            ).frames[0]
-        return cache[key]
-
-    return frames
+    return cached_diffusers_runs(WanPipeline.from_pretrained(tiny_model_dir, vae=vae, torch_dtype=torch.bfloat16))
 
 
 def pytest_configure(config):

@@ -104,12 +104,8 @@ needs_peft = pytest.mark.skipif(
 )
 
 
-def diffusers_fused(model_dir, loras, dtype=torch.float32) -> dict[str, np.ndarray]:
-    """The transformer's parameters after diffusers' load_lora_weights + fuse_lora."""
-    from diffusers import WanPipeline, WanTransformer3DModel
-
-    transformer = WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None, scheduler=None)
+def fuse_with_diffusers(pipe, loras) -> None:
+    """diffusers' own way: load_lora_weights each [(path, strength)], then fuse_lora at the strengths."""
     names = [f"adapter{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
         pipe.load_lora_weights(path, adapter_name=name)
@@ -118,6 +114,15 @@ def diffusers_fused(model_dir, loras, dtype=torch.float32) -> dict[str, np.ndarr
     else:
         pipe.set_adapters(names, adapter_weights=[strength for _, strength in loras])
         pipe.fuse_lora()
+
+
+def diffusers_fused(model_dir, loras, dtype=torch.float32) -> dict[str, np.ndarray]:
+    """The transformer's parameters after diffusers' load_lora_weights + fuse_lora."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None, scheduler=None)
+    fuse_with_diffusers(pipe, loras)
     return {
         name.replace(".base_layer", ""): _numpy(p)
         for name, p in transformer.named_parameters() if ".lora_" not in name

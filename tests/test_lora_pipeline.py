@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_VIDEO, pack_module
-from test_lora import write_random_lora
+from test_lora import fuse_with_diffusers, write_random_lora
 
 pipeline_mod = pack_module("pipeline")
 lora = pack_module("lora")
@@ -36,14 +36,7 @@ def diffusers_with_loras(tiny_model_dir, loras):
     pipe = WanPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=SETTINGS["flow_shift"])
-    names = [f"adapter{i}" for i in range(len(loras))]
-    for name, (path, _) in zip(names, loras):
-        pipe.load_lora_weights(path, adapter_name=name)
-    if len(loras) == 1:
-        pipe.fuse_lora(lora_scale=loras[0][1])
-    else:
-        pipe.set_adapters(names, adapter_weights=[strength for _, strength in loras])
-        pipe.fuse_lora()
+    fuse_with_diffusers(pipe, loras)
     return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=SETTINGS["num_inference_steps"],
                 guidance_scale=SETTINGS["guidance_scale"], generator=torch.Generator("cpu").manual_seed(SETTINGS["seed"]),
                 output_type="np", **TINY_VIDEO).frames[0]
