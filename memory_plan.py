@@ -95,7 +95,9 @@ HBM_GIB_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
 # adds padding to (8, 128) tiles, layout copies (e.g. [B, S, H, D] <-> [B, H, S, D]
 # around the attention kernel), collective buffers and scratch we do not model.
 TRANSFORMER_ACTIVATION_SAFETY = 1.1  # fitted to the compiled step (see transformer_activation_bytes)
-VAE_ACTIVATION_SAFETY = 1.25  # the conv working set is counted generously already
+VAE_ACTIVATION_SAFETY = 1.7  # fitted to the compiled chunk programs: 14B/any at 1280x720 on v6e-8, 24.0 GiB peak
+# per device by libtpu (VAE weights 0.5 GiB included); layout padding of the 96-channel convs and
+# XLA temporaries beyond the live set this formula counts
 TEXT_ENCODER_ACTIVATION_SAFETY = 1.5
 
 
@@ -334,17 +336,18 @@ def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, nu
                    (input, shortcut, conv input with the 2 cached frames (1.5x), output)
                  upsample stage: f_i * c * h_i * w_i + f'_i * (c + c // 2) * 4 * h_i * w_i
                    (input, nearest-upsampled input, conv output)
-      video    = 2 * 3 * F * H * W  (the output so far and its concatenation)
+      video    = 2 * 3 * 4 * H * W  (one chunk's frames and their [0, 1] copy; earlier
+                 chunks' frames are already on the host)
 
       decode = safety * 4 bytes * (caches + working + video)
 
     For the Wan 2.1 VAE that is ~2400 + ~1700 elements per output pixel
     (caches + working) plus the video: at 720P (1280x720, 81 frames) 16.9 GB
-    before the factor, at 480P (832x480) 7.3 GB. This is what a schedule that
-    finishes each chunk before the next needs. ``pipeline`` jits the whole
-    decode, so XLA picks the order: on CPU, XLA interleaved chunks and used
-    2-4x this at 256x256 (with CPU-only layout copies); TPU's scheduler is
-    memory-aware, but this is not measured on TPU.
+    before the factor, at 480P (832x480) 7.3 GB, with the whole video; the
+    pipeline now decodes one latent frame per compiled call
+    (``pipeline.VAEChunkDecoder``), so only one chunk's frames count. The
+    safety factor is fitted to libtpu's compiled chunk programs at 1280x720
+    on v6e-8 (24.0 GiB peak per device; the plan gives 24.5).
     """
     dim = vae_config.get("decoder_base_dim") or vae_config.get("base_dim", 96)
     mult = list(vae_config.get("dim_mult", [1, 2, 4, 4]))
@@ -376,7 +379,7 @@ def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, nu
             working = max(working, frames * out_dim * area(i) + up_frames * (out_dim + out_dim // 2) * 4 * area(i))
             frames = up_frames
     cache += VAE_CACHE_T * dims[-1] * pixels  # conv_out
-    video = 2 * 3 * num_frames * pixels
+    video = 2 * 3 * 4 * pixels  # the pipeline decodes chunk by chunk (VAEChunkDecoder)
     return int(VAE_ACTIVATION_SAFETY * 4 * (cache + working + video))
 
 
