@@ -191,3 +191,20 @@ def test_the_whole_1_3b_step_compiles_for_v6e_8(manager, v6e_8):
     assert found["all-gather"]["count"] == 0
     sublayer = memory_plan.transformer_tokens(config, 480, 832, 81) * 1536 * 2
     assert 3 * 30 * sublayer <= found["all-reduce"]["bytes_per_device"] < 3 * 30 * sublayer * 1.1
+
+
+def test_the_magcache_record_and_reuse_steps_compile_for_v6e_8(tiny_model_dir, manager, v6e_8):
+    """MagCache's two extra step programs (full step keeping the blocks' residual, and the skip step)."""
+    transformer_config, _, _ = _tiny_configs(tiny_model_dir)
+    module, weights, plan = v6e_8.component("transformer", transformer_config)
+    component = pipeline_mod.TransformerComponent(module, weights, plan, v6e_8.mesh, dict(module.config), {},
+                                                  module.dtype)
+    _, args = v6e_8.step(transformer_config, cfg=True, height=32, width=48, frames=5)
+    residual = v6e_8.pipeline._block_residual_spec(component, pipeline_mod.latent_shape(32, 48, 5), 2)
+    for mode, extra in (("record", ()), ("reuse", (residual,))):
+        compiled, _, _ = v6e_8.compile(v6e_8.pipeline._make_step_fn(component, True, mode), args + extra)
+        outputs = compiled.out_info
+        state = outputs[0] if mode == "record" else outputs
+        assert [o.shape for o in state] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
+        if mode == "record":
+            assert outputs[1].shape == residual.shape
