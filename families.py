@@ -7,9 +7,11 @@ conditioning it takes. The core (``pipeline.WanTPUPipeline``) runs every
 family it supports from this description; there is no copy of the pipeline
 per family.
 
-Supported now: Wan 2.1 T2V (1.3B, 14B) and Wan 2.2 T2V A14B (a high-noise
-and a low-noise expert). Recognised but refused with a message: image-to-video
-(Wan 2.1 I2V 14B, Wan 2.2 I2V A14B) and Wan 2.2 TI2V 5B (expanded timesteps).
+Supported now: Wan 2.1 T2V (1.3B, 14B), Wan 2.2 T2V A14B (a high-noise and a
+low-noise expert), Wan 2.1 I2V 14B (the image through the VAE encoder and a
+CLIP image encoder) and Wan 2.2 I2V A14B (two experts, the image through the
+VAE encoder only). Recognised but refused with a message: Wan 2.2 TI2V 5B
+(expanded timesteps and the 48-channel VAE).
 
 Imports neither torch nor jax.
 """
@@ -27,7 +29,8 @@ class WanFamily:
     experts: tuple[str, ...] = ("transformer",)  # transformer subfolders; the first takes the high-noise steps
     boundary_ratio: float | None = None  # the second expert takes timesteps below boundary_ratio * num_train_timesteps
     expand_timesteps: bool = False  # Wan 2.2 TI2V: a timestep per token
-    image_conditioning: bool = False  # image-to-video
+    image_conditioning: bool = False  # image-to-video: the first frame is given
+    clip_image_encoder: bool = False  # Wan 2.1 I2V: the image also goes through CLIP into cross-attention
 
     @property
     def two_experts(self) -> bool:
@@ -41,6 +44,7 @@ class WanFamily:
 
 
 WAN21_T2V = WanFamily("Wan 2.1 T2V")
+WAN21_I2V = WanFamily("Wan 2.1 I2V", image_conditioning=True, clip_image_encoder=True)
 
 
 def _present(entry) -> bool:
@@ -54,22 +58,27 @@ def family_from_model_index(model_index: dict, model_id: str = "the model") -> W
     pipeline_class = model_index.get("_class_name", "WanPipeline")
     two = _present(model_index.get("transformer_2"))
     boundary = model_index.get("boundary_ratio")
-    if pipeline_class == "WanImageToVideoPipeline" or _present(model_index.get("image_encoder")):
-        raise ValueError(
-            f"{model_id} is an image-to-video model ({pipeline_class}); this pack runs text-to-video so far: "
-            f"use a T2V model such as Wan-AI/Wan2.1-T2V-14B-Diffusers or Wan-AI/Wan2.2-T2V-A14B-Diffusers"
-        )
-    if pipeline_class != "WanPipeline":
-        raise ValueError(f"{model_id} has pipeline {pipeline_class!r}, not a Wan text-to-video pipeline: "
-                         f"use a Wan T2V diffusers folder")
+    if pipeline_class not in ("WanPipeline", "WanImageToVideoPipeline"):
+        raise ValueError(f"{model_id} has pipeline {pipeline_class!r}, not a Wan pipeline: use a Wan T2V or I2V "
+                         f"diffusers folder (WanPipeline or WanImageToVideoPipeline)")
     if model_index.get("expand_timesteps"):
         raise ValueError(
             f"{model_id} uses expanded timesteps (Wan 2.2 TI2V 5B), which this pack does not run yet: "
-            f"use Wan 2.1 T2V or Wan 2.2 T2V A14B"
+            f"use Wan 2.1 T2V/I2V or Wan 2.2 T2V/I2V A14B"
         )
+    image = pipeline_class == "WanImageToVideoPipeline"
     if two:
         if boundary is None:
             raise ValueError(f"{model_id} has a transformer_2 but no boundary_ratio in model_index.json: "
                              f"its diffusers folder is incomplete")
-        return WanFamily("Wan 2.2 T2V A14B", ("transformer", "transformer_2"), float(boundary))
+        if image and _present(model_index.get("image_encoder")):
+            raise ValueError(f"{model_id} has two experts and a CLIP image encoder, a combination no Wan release "
+                             f"has: use Wan-AI/Wan2.2-I2V-A14B-Diffusers or Wan-AI/Wan2.1-I2V-14B-*-Diffusers")
+        name = "Wan 2.2 I2V A14B" if image else "Wan 2.2 T2V A14B"
+        return WanFamily(name, ("transformer", "transformer_2"), float(boundary), image_conditioning=image)
+    if image:
+        if not _present(model_index.get("image_encoder")):
+            raise ValueError(f"{model_id} is a one-expert image-to-video model without a CLIP image encoder "
+                             f"(image_encoder/): Wan 2.1 I2V needs one; its diffusers folder is incomplete")
+        return WAN21_I2V
     return WAN21_T2V

@@ -39,6 +39,7 @@ _COMPONENT_WEIGHTS = {
     "transformer": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
     "transformer_2": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+    "image_encoder": ("model.safetensors", "model.safetensors.index.json"),
 }
 
 
@@ -313,3 +314,28 @@ def load_vae(source: ModelSource):
     return AutoencoderKLWan.from_pretrained(
         source.location, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True
     ).eval()
+
+
+def load_image_encoder(source: ModelSource):
+    """Wan 2.1 I2V's CLIP vision tower, in float32 as diffusers' Wan I2V examples load it (it runs once
+    per image)."""
+    import torch
+    from transformers import CLIPVisionModel
+
+    check_component(source, "image_encoder")
+    _log_hub(source, "image_encoder/")
+    return CLIPVisionModel.from_pretrained(
+        source.location, subfolder="image_encoder", torch_dtype=torch.float32, use_safetensors=True,
+        trust_remote_code=False,
+    ).eval()
+
+
+def load_image_processor(source: ModelSource):
+    """The CLIP image processor (resize, crop, normalise on the host) that diffusers' pipeline uses."""
+    from transformers import CLIPImageProcessor
+
+    if source.is_local and not os.path.isdir(os.path.join(source.location, "image_processor")):
+        raise ValueError(f"model {source.model_id!r} has no image_processor/ folder (looked in {source.location}): "
+                         f"a Wan 2.1 I2V diffusers folder has one")
+    _log_hub(source, "image_processor/")
+    return CLIPImageProcessor.from_pretrained(source.location, subfolder="image_processor", trust_remote_code=False)

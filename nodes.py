@@ -74,6 +74,9 @@ STEP_INPUTS = {
 }
 
 
+IMAGE_CONDITIONING_INPUT = ("WAN_TPU_IMAGE", {"tooltip": "Image-to-video models only (Wan 2.1 I2V, Wan 2.2 I2V A14B): "
+                                                       "the start image, from 'Wan TPU Image to Video' (made for "
+                                                       "the same width, height and frames)."})
 LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoRA' nodes, fused into the "
                                           "transformer's weights on the device. Not connected: no LoRA."})
 
@@ -326,7 +329,7 @@ class Wan21TPUSampler:
                 **VIDEO_INPUTS,
             },
             "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS,
-                         "lora": LORA_INPUT},
+                         "lora": LORA_INPUT, "image": IMAGE_CONDITIONING_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -398,7 +401,9 @@ class Wan21TPUPipeline:
         return {
             "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT, **VIDEO_INPUTS},
             "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, "flow_shift": FLOW_SHIFT_INPUT,
-                         **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS, "lora": LORA_INPUT},
+                         **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS, "lora": LORA_INPUT,
+                         "start_image": ("IMAGE", {"tooltip": "Image-to-video models only: the first frame "
+                                                              "(e.g. from Load Image)."})},
             "hidden": dict(HIDDEN),
         }
 
@@ -415,10 +420,50 @@ class Wan21TPUPipeline:
         pipe = make_pipeline(model_id, precision, dp, tp)
         report = status_reporter(unique_id)
         embeddings = pipe.encode(prompt, negative_prompt, on_status=report)
+        start_image = step_inputs.pop("start_image", None)
+        if start_image is not None:
+            step_inputs["image"] = pipe.encode_image(start_image, height=height, width=width, num_frames=num_frames,
+                                                     on_status=report)
         latents = run_denoise(pipe, embeddings, unique_id, height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                               flow_shift=flow_shift, **step_inputs)
         return (pipe.decode(latents, on_status=report), fps)
+
+
+class WanTPUImageToVideo:
+    DESCRIPTION = (
+        "The start image of an image-to-video model (Wan 2.1 I2V 14B, Wan 2.2 I2V A14B), encoded on the TPU as "
+        "diffusers does it: resized to the video size, through the VAE encoder (and for Wan 2.1 through CLIP). "
+        "Connect it to the sampler's 'image' input; give both the same width, height and frames."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("WAN_TPU_IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The image conditioning, for the sampler's 'image' input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        video = {name: VIDEO_INPUTS[name] for name in ("height", "width", "num_frames")}
+        return {
+            "required": {"start_image": ("IMAGE", {"tooltip": "The first frame, e.g. from Load Image. The first "
+                                                              "image of a batch is used."}),
+                         **video},
+            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS},
+            "hidden": dict(HIDDEN),
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None,
+                        tp=None):
+        return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
+
+    def encode(self, start_image, height, width, num_frames, model_id=loading.DEFAULT_MODEL_ID, precision="bf16",
+               dp=0, tp=0, unique_id=None):
+        check_interrupted()
+        pipe = make_pipeline(model_id, precision, dp, tp)
+        return (pipe.encode_image(start_image, height=height, width=width, num_frames=num_frames,
+                                  on_status=status_reporter(unique_id)),)
 
 
 def lora_file_choices() -> list[str] | None:
@@ -510,6 +555,7 @@ NODE_CLASS_MAPPINGS = {
     "Wan21TPUPipeline": Wan21TPUPipeline,
     "Wan21TPUUnload": Wan21TPUUnload,
     "Wan21TPULoRA": Wan21TPULoRA,
+    "WanTPUImageToVideo": WanTPUImageToVideo,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TextEncoder": "Wan 2.1 Text Encoder (TPU)",
@@ -518,4 +564,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TPUPipeline": "Wan 2.1 TPU Full Pipeline",
     "Wan21TPUUnload": "Wan 2.1 TPU Unload",
     "Wan21TPULoRA": "Wan 2.1 TPU LoRA",
+    "WanTPUImageToVideo": "Wan TPU Image to Video",
 }

@@ -38,6 +38,25 @@ LATENT_CHANNELS = 16
 
 
 @dataclass(frozen=True)
+class WanImageConditioning:
+    """An image-to-video model's conditioning on its first frame, made by ``encode_image``.
+
+    ``condition``: [1, 20, T, h, w] float32 (CPU): the first-frame mask (4
+    channels) and the normalised VAE latents of the image followed by black
+    frames (16), which the transformer takes beside the noisy latents.
+    ``image_embeds``: Wan 2.1 I2V's CLIP tokens [1, n, clip_dim] (CPU), else None.
+    The video size it was made for is kept, so a sampler of another size is told.
+    """
+
+    condition: Any
+    image_embeds: Any
+    model_id: str
+    height: int
+    width: int
+    num_frames: int
+
+
+@dataclass(frozen=True)
 class WanEmbeddings:
     """UMT5 embeddings of a prompt pair: [1, 512, text_dim] float32 CPU tensors.
 
@@ -108,12 +127,14 @@ class VAEChunkDecoder:
     one frame's working set and compiles in a fraction of the time.
     """
 
+    part = "decoder"  # which half of the VAE; its causal convolutions' count sizes the cache
+
     def __init__(self, manager: TorchaxEnvManager, module):
         self.manager, self.module = manager, module
         if module.config.get("patch_size") is not None:
-            raise ValueError(f"VAE patch_size={module.config.patch_size}: this decoder handles the Wan 2.1 VAE "
+            raise ValueError(f"VAE patch_size={module.config.patch_size}: this pack handles the Wan 2.1 VAE "
                              f"(no patching)")
-        self.conv_count = module._cached_conv_counts["decoder"]
+        self.conv_count = module._cached_conv_counts[self.part]
         self.jitted = manager.jax.jit(self._chunk, static_argnums=(3,))
         self.markers_after: dict[tuple, tuple] = {}  # cache markers in -> out, recorded when a chunk is traced
         self.compiled: dict = {}
@@ -122,35 +143,41 @@ class VAEChunkDecoder:
     def first_markers(self) -> tuple:
         return (None,) * self.conv_count
 
-    def _chunk(self, weights, z, cache, markers):
-        """One latent frame z [1, 16, 1, h, w] -> (frames [4 or 1, H, W, 3] float32 in [0, 1], new cache arrays).
+    def _run(self, x, feat: list, first: bool):
+        """One chunk through the torch module (traced by torchax): the decoder's clamped output."""
+        import torch
+
+        vae = self.module
+        x = vae.post_quant_conv(x)  # a 1x1x1 convolution: per frame it is what diffusers does at once
+        return torch.clamp(vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=first), -1.0, 1.0)
+
+    def _finish(self, out):
+        """The chunk's output as returned to the host: frames [f, H, W, 3] float32 in [0, 1]."""
+        jnp = self.manager.jax.numpy
+        frames = jnp.clip(out[0].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [3, f, H, W]
+        return jnp.transpose(frames, (1, 2, 3, 0))
+
+    def _chunk(self, weights, x, cache, markers):
+        """One chunk x -> (its output, new cache arrays).
 
         ``markers`` (static) says per cache entry: None (empty), "Rep" or "T" (an array, in ``cache`` order).
         """
         import torch
 
-        manager, jnp = self.manager, self.manager.jax.numpy
-        env = manager.env
-        vae = self.module
+        env = self.manager.env
         with torch.inference_mode(False), torch.no_grad():
             torch_weights = env.j2t_iso({f"module.{name}": value for name, value in weights.items()})
             arrays = iter(env.j2t_iso(list(cache)))
             feat = [None if m is None else ("Rep" if m == "Rep" else next(arrays)) for m in markers]
             first = all(m is None for m in markers)
-
-            def run(z):
-                x = vae.post_quant_conv(z)  # a 1x1x1 convolution: per frame it is what diffusers does at once
-                return torch.clamp(vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=first), -1.0, 1.0)
-
-            wrapper = _method_as_forward(vae, lambda _, z: run(z))
+            wrapper = _method_as_forward(self.module, lambda _, x: self._run(x, feat, first))
             with env:
-                out = torch.func.functional_call(wrapper, torch_weights, (env.j2t_iso(z),), tie_weights=False)
+                out = torch.func.functional_call(wrapper, torch_weights, (env.j2t_iso(x),), tie_weights=False)
             self.markers_after[markers] = tuple(
                 None if f is None else ("Rep" if isinstance(f, str) else "T") for f in feat)
             out = env.t2j_iso(out)
             new_cache = [env.t2j_iso(f) for f in feat if f is not None and not isinstance(f, str)]
-        frames = jnp.clip(out[0].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [3, f, H, W]
-        return jnp.transpose(frames, (1, 2, 3, 0)), new_cache
+        return self._finish(out), new_cache
 
     def chunk_kinds(self, weights, latent_shape) -> list[tuple[tuple, tuple]]:
         """(markers, abstract args) of each program a decode of ``latent_shape`` runs, first to steady:
@@ -166,25 +193,55 @@ class VAEChunkDecoder:
             markers = self.markers_after[markers]
         return kinds
 
-    def decode(self, weights, latents, replicated, on_status=None, device=None) -> np.ndarray:
-        """Frames [F, H, W, 3] float32 (host) of latents [1, 16, T, h, w] (host)."""
+    def run_chunks(self, weights, chunks, replicated, on_status, device, what: str, fix: str) -> list[np.ndarray]:
+        """Each host chunk through its compiled program, the cache carried on the device; host outputs."""
         jax = self.manager.jax
-        markers, cache, frames = self.first_markers, [], []
-        for index in range(latents.shape[2]):
-            z = jax.device_put(np.ascontiguousarray(latents[:, :, index:index + 1]), replicated)
-            args = (weights, z, cache)
+        markers, cache, outputs = self.first_markers, [], []
+        for chunk in chunks:
+            x = jax.device_put(np.ascontiguousarray(chunk), replicated)
+            args = (weights, x, cache)
             key = (markers, _shape_key(args[1:]))
             if key not in self.compiled:
-                with device_errors("compiling the VAE decoder", "Lower the resolution."):
-                    lowered_args = args + (markers,)
-                    self.compiled[key] = compiled_program(
-                        {}, key, self.jitted, lowered_args, on_status, "the VAE decode",
-                        "Lower the resolution (the VAE is replicated: more devices do not help).", device=device)
-            with device_errors("the VAE decoder", "Lower the resolution or num_frames."):
-                chunk, cache = self.compiled[key](*args)
+                with device_errors(f"compiling {what}", "Lower the resolution."):
+                    self.compiled[key] = compiled_program({}, key, self.jitted, args + (markers,), on_status, what,
+                                                          fix, device=device)
+            with device_errors(what, "Lower the resolution or num_frames."):
+                out, cache = self.compiled[key](*args)
             markers = self.markers_after[markers]
-            frames.append(np.asarray(chunk))
-        return np.concatenate(frames)
+            outputs.append(np.asarray(out))
+        return outputs
+
+    def decode(self, weights, latents, replicated, on_status=None, device=None) -> np.ndarray:
+        """Frames [F, H, W, 3] float32 (host) of latents [1, 16, T, h, w] (host)."""
+        chunks = (latents[:, :, index:index + 1] for index in range(latents.shape[2]))
+        return np.concatenate(self.run_chunks(
+            weights, chunks, replicated, on_status, device, "the VAE decode",
+            "Lower the resolution (the VAE is replicated: more devices do not help)."))
+
+
+class VAEChunkEncoder(VAEChunkDecoder):
+    """The VAE encode (image-to-video's first frame), as diffusers' ``AutoencoderKLWan._encode`` runs it:
+    the first frame alone, then 4 frames per chunk, the causal cache carried between chunks; one small
+    compiled program per kind of chunk. Returns the latent distribution's mode (its mean), as diffusers'
+    I2V pipeline takes it (``sample_mode="argmax"``)."""
+
+    part = "encoder"
+
+    def _run(self, x, feat: list, first: bool):
+        vae = self.module
+        encoded = vae.quant_conv(vae.encoder(x, feat_cache=feat, feat_idx=[0]))  # quant_conv is 1x1x1: per chunk
+        return encoded[:, : vae.config.z_dim]
+
+    def _finish(self, out):
+        return out.astype(self.manager.jax.numpy.float32)
+
+    def encode(self, weights, video, replicated, on_status=None, device=None) -> np.ndarray:
+        """Latent means [1, 16, T, h, w] (host) of a video [1, 3, F, H, W] in [-1, 1] (host), F = 4n+1."""
+        frames = video.shape[2]
+        chunks = [video[:, :, :1]] + [video[:, :, 1 + 4 * i:5 + 4 * i] for i in range((frames - 1) // 4)]
+        return np.concatenate(self.run_chunks(
+            weights, chunks, replicated, on_status, device, "the VAE encode",
+            "Lower the resolution (the VAE is replicated: more devices do not help)."), axis=2)
 
 
 def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method: str | Callable, args: tuple,
@@ -204,11 +261,12 @@ def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method:
     with torch.inference_mode(False), torch.no_grad():
         torch_weights = env.j2t_iso({f"module.{name}": value for name, value in weights.items()})
         torch_args = env.j2t_iso(args)
+        kwargs = env.j2t_iso(dict(kwargs or {}))  # jax arrays among the keyword arguments too
         with env:
             # Every name of a tied weight is in ``weights`` (place_weights), so no tying is needed;
             # transformers 4.x would otherwise refuse a value for each name.
             output = torch.func.functional_call(
-                _method_as_forward(module, method), torch_weights, torch_args, kwargs or {}, tie_weights=False
+                _method_as_forward(module, method), torch_weights, torch_args, kwargs, tie_weights=False
             )
             output = pick(output)
         return env.t2j_iso(output)
@@ -248,17 +306,21 @@ def _block_cache(module, record: bool, reuse):
 
 
 def call_transformer(manager: TorchaxEnvManager, module, weights: dict, mesh, hidden, timesteps, context, *,
-                     record_residual: bool = False, block_residual=None):
+                     record_residual: bool = False, block_residual=None, image_embeds=None):
     """The Wan transformer's velocity [B, 16, T, h, w] for jax arrays, inside ``jax.jit``;
     Splash attention (where chosen) shards over ``mesh``.
 
     MagCache: ``record_residual`` also returns the blocks' residual [B, tokens, dim];
     ``block_residual`` skips the blocks and reuses it (see ``magcache``).
+    ``image_embeds``: Wan 2.1 I2V's CLIP tokens [B, n, clip_dim], attended in cross-attention.
     """
     reuse = None if block_residual is None else manager.env.j2t_iso(block_residual)
+    kwargs = {"return_dict": False}
+    if image_embeds is not None:
+        kwargs["encoder_hidden_states_image"] = image_embeds
     with manager.active_mesh(mesh), _block_cache(module, record_residual, reuse) as captured:
         return call_torch_module(
-            manager, module, weights, "forward", (hidden, timesteps, context), {"return_dict": False},
+            manager, module, weights, "forward", (hidden, timesteps, context), kwargs,
             pick=(lambda output: (output[0], captured["residual"])) if record_residual else (lambda output: output[0]),
         )
 
@@ -378,6 +440,19 @@ class VAEComponent:
     decoder: "VAEChunkDecoder"
     latents_mean: np.ndarray  # [16]
     latents_std: np.ndarray  # [16]
+    encoder: "VAEChunkEncoder | None" = None  # image-to-video only
+
+
+@dataclass
+class ImageEncoderComponent:
+    """Wan 2.1 I2V's CLIP vision tower and its (host) image processor."""
+
+    processor: Any
+    module: Any
+    weights: dict
+    plan: sharding.ShardingPlan
+    mesh: Any
+    encode_fn: Callable
 
 
 class WanTPUPipeline:
@@ -414,7 +489,7 @@ class WanTPUPipeline:
         return self.manager.mesh(self.dp, self.tp)
 
     def _key(self, kind: str) -> tuple:
-        precision = "fp32" if kind == "vae" else self.precision
+        precision = "fp32" if kind in ("vae", "image_encoder") else self.precision
         mesh_shape = tuple(self.mesh.shape.values())
         return (kind, self.source.location, precision, mesh_shape)
 
@@ -494,10 +569,31 @@ class WanTPUPipeline:
             component = VAEComponent(
                 module, weights, plan, mesh, VAEChunkDecoder(self.manager, module),
                 np.asarray(config.latents_mean, np.float32), np.asarray(config.latents_std, np.float32),
+                VAEChunkEncoder(self.manager, module),
             )
             return component, unique_arrays(weights)
 
         return self._cached("vae", build)
+
+    def image_encoder(self) -> ImageEncoderComponent:
+        """Wan 2.1 I2V's CLIP vision tower (fp32, split over tp), for ``encode_image``."""
+        def build():
+            mesh = self.mesh
+            with self.timer("load_image_encoder"), self.manager.loading():
+                processor = loading.load_image_processor(self.source)
+                module = loading.load_image_encoder(self.source)
+            weights, plan = place_weights(self.manager, module, sharding.IMAGE_ENCODER_RULES, mesh, "image encoder")
+            jax = self.manager.jax
+
+            def encode(weights, pixel_values):
+                # diffusers' Wan I2V takes the penultimate layer's hidden states.
+                return call_torch_module(self.manager, module, weights, "forward", (pixel_values,),
+                                         {"output_hidden_states": True}, pick=lambda out: out.hidden_states[-2])
+
+            component = ImageEncoderComponent(processor, module, weights, plan, mesh, jax.jit(encode))
+            return component, unique_arrays(weights)
+
+        return self._cached("image_encoder", build)
 
     def memory_plan(self, height: int, width: int, num_frames: int, guidance_scale: float) -> "memory_plan.MemoryPlan":
         """Per-device HBM this run will need, from the configs alone; logged, and raised
@@ -585,15 +681,21 @@ class WanTPUPipeline:
         batch_sharding = _batch_sharding(mesh, batch)
         jax_dtype = jnp.bfloat16 if "bfloat16" in str(dtype) else jnp.float32
 
-        def step(weights, state, context, coefficients, timestep, guidance_scale, block_residual=None):
+        def step(weights, state, context, coefficients, timestep, guidance_scale, block_residual=None,
+                 conditioning=None):
             sample, last_sample, m1, m2 = state
-            model_input = sample.astype(jax_dtype)
+            model_input = sample
             if cfg:  # cond and uncond as one batch of 2, split over dp
                 model_input = jnp.concatenate([model_input, model_input])
-            model_input = jax.lax.with_sharding_constraint(model_input, batch_sharding)
+            image_embeds = None
+            if conditioning is not None:  # image-to-video: the first-frame mask and latents beside the noise
+                condition, image_embeds = conditioning
+                model_input = jnp.concatenate([model_input, condition], axis=1)
+            model_input = jax.lax.with_sharding_constraint(model_input.astype(jax_dtype), batch_sharding)
             timesteps = jnp.full((batch,), timestep, jnp.float32)
             velocity = call_transformer(manager, module, weights, mesh, model_input, timesteps, context,
-                                        record_residual=cache_mode == "record", block_residual=block_residual)
+                                        record_residual=cache_mode == "record", block_residual=block_residual,
+                                        image_embeds=image_embeds)
             if cache_mode == "record":
                 velocity, block_residual = velocity
                 block_residual = jax.lax.with_sharding_constraint(block_residual, batch_sharding)
@@ -642,12 +744,96 @@ class WanTPUPipeline:
         embeds = torch.from_numpy(hidden.copy())
         return WanEmbeddings(embeds[:1], embeds[1:], self.source.model_id)
 
+    def encode_image(self, image, *, height: int = 480, width: int = 832, num_frames: int = 81,
+                     on_status: Callable[[str], None] | None = None) -> WanImageConditioning:
+        """An image-to-video model's conditioning on ``image`` (its first frame), as diffusers'
+        ``WanImageToVideoPipeline`` makes it, with the VAE encoder and (Wan 2.1 I2V) CLIP on the device.
+
+        ``image``: a PIL image, or an array [H, W, 3] (or [1, H, W, 3], ComfyUI's IMAGE) in [0, 1]; it is
+        resized to ``width`` x ``height`` on the host by diffusers' own processors.
+        """
+        import torch
+        from diffusers.video_processor import VideoProcessor
+
+        family = self.family
+        if not family.image_conditioning:
+            raise ValueError(f"{self.source.model_id!r} is {family.name}, a text-to-video model: it takes no image. "
+                             f"Use an image-to-video model (e.g. Wan-AI/Wan2.2-I2V-A14B-Diffusers), or leave the "
+                             f"image out")
+        check_video_shape(height, width, num_frames)
+        picture = as_pil_image(image)
+        self.memory_plan(height, width, num_frames, guidance_scale=1.0)
+        self._status(on_status, "vae", "VAE")
+        vae = self.vae()
+        jax = self.manager.jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        if on_status is not None:
+            on_status("encoding the image")
+        with self.timer("encode_image"):
+            pixels = VideoProcessor(vae_scale_factor=VAE_SPATIAL_FACTOR).preprocess(
+                picture, height=height, width=width).to(torch.float32).numpy()  # [1, 3, H, W] in [-1, 1]
+            # The image, then black frames: diffusers encodes the whole clip, the causal VAE carrying its cache.
+            video = np.zeros((1, 3, num_frames, height, width), np.float32)
+            video[:, :, 0] = pixels
+            replicated = NamedSharding(vae.mesh, PartitionSpec())
+            means = vae.encoder.encode(vae.weights, video, replicated, on_status, device=vae.mesh.devices.flat[0])
+            shape = (1, -1, 1, 1, 1)
+            latents = (means - vae.latents_mean.reshape(shape)) * (1.0 / vae.latents_std).reshape(shape)
+            mask = np.zeros((1, VAE_TEMPORAL_FACTOR) + latents.shape[2:], np.float32)
+            mask[:, :, 0] = 1.0  # the first latent frame is given; the rest are generated
+            condition = np.concatenate([mask, latents.astype(np.float32)], axis=1)
+            image_embeds = None
+            if family.clip_image_encoder:
+                self._status(on_status, "image_encoder", "image encoder")
+                clip = self.image_encoder()
+                pixel_values = clip.processor(images=picture, return_tensors="np")["pixel_values"].astype(np.float32)
+                pixel_values = jax.device_put(pixel_values, NamedSharding(clip.mesh, PartitionSpec()))
+                with device_errors("the image encoder", "Use a mesh with more devices."), self.matmul_precision():
+                    image_embeds = torch.from_numpy(np.asarray(clip.encode_fn(clip.weights, pixel_values)).copy())
+        return WanImageConditioning(torch.from_numpy(condition), image_embeds, self.source.model_id,
+                                    int(height), int(width), int(num_frames))
+
+    def _check_image(self, image: WanImageConditioning | None, transformer: TransformerComponent,
+                     height: int, width: int, num_frames: int) -> None:
+        """Refuse, naming the fix, an image where the model takes none, none where it needs one, or one
+        made for another size or model."""
+        family, model = self.family, repr(self.source.model_id)
+        if image is None:
+            if family.image_conditioning:
+                raise ValueError(f"{model} is {family.name}, an image-to-video model: give it the start image "
+                                 f"(connect a 'Wan TPU Image to Video' node's output to the sampler's image, "
+                                 f"or --image on the command line)")
+            return
+        if not isinstance(image, WanImageConditioning):
+            raise ValueError(f"image={type(image).__name__}: give the output of encode_image (the 'Wan TPU Image "
+                             f"to Video' node), not a raw image")
+        if not family.image_conditioning:
+            raise ValueError(f"{model} is {family.name}, a text-to-video model: it takes no image. Disconnect the "
+                             f"image, or use an image-to-video model")
+        made, wanted = (image.width, image.height, image.num_frames), (width, height, num_frames)
+        if made != wanted:
+            raise ValueError(f"the image conditioning was made for {made[0]}x{made[1]}, {made[2]} frames, but this "
+                             f"run is {width}x{height}, {num_frames} frames: give both the same width, height and "
+                             f"frames")
+        channels = transformer.config["in_channels"] - transformer.config["out_channels"]
+        if image.condition.shape[1] != channels:
+            raise ValueError(f"the image conditioning has {image.condition.shape[1]} channels but {model} takes "
+                             f"{channels}: encode the image with the same model")
+        takes_clip = transformer.config.get("image_dim") is not None
+        if takes_clip != (image.image_embeds is not None) or (
+                takes_clip and image.image_embeds.shape[-1] != transformer.config["image_dim"]):
+            raise ValueError(f"the image conditioning came from {image.model_id!r}, whose image encoding does not "
+                             f"fit {model} ({family.name}): encode the image with the same model")
+
     def denoise(self, embeddings: WanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 81,
                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
                 sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=(),
-                guidance_scale_2: float | None = None):
+                guidance_scale_2: float | None = None, image: WanImageConditioning | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
+
+        ``image``: for image-to-video models, ``encode_image``'s conditioning (made for this size).
 
         ``on_step(i, total)`` runs once with i=0 when loading and compiling are
         done and the first step starts, then after every step; an exception
@@ -680,6 +866,9 @@ class WanTPUPipeline:
         if family.two_experts and (magcache is not None or loras):
             raise ValueError(f"{family.name}: MagCache and LoRAs are not supported with two experts yet; "
                              f"turn them off for this model")
+        if family.image_conditioning and magcache is not None and magcache.mag_ratios is None:
+            raise ValueError(f"{family.name}: MagCache has published magnitude ratios for Wan 2.1 T2V only; give "
+                             f"mag_ratios calibrated for this model, or turn MagCache off")
         self.memory_plan(height, width, num_frames, guidance_scale)
         experts = self.experts(on_status)
         transformer = experts[0]
@@ -689,6 +878,7 @@ class WanTPUPipeline:
                 f"{self.source.model_id!r} expects {transformer.config['text_dim']}: encode the prompt with the "
                 f"same model's Text Encoder"
             )
+        self._check_image(image, transformer, height, width, num_frames)
         schedule = make_schedule(sampler, transformer.scheduler_config, num_inference_steps, flow_shift, timesteps)
         self.apply_loras(loras, on_status)
         total = len(schedule.timesteps)
@@ -723,10 +913,26 @@ class WanTPUPipeline:
             # The state is donated to each step, so each slot needs a buffer of its own.
             state = (sample, *(jnp.zeros(sample.shape, jnp.float32, device=replicated) for _ in range(3)))
             context = jax.device_put(torch_to_numpy(context), _batch_sharding(mesh, context.shape[0]))
+            conditioning = None
+            if image is not None:  # the same for cond and uncond: [batch, ...], split over dp like the batch
+                condition = jax.device_put(np.repeat(image.condition.numpy(), batch, axis=0),
+                                           _batch_sharding(mesh, batch))
+                image_embeds = None
+                if image.image_embeds is not None:
+                    image_embeds = image.image_embeds.to(torch.float32).numpy()
+                    image_embeds = jax.device_put(np.repeat(image_embeds, batch, axis=0).astype(context.dtype),
+                                                  _batch_sharding(mesh, batch))
+                conditioning = (condition, image_embeds)
             guidance = np.asarray(guidance_of_step, np.float32)  # per step: the two experts may differ
             coefficients, timesteps = schedule.coefficients, schedule.timesteps  # host arrays: data, not code
             step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance[0])
             residual = self._block_residual_spec(transformer, sample.shape, batch)
+            # The optional trailing arguments: MagCache's residual (the "reuse" step), then the image.
+            def extra(mode, residual):
+                if conditioning is None:
+                    return (residual,) if mode == "reuse" else ()
+                return (residual if mode == "reuse" else None, conditioning)
+
             programs = {}
             with device_errors("compiling the transformer step", "Lower the resolution or num_frames, or use more devices."), \
                     self.matmul_precision():
@@ -734,7 +940,7 @@ class WanTPUPipeline:
                     key = (cfg, mode)
                     if key not in transformer.step_fns:
                         transformer.step_fns[key] = self._make_step_fn(transformer, cfg, mode)
-                    args = step_args + ((residual,) if mode == "reuse" else ())
+                    args = step_args + extra(mode, residual)
                     what = "the denoising step" + {None: "", "record": " (MagCache, full)", "reuse": " (MagCache, skip)"}[mode]
                     programs[mode] = compiled_program(transformer.compiled_steps, (cfg, mode, _shape_key(args[1:])),
                                                       transformer.step_fns[key], args, on_status, what,
@@ -748,12 +954,10 @@ class WanTPUPipeline:
                 weights = experts[expert_of_step[i]].weights
                 args = (weights, state, context, coefficients[i], timesteps[i], guidance[i])
                 with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):
-                    if mode == "reuse":
-                        state = programs[mode](*args, residual)
-                    elif mode == "record":
-                        state, residual = programs[mode](*args)
+                    if mode == "record":
+                        state, residual = programs[mode](*args, *extra(mode, residual))
                     else:
-                        state = programs[mode](*args)
+                        state = programs[mode](*args, *extra(mode, residual))
                     state[0].block_until_ready()
                 self.last_step_seconds.append(time.perf_counter() - started)
                 if on_step is not None:
@@ -807,6 +1011,27 @@ class WanTPUPipeline:
         embeddings = self.encode(prompt, negative_prompt, on_status=on_status)
         latents = self.denoise(embeddings, on_status=on_status, **denoise_args)
         return self.decode(latents, on_status=on_status)
+
+
+def as_pil_image(image):
+    """A PIL RGB image from a PIL image or an array [H, W, 3] / [1, H, W, 3] in [0, 1] (ComfyUI's IMAGE).
+
+    Both diffusers processors (the VAE's resize, CLIP's resize and crop) then see what a diffusers user
+    gives them; an array is rounded to 8 bits, which is what an image file holds.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, np.float32)
+    if array.ndim == 4 and array.shape[0] >= 1:
+        if array.shape[0] > 1:
+            logger.info("the image batch has %d images: the first is the start frame", array.shape[0])
+        array = array[0]
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"image of shape {tuple(array.shape)}: give an RGB image [height, width, 3] "
+                         f"(ComfyUI's IMAGE, e.g. from Load Image)")
+    return Image.fromarray(np.round(np.clip(array[..., :3], 0.0, 1.0) * 255).astype(np.uint8))
 
 
 def to_vae_latents(latents: np.ndarray, latents_mean: np.ndarray, latents_std: np.ndarray) -> np.ndarray:

@@ -34,6 +34,10 @@ TRANSFORMER_RULES: tuple[tuple[str, tuple], ...] = (
     (r"blocks\.\d+\.ffn\.net\.0\.proj\.weight", ("tp", None)),
     (r"blocks\.\d+\.ffn\.net\.0\.proj\.bias", ("tp",)),
     (r"blocks\.\d+\.ffn\.net\.2\.weight", (None, "tp")),
+    # Wan 2.1 I2V: the image tokens' key and value projections, split like to_k / to_v.
+    (r"blocks\.\d+\.attn2\.add_(k|v)_proj\.weight", ("tp", None)),
+    (r"blocks\.\d+\.attn2\.add_(k|v)_proj\.bias", ("tp",)),
+    (r"blocks\.\d+\.attn2\.norm_added_k\.weight", ()),
     # Replicated: small or needed whole by every device.
     (r"blocks\.\d+\.attn[12]\.to_out\.0\.bias", ()),
     (r"blocks\.\d+\.attn[12]\.norm_(q|k)\.weight", ()),
@@ -65,7 +69,24 @@ TEXT_ENCODER_RULES: tuple[tuple[str, tuple], ...] = (
 # would need halo exchange to split spatially.
 VAE_RULES: tuple[tuple[str, tuple], ...] = ((r".*", ()),)
 
-RULES = {"transformer": TRANSFORMER_RULES, "text_encoder": TEXT_ENCODER_RULES, "vae": VAE_RULES}
+# CLIPVisionModel (Wan 2.1 I2V's image encoder, ViT-H/14): split like the transformer's blocks over tp.
+# It runs once per image; splitting keeps its 0.6B fp32 parameters off every device whole.
+IMAGE_ENCODER_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v)_proj\.weight", ("tp", None)),
+    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v)_proj\.bias", ("tp",)),
+    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.out_proj\.weight", (None, "tp")),
+    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc1\.weight", ("tp", None)),
+    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc1\.bias", ("tp",)),
+    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc2\.weight", (None, "tp")),
+    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.out_proj\.bias", ()),
+    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc2\.bias", ()),
+    (r"vision_model\.encoder\.layers\.\d+\.layer_norm[12]\.(weight|bias)", ()),
+    (r"vision_model\.embeddings\..*", ()),
+    (r"vision_model\.(pre_layrnorm|post_layernorm)\.(weight|bias)", ()),
+)
+
+RULES = {"transformer": TRANSFORMER_RULES, "text_encoder": TEXT_ENCODER_RULES, "vae": VAE_RULES,
+         "image_encoder": IMAGE_ENCODER_RULES}
 
 
 @dataclass

@@ -54,12 +54,20 @@ class TinyWanConfig:
     perturb: bool = True
     extra_transformer: dict = field(default_factory=dict)
     boundary_ratio: float | None = None  # set: a Wan 2.2 A14B-style model with a second (low-noise) expert
+    image_to_video: bool = False  # an I2V model: with one expert Wan 2.1 I2V (CLIP), with two Wan 2.2 I2V A14B
+    clip_dim: int = 32  # the tiny CLIP vision tower's width (Wan 2.1 I2V)
 
 
 # Benchmark configurations (benchmarks/bench.py): "small" is meaningful on a
 # 2-core CPU; the others are the real Wan 2.1 architectures with random weights.
 # A Wan 2.2 T2V A14B-style tiny model: two experts, switching at 60% of the timesteps.
 TINY_A14B = TinyWanConfig(boundary_ratio=0.6)
+# Image-to-video: Wan 2.1 I2V-style (a CLIP vision tower, image cross-attention) and Wan 2.2 I2V A14B-style.
+TINY_I2V = TinyWanConfig(image_to_video=True)
+TINY_I2V_A14B = TinyWanConfig(image_to_video=True, boundary_ratio=0.6)
+# --tiny-family names (the command line) -> configs.
+TINY_FAMILIES = {"wan2.1-t2v": TinyWanConfig(), "wan2.2-t2v-a14b": TINY_A14B, "wan2.1-i2v": TINY_I2V,
+                 "wan2.2-i2v-a14b": TINY_I2V_A14B}
 
 SMALL = TinyWanConfig(
     num_heads=8, head_dim=64, ffn_dim=2048, num_layers=8, text_dim=256, text_layers=2,
@@ -95,7 +103,8 @@ def _train_tokenizer(vocab_size: int):
 
 
 def build_tiny_wan(path: str | os.PathLike, config: TinyWanConfig = TinyWanConfig()) -> str:
-    """Write a random Wan 2.1 T2V diffusers folder to ``path`` and return it.
+    """Write a random Wan diffusers folder (Wan 2.1 T2V unless ``config`` says otherwise) to ``path``
+    and return it.
 
     Weights are saved as safetensors. The same ``config`` always gives the same
     weights (seeded), so two builds of one config are interchangeable.
@@ -110,7 +119,7 @@ def build_tiny_wan(path: str | os.PathLike, config: TinyWanConfig = TinyWanConfi
         _build(path, config)
     finally:
         torch.set_default_dtype(default_dtype)
-    logger.info("wrote a random Wan 2.1 model to %s", path)
+    logger.info("wrote a random Wan model to %s", path)
     return path
 
 
@@ -137,11 +146,16 @@ def _build(path: str, config: TinyWanConfig) -> None:
             decoder_start_token_id=0,
         )
     ).eval()
+    clip = config.image_to_video and config.boundary_ratio is None  # Wan 2.1 I2V has CLIP; 2.2 I2V A14B has not
+    image_args = {}
+    if clip:
+        image_args = dict(image_dim=config.clip_dim, added_kv_proj_dim=config.num_heads * config.head_dim)
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=config.num_heads,
         attention_head_dim=config.head_dim,
-        in_channels=16,
+        # I2V: the noisy latents (16) + the first-frame mask (4) + the image's latents (16).
+        in_channels=36 if config.image_to_video else 16,
         out_channels=16,
         text_dim=config.text_dim,
         freq_dim=256,
@@ -150,6 +164,7 @@ def _build(path: str, config: TinyWanConfig) -> None:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=1024,
+        **image_args,
         **config.extra_transformer,
     ).eval()
     # Random init leaves some tensors at zero (out projections, modulation
@@ -176,11 +191,24 @@ def _build(path: str, config: TinyWanConfig) -> None:
         flow_shift=config.flow_shift,
     )
     experts = {} if transformer_2 is None else {"transformer_2": transformer_2, "boundary_ratio": config.boundary_ratio}
-    pipe = WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler,
-        **experts,
-    )
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                      scheduler=scheduler, **experts)
+    if config.image_to_video:
+        from diffusers import WanImageToVideoPipeline
+
+        if clip:
+            components.update(_tiny_clip(config))
+        pipe = WanImageToVideoPipeline(**components)
+    else:
+        pipe = WanPipeline(**components)
     pipe.save_pretrained(path, safe_serialization=True)
+    if clip:  # name the processor as Wan-AI's folders do (without torchvision, transformers 5 made a "...Pil" one)
+        index_path = os.path.join(path, "model_index.json")
+        with open(index_path, encoding="utf-8") as handle:
+            model_index = json.load(handle)
+        model_index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+        with open(index_path, "w", encoding="utf-8") as handle:
+            json.dump(model_index, handle, indent=2)
     # transformers 5 names its fast tokenizer "TokenizersBackend", which 4.x
     # cannot load; PreTrainedTokenizerFast reads the same tokenizer.json in both.
     tokenizer_config = os.path.join(path, "tokenizer", "tokenizer_config.json")
@@ -189,3 +217,15 @@ def _build(path: str, config: TinyWanConfig) -> None:
     settings["tokenizer_class"] = "PreTrainedTokenizerFast"
     with open(tokenizer_config, "w", encoding="utf-8") as handle:
         json.dump(settings, handle, indent=2)
+
+
+def _tiny_clip(config: TinyWanConfig) -> dict:
+    """A random CLIP vision tower (32x32 images, 8x8 patches: 17 tokens) and its image processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=config.clip_dim, intermediate_size=2 * config.clip_dim, num_hidden_layers=3,
+        num_attention_heads=4, image_size=32, patch_size=8, projection_dim=config.clip_dim,
+    )).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return {"image_encoder": encoder, "image_processor": processor}

@@ -3,10 +3,12 @@
 # Sets up .venv (transformers 5.x) and runs everything there, then sets up
 # .venv-transformers4 (transformers 4.x and huggingface-hub 0.x, the other
 # generation a ComfyUI venv may hold) and runs the parity, node and loading
-# tests again there. Extra arguments go to both pytest runs.
+# tests (and Wan 2.1 I2V, whose CLIP differs between the two) again there.
+# Extra arguments go to both pytest runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
 "${WAN_TPU_VENV:-.venv}/bin/python" -m pytest tests "$@"
 WAN_TPU_VENV=.venv-transformers4 WAN_TPU_REQUIREMENTS=requirements-test-transformers4.txt bash scripts/setup_venv.sh
-exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py tests/test_nodes.py tests/test_loading_errors.py "$@"
+exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py tests/test_nodes.py tests/test_loading_errors.py \
+    tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers "$@"

@@ -76,8 +76,11 @@ def test_guidance_scale_2_is_refused_for_a_one_expert_model(tiny_model_dir):
 
 
 @pytest.mark.parametrize("model_index, message", [
-    ({"_class_name": "WanImageToVideoPipeline", "image_encoder": ["transformers", "CLIPVisionModel"]},
-     "image-to-video model"),
+    ({"_class_name": "WanImageToVideoPipeline", "image_encoder": [None, None]}, "without a CLIP image encoder"),
+    ({"_class_name": "WanImageToVideoPipeline", "image_encoder": ["transformers", "CLIPVisionModel"],
+      "boundary_ratio": 0.9, "transformer_2": ["diffusers", "WanTransformer3DModel"]}, "no Wan release has"),
+    ({"_class_name": "WanImageToVideoPipeline", "expand_timesteps": True}, "expanded timesteps"),
+    ({"_class_name": "QwenImagePipeline"}, "not a Wan pipeline"),
     ({"_class_name": "WanPipeline", "expand_timesteps": True}, "expanded timesteps \\(Wan 2.2 TI2V 5B\\)"),
     ({"_class_name": "WanPipeline", "transformer_2": ["diffusers", "WanTransformer3DModel"]}, "no boundary_ratio"),
 ])

@@ -1,0 +1,188 @@
+"""Image-to-video on the one core: Wan 2.1 I2V (CLIP) and Wan 2.2 I2V A14B (two experts) equal diffusers'
+own WanImageToVideoPipeline, through the core and through the nodes; mismatches are refused with the fix."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIDEO, pack_module
+
+families = pack_module("families")
+pipeline_mod = pack_module("pipeline")
+tiny_wan = pack_module("tiny_wan")
+
+PROMPT, NEGATIVE = "a red fox running through snow", "blurry, static"
+BOUND = 1e-3  # the fp32 parity bound of every other family
+
+
+def start_image(seed: int, size=(40, 56)):
+    """A random RGB picture of another size than the video: diffusers' resize is part of what is compared."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).random((*size, 3))
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def i2v_dir(tmp_path_factory):
+    return tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan21-i2v", tiny_wan.TINY_I2V)
+
+
+@pytest.fixture(scope="module")
+def i2v_a14b_dir(tmp_path_factory):
+    return tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan22-i2v-a14b", tiny_wan.TINY_I2V_A14B)
+
+
+def diffusers_i2v(path):
+    """diffusers' WanImageToVideoPipeline (fp32) on a tiny folder: frames(image, seed, **settings), cached."""
+    from diffusers import WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=3.0)
+    cache = {}
+
+    def frames(image_seed, seed, prompt=PROMPT, **settings):
+        key = (image_seed, seed, prompt, tuple(sorted(settings.items())))
+        if key not in cache:
+            cache[key] = pipe(image=start_image(image_seed), prompt=prompt, negative_prompt=NEGATIVE,
+                              num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(seed),
+                              output_type="np", **TINY_VIDEO, **settings).frames[0]
+        return cache[key]
+
+    frames.pipe = pipe
+    return frames
+
+
+@pytest.fixture(scope="module")
+def i2v_diffusers(i2v_dir):
+    return diffusers_i2v(i2v_dir)
+
+
+@pytest.fixture(scope="module")
+def i2v_a14b_diffusers(i2v_a14b_dir):
+    return diffusers_i2v(i2v_a14b_dir)
+
+
+def run_core(path, image_seed, seed, prompt=PROMPT, **settings):
+    core = pipeline_mod.WanTPUPipeline(path, precision="fp32")
+    embeddings = core.encode(prompt, NEGATIVE)
+    conditioning = core.encode_image(start_image(image_seed), **TINY_VIDEO)
+    latents = core.denoise(embeddings, num_inference_steps=4, seed=seed, flow_shift=3.0, image=conditioning,
+                           **TINY_VIDEO, **settings)
+    return core, conditioning, core.decode(latents).numpy()
+
+
+def test_families_are_read_from_the_folders(i2v_dir, i2v_a14b_dir):
+    wan21 = pipeline_mod.WanTPUPipeline(i2v_dir).family
+    assert wan21 is families.WAN21_I2V and wan21.clip_image_encoder and not wan21.two_experts
+    wan22 = pipeline_mod.WanTPUPipeline(i2v_a14b_dir).family
+    assert wan22.name == "Wan 2.2 I2V A14B" and wan22.two_experts and wan22.image_conditioning
+    assert not wan22.clip_image_encoder and wan22.boundary_ratio == 0.6
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_wan21_i2v_matches_diffusers(i2v_dir, i2v_diffusers, manager, seed):
+    _, conditioning, frames = run_core(i2v_dir, image_seed=seed, seed=seed, guidance_scale=5.0)
+    assert conditioning.condition.shape == (1, 20, 2, 4, 6)  # mask (4) + image latents (16), 5 frames at 32x48
+    assert conditioning.image_embeds.shape == (1, 17, 32)  # the tiny CLIP's tokens: 4x4 patches and the class
+    expected = i2v_diffusers(seed, seed, guidance_scale=5.0)
+    assert frames.shape == expected.shape
+    assert np.abs(frames - expected).max() <= BOUND
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_wan22_i2v_a14b_matches_diffusers_with_its_own_guidance_per_expert(i2v_a14b_dir, i2v_a14b_diffusers, manager,
+                                                                            seed):
+    core, conditioning, frames = run_core(i2v_a14b_dir, image_seed=seed + 1, seed=seed, guidance_scale=5.0,
+                                          guidance_scale_2=2.5)
+    assert conditioning.image_embeds is None  # Wan 2.2 I2V has no CLIP
+    assert 0 < core.last_run["low_noise_expert_steps"] < 4  # the boundary is crossed within the run
+    expected = i2v_a14b_diffusers(seed + 1, seed, guidance_scale=5.0, guidance_scale_2=2.5)
+    assert np.abs(frames - expected).max() <= BOUND
+
+
+def test_the_nodes_match_diffusers_and_a_new_image_prompt_or_seed_compiles_nothing(monkeypatch, i2v_dir,
+                                                                                  i2v_diffusers, manager):
+    from comfy_stubs import ComfyStubs
+    from conftest import load_pack
+
+    ComfyStubs().install(monkeypatch)
+    load_pack()
+    nodes = pack_module("nodes")
+
+    def run(image_seed, seed, prompt):
+        picture = torch.from_numpy(np.asarray(start_image(image_seed), np.float32) / 255)[None]  # ComfyUI's IMAGE
+        with torch.inference_mode():
+            positive, negative = nodes.Wan21TextEncoder().encode(prompt, NEGATIVE, i2v_dir, precision="fp32")
+            (image,) = nodes.WanTPUImageToVideo().encode(picture, model_id=i2v_dir, precision="fp32", **TINY_VIDEO)
+            latents, _ = nodes.Wan21TPUSampler().sample(positive, negative, num_inference_steps=4, guidance_scale=5.0,
+                                                        seed=seed, model_id=i2v_dir, flow_shift=3.0,
+                                                        precision="fp32", image=image, **TINY_VIDEO)
+            frames, _ = nodes.Wan21TPUVAEDecoder().decode(latents, i2v_dir, precision="fp32")
+        return frames.numpy()
+
+    first = run(2, 3, PROMPT)
+    assert np.abs(first - i2v_diffusers(2, 3, guidance_scale=5.0)).max() <= BOUND
+    compiles = manager.compile_count()
+    second = run(4, 8, "a robot dancing in the rain")
+    assert manager.compile_count() == compiles
+    assert np.abs(second - i2v_diffusers(4, 8, prompt="a robot dancing in the rain", guidance_scale=5.0)).max() <= BOUND
+
+
+def test_the_full_pipeline_node_takes_a_start_image(monkeypatch, i2v_a14b_dir, i2v_a14b_diffusers, manager):
+    from comfy_stubs import ComfyStubs
+    from conftest import load_pack
+
+    ComfyStubs().install(monkeypatch)
+    load_pack()
+    nodes = pack_module("nodes")
+    picture = torch.from_numpy(np.asarray(start_image(1), np.float32) / 255)[None]
+    with torch.inference_mode():
+        frames, _ = nodes.Wan21TPUPipeline().generate(PROMPT, NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
+                                                      seed=0, model_id=i2v_a14b_dir, flow_shift=3.0, precision="fp32",
+                                                      start_image=picture, **TINY_VIDEO)
+    assert np.abs(frames.numpy() - i2v_a14b_diffusers(1, 0, guidance_scale=5.0)).max() <= BOUND
+
+
+def test_an_i2v_model_without_an_image_says_how_to_give_one(i2v_a14b_dir):
+    core = pipeline_mod.WanTPUPipeline(i2v_a14b_dir, precision="fp32")
+    embeddings = core.encode(PROMPT, NEGATIVE)
+    with pytest.raises(ValueError, match="image-to-video model: give it the start image .*Wan TPU Image to Video"):
+        core.denoise(embeddings, num_inference_steps=2, **TINY_VIDEO)
+
+
+def test_a_t2v_model_refuses_an_image(i2v_dir, tiny_model_dir):
+    t2v = pipeline_mod.WanTPUPipeline(tiny_model_dir, precision="fp32")
+    with pytest.raises(ValueError, match="text-to-video model: it takes no image"):
+        t2v.encode_image(start_image(0), **TINY_VIDEO)
+    conditioning = pipeline_mod.WanTPUPipeline(i2v_dir, precision="fp32").encode_image(start_image(0), **TINY_VIDEO)
+    with pytest.raises(ValueError, match="text-to-video model: it takes no image. Disconnect the image"):
+        t2v.denoise(t2v.encode(PROMPT, NEGATIVE), num_inference_steps=2, image=conditioning, **TINY_VIDEO)
+
+
+def test_an_image_made_for_another_size_or_model_is_refused(i2v_dir, i2v_a14b_dir):
+    wan21 = pipeline_mod.WanTPUPipeline(i2v_dir, precision="fp32")
+    conditioning = wan21.encode_image(start_image(0), **TINY_VIDEO)
+    embeddings = wan21.encode(PROMPT, NEGATIVE)
+    with pytest.raises(ValueError, match="made for 48x32, 5 frames, but this run is 64x32, 5 frames: give both the same"):
+        wan21.denoise(embeddings, num_inference_steps=2, image=conditioning, height=32, width=64, num_frames=5)
+    wan22 = pipeline_mod.WanTPUPipeline(i2v_a14b_dir, precision="fp32")
+    with pytest.raises(ValueError, match="does not fit .*Wan 2.2 I2V A14B.*encode the image with the same model"):
+        wan22.denoise(wan22.encode(PROMPT, NEGATIVE), num_inference_steps=2, image=conditioning, **TINY_VIDEO)
+    with pytest.raises(ValueError, match="give the output of encode_image"):
+        wan21.denoise(embeddings, num_inference_steps=2, image=start_image(0), **TINY_VIDEO)
+
+
+def test_magcache_without_i2v_ratios_is_refused(i2v_dir):
+    magcache = pack_module("magcache")
+    core = pipeline_mod.WanTPUPipeline(i2v_dir, precision="fp32")
+    with pytest.raises(ValueError, match="Wan 2.1 I2V: MagCache has published magnitude ratios for Wan 2.1 T2V only"):
+        core.denoise(core.encode(PROMPT, NEGATIVE), num_inference_steps=2, magcache=magcache.MagCacheSettings(),
+                     **TINY_VIDEO)
+
+
+def test_a_comfyui_image_batch_and_a_bad_image(i2v_dir):
+    pil = pipeline_mod.as_pil_image(torch.rand(2, 24, 40, 3))
+    assert pil.size == (40, 24) and pil.mode == "RGB"
+    with pytest.raises(ValueError, match=r"image of shape \(24, 40\): give an RGB image"):
+        pipeline_mod.as_pil_image(np.zeros((24, 40)))
