@@ -1,4 +1,5 @@
-"""Headless text-to-video: ``python wan_t2v.py "a prompt" --output video.mp4``.
+"""Headless text-to-video: ``python wan_t2v.py "a prompt" --output video.mp4``; image-to-video models
+take ``--image start.png``.
 
 Runs the same core as the ComfyUI nodes (encode -> denoise -> decode) and
 writes an MP4 with imageio-ffmpeg. ``--tiny`` builds a tiny random model
@@ -23,13 +24,16 @@ _FULL_DEFAULTS = dict(height=720, width=1280, frames=81, steps=50)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Wan 2.1 text-to-video on TPU (or GPU/CPU) through torchax.")
+    parser = argparse.ArgumentParser(description="Wan text-to-video and image-to-video on TPU (or GPU/CPU) through "
+                                                 "torchax.")
     parser.add_argument("prompt", nargs="?", default="A cat playing piano in a jazz club, cinematic lighting")
     parser.add_argument("--negative-prompt", default="blurry, low quality, static, worst quality")
     parser.add_argument("--model", default=loading.DEFAULT_MODEL_ID, help="Hugging Face repo id or diffusers folder")
     parser.add_argument("--tiny", action="store_true", help="build and use a tiny random model (smoke run, no download)")
-    parser.add_argument("--tiny-family", choices=("wan2.1-t2v", "wan2.2-t2v-a14b"), default="wan2.1-t2v",
-                        help="with --tiny: which family's layout the tiny model has")
+    parser.add_argument("--tiny-family", choices=("wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.1-i2v", "wan2.2-i2v-a14b"),
+                        default="wan2.1-t2v", help="with --tiny: which family's layout the tiny model has "
+                        "(the i2v ones need --image)")
+    parser.add_argument("--image", help="image-to-video models: the start image (PNG, JPEG...), resized to the video")
     parser.add_argument("--height", type=int, help="multiple of 16 (default 720; 64 with --tiny)")
     parser.add_argument("--width", type=int, help="multiple of 16 (default 1280; 64 with --tiny)")
     parser.add_argument("--frames", type=int, help="4n+1 (default 81; 9 with --tiny)")
@@ -84,6 +88,17 @@ def parse_lora(text: str):
         return LoraSpec(text, 1.0)  # a ':' inside the path, no strength given
 
 
+def load_image(path: str):
+    """The start image as a PIL RGB image; a clear error when it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            return picture.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise SystemExit(f"--image {path!r}: cannot read it as an image ({error}); give a PNG or JPEG file") from None
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s")
@@ -97,13 +112,16 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory(prefix="wan-tiny-") as scratch:
         model = args.model
         if args.tiny:
-            from .tiny_wan import TINY_A14B, TinyWanConfig, build_tiny_wan
+            from .tiny_wan import TINY_FAMILIES, build_tiny_wan
 
-            config = TINY_A14B if args.tiny_family == "wan2.2-t2v-a14b" else TinyWanConfig()
-            model = build_tiny_wan(os.path.join(scratch, "tiny-" + args.tiny_family), config)
+            model = build_tiny_wan(os.path.join(scratch, "tiny-" + args.tiny_family), TINY_FAMILIES[args.tiny_family])
         pipe = WanTPUPipeline(model, precision=args.precision, dp=args.dp, tp=args.tp)
         started = time.perf_counter()
         embeddings = pipe.encode(args.prompt, args.negative_prompt)
+        image = None
+        if args.image:
+            image = pipe.encode_image(load_image(args.image), height=args.height, width=args.width,
+                                      num_frames=args.frames, on_status=logger.info)
 
         def report(step: int, total: int):
             if step:  # step 0: loaded and compiled, the first step starts
@@ -119,6 +137,7 @@ def main(argv=None) -> str:
             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
             flow_shift=args.flow_shift, on_step=report, on_status=logger.info, sampler=args.sampler,
             timesteps=args.timesteps, magcache=magcache, loras=args.lora, guidance_scale_2=args.guidance_2,
+            image=image,
         )
         frames = pipe.decode(latents)
     output = args.output or os.path.join("output", time.strftime("wan_%Y%m%d_%H%M%S.mp4"))
