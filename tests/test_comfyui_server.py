@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (with this pack's requirements) to run"
 )
 OUR_NODES = {"Wan21TextEncoder", "Wan21TPUSampler", "Wan21TPUVAEDecoder", "Wan21TPUPipeline", "Wan21TPUUnload",
-             "Wan21TPULoRA"}
+             "Wan21TPULoRA", "WanTPUImageToVideo"}
 
 
 def _free_port() -> int:
@@ -97,7 +97,8 @@ def test_our_nodes_are_listed(server):
 def test_examples_are_served_as_workflow_templates(server):
     templates = _get(server["url"] + "/api/workflow_templates")
     assert sorted(templates["ComfyUI-Wan-TPU"]) == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p",
-                                                    "wan21_tpu_full_pipeline"]
+                                                    "wan21_tpu_full_pipeline", "wan22_tpu_i2v_a14b_720p",
+                                                    "wan22_tpu_t2v_a14b_720p"]
     workflow = _get(server["url"] + "/api/workflow_templates/ComfyUI-Wan-TPU/wan21_tpu_720p.json")
     info = _get(server["url"] + "/object_info", timeout=60)
     assert {node["type"] for node in workflow["nodes"]} <= set(info)  # core nodes included
@@ -119,6 +120,26 @@ def test_api_example_makes_an_mp4_and_free_releases_the_device(server, tiny_mode
     while not pattern.search(server["log"].read_text()):
         assert time.monotonic() < deadline, server["log"].read_text()[-3000:]
         time.sleep(1)
+
+
+@pytest.mark.parametrize("example, tiny_family", [("wan22_tpu_i2v_a14b_720p", "TINY_I2V_A14B"),
+                                                   ("wan22_tpu_t2v_a14b_720p", "TINY_A14B")])
+def test_the_wan22_api_examples_make_an_mp4(server, tiny_model_dir, example, tiny_family):
+    """The Wan 2.2 examples as shipped (core Load Image with ComfyUI's own example.png, Create Video, Save Video)
+    on a tiny model of their family, built beside the tiny Wan 2.1 model (under the allowed root)."""
+    from conftest import pack_module
+
+    tiny_wan = pack_module("tiny_wan")
+    folder = os.path.join(os.path.dirname(str(tiny_model_dir)), example)
+    if not os.path.isdir(folder):
+        tiny_wan.build_tiny_wan(folder, getattr(tiny_wan, tiny_family))
+    with open(os.path.join(PACK_DIR, "examples", "api", f"{example}_api.json")) as handle:
+        workflow = json.load(handle)
+    queue = _load_queue_script()
+    queue.override_inputs(workflow, model_id=example, height=256, width=256, num_frames=17, num_inference_steps=2)
+    files = queue.queue_and_wait(server["url"], workflow, timeout=900)
+    videos = [server["output"] / path for path in files if path.endswith(".mp4")]
+    assert videos and all(video.stat().st_size > 0 for video in videos)
 
 
 def _load_queue_script():

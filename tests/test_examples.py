@@ -9,7 +9,7 @@ import pytest
 from conftest import PACK_DIR, pack_module
 
 nodes = pack_module("nodes")
-CORE_NODES = {"CreateVideo", "SaveVideo"}  # ComfyUI's own; checked against a real ComfyUI in test_comfyui_server.py
+CORE_NODES = {"CreateVideo", "SaveVideo", "LoadImage"}  # ComfyUI's own; checked against a real ComfyUI in test_comfyui_server.py
 UI_EXAMPLES = sorted(glob.glob(os.path.join(PACK_DIR, "examples", "*.json")))
 API_EXAMPLES = sorted(glob.glob(os.path.join(PACK_DIR, "examples", "api", "*.json")))
 with open(os.path.join(PACK_DIR, "README.md"), encoding="utf-8") as _handle:
@@ -31,9 +31,10 @@ def expected_widgets(node_class):
     return widgets
 
 
-def test_there_are_four_ui_examples_and_their_api_twins():
+def test_there_are_six_ui_examples_and_their_api_twins():
     names = [os.path.basename(path)[:-5] for path in UI_EXAMPLES]
-    assert names == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p", "wan21_tpu_full_pipeline"]
+    assert names == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p", "wan21_tpu_full_pipeline",
+                     "wan22_tpu_i2v_a14b_720p", "wan22_tpu_t2v_a14b_720p"]
     assert [os.path.basename(path) for path in API_EXAMPLES] == [f"{name}_api.json" for name in names]
 
 
@@ -144,3 +145,17 @@ def test_ui_examples_say_what_their_api_twins_say(path):
                 continue
             expected = twin["inputs"][name] if name in twin["inputs"] else options[name][1].get("default")
             assert value == expected, (os.path.basename(path), node["type"], name, value, expected)
+
+
+def test_the_wan22_examples_name_their_family_and_the_i2v_one_starts_from_load_image():
+    with open(os.path.join(PACK_DIR, "examples", "api", "wan22_tpu_i2v_a14b_720p_api.json")) as handle:
+        i2v = json.load(handle)
+    by_class = {node["class_type"]: node for node in i2v.values()}
+    assert by_class["Wan21TPUSampler"]["inputs"]["model_id"] == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+    image_node = by_class["WanTPUImageToVideo"]
+    assert i2v[image_node["inputs"]["start_image"][0]]["class_type"] == "LoadImage"
+    assert i2v[by_class["Wan21TPUSampler"]["inputs"]["image"][0]] is image_node
+    with open(os.path.join(PACK_DIR, "examples", "api", "wan22_tpu_t2v_a14b_720p_api.json")) as handle:
+        t2v = json.load(handle)
+    sampler = next(node for node in t2v.values() if node["class_type"] == "Wan21TPUSampler")["inputs"]
+    assert sampler["model_id"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers" and sampler["guidance_scale_2"] == 3.0
