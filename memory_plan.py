@@ -53,10 +53,25 @@ WAN21_CONFIGS: dict[str, dict] = {
     "1.3B": dict(_WAN21_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
     "14B": dict(_WAN21_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
 }
+# The other families' transformers (transformer/config.json): image-to-video takes the first-frame mask and
+# latents beside the noise (36 input channels); Wan 2.1 I2V also attends to 257 CLIP tokens (1280 wide).
+# Wan 2.2 A14B has two such transformers (experts), both resident.
+WAN21_CONFIGS["14B-I2V"] = dict(WAN21_CONFIGS["14B"], in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+WAN21_CONFIGS["A14B"] = dict(WAN21_CONFIGS["14B"])
+WAN21_CONFIGS["A14B-I2V"] = dict(WAN21_CONFIGS["14B"], in_channels=36)
+MODEL_EXPERTS = {"A14B": 2, "A14B-I2V": 2}
+CLIP_TOKENS = 257  # ViT-H/14 at 224x224: 16x16 patches and the class token
+# Wan 2.1 I2V's image_encoder/config.json (CLIP ViT-H/14 vision tower), keys as CLIPVisionConfig takes them.
+CLIP_VIT_H_CONFIG: dict = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                               image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 # Repo ids the loader knows, to the configs above.
 MODEL_ALIASES = {
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "1.3B",
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": "14B",
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": "14B-I2V",
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": "14B-I2V",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "A14B",
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": "A14B-I2V",
 }
 # UMT5-XXL encoder (text_encoder/config.json), shared by both sizes.
 UMT5_XXL_CONFIG: dict = dict(
@@ -147,8 +162,12 @@ def meta_module(component: str, config: Mapping, precision: str = "bf16"):
 
             keys = _init_keys(AutoencoderKLWan)
             module = AutoencoderKLWan(**{k: v for k, v in config.items() if k in keys})
+        elif component == "image_encoder":  # Wan 2.1 I2V's CLIP vision tower
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            module = CLIPVisionModel(CLIPVisionConfig(**config))
         else:
-            raise ValueError(f"component={component!r}: use one of {COMPONENTS}")
+            raise ValueError(f"component={component!r}: use one of {COMPONENTS + ('image_encoder',)}")
     target, keep_fp32 = _load_dtype(component, module, precision)
     persistent = set(module.state_dict())
     tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
@@ -186,8 +205,8 @@ def _load_dtype(component: str, module, precision: str):
     """(dtype, modules kept in fp32) as ``loading.load_*`` gives them."""
     import torch
 
-    if component == "vae":
-        return torch.float32, ()  # loading.load_vae: always fp32
+    if component in ("vae", "image_encoder"):
+        return torch.float32, ()  # loading.load_vae / load_image_encoder: always fp32
     target = torch.bfloat16 if precision == "bf16" else torch.float32
     if component == "transformer":
         # diffusers keeps _keep_in_fp32_modules in fp32 whatever torch_dtype asks
@@ -636,7 +655,8 @@ def resolve_model(model: str | Mapping) -> tuple[str, dict]:
     if isinstance(model, Mapping):
         config = _clean_config(model)
         for name, known in WAN21_CONFIGS.items():
-            if all(config.get(k) == known[k] for k in ("num_attention_heads", "ffn_dim", "num_layers")):
+            if all(config.get(k) == known[k] for k in ("num_attention_heads", "ffn_dim", "num_layers")) and \
+                    config.get("in_channels", 16) == known.get("in_channels", 16):
                 return name, config
         return f"{config['num_attention_heads']}x{config['attention_head_dim']}x{config['num_layers']}", config
     name = MODEL_ALIASES.get(model, model)
@@ -746,7 +766,7 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
                 num_frames: int = 81, precision: str = "bf16", cfg: bool = True, *,
                 text_encoder_config: Mapping | None = None, vae_config: Mapping | None = None,
                 hbm_bytes: int | None = None, device_kind: str | None = None, device=None,
-                environ: Mapping | None = None, experts: int = 1) -> MemoryPlan:
+                environ: Mapping | None = None, experts: int | None = None) -> MemoryPlan:
     """The per-device HBM plan of a Wan 2.1 run, from configs alone (nothing is loaded).
 
     ``model``: "14B", "1.3B", a known repo id, or a transformer config dict
@@ -755,7 +775,8 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     HBM per device: ``hbm_bytes``, else ``WAN_TPU_HBM_GIB``, else ``device``
     (or jax's first device when no ``device_kind`` is given), else the table
     by ``device_kind``. Call ``.check()`` on the result to refuse early.
-    ``experts``: 2 for Wan 2.2 A14B, whose two transformers are both resident.
+    ``experts``: 2 for Wan 2.2 A14B, whose two transformers are both resident (default: 2 for "A14B" and
+    "A14B-I2V", else 1).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
@@ -768,7 +789,8 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     args = dict(height=height, width=width, num_frames=num_frames, precision=precision, cfg=bool(cfg),
                 hbm=hbm, hbm_source=source)
     plan = _plan(label, config, te_config, vae_config, mesh, **args)
-    plan.second_expert_weights_bytes = plan.transformer_weights_bytes * (int(experts) - 1)
+    experts = MODEL_EXPERTS.get(label, 1) if experts is None else int(experts)
+    plan.second_expert_weights_bytes = plan.transformer_weights_bytes * (experts - 1)
     if not plan.fits:
         plan.suggestions = _suggestions(plan, config, te_config, vae_config, args)
     logger.debug("%s", plan.summary())

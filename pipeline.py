@@ -179,17 +179,21 @@ class VAEChunkDecoder:
             new_cache = [env.t2j_iso(f) for f in feat if f is not None and not isinstance(f, str)]
         return self._finish(out), new_cache
 
-    def chunk_kinds(self, weights, latent_shape) -> list[tuple[tuple, tuple]]:
-        """(markers, abstract args) of each program a decode of ``latent_shape`` runs, first to steady:
+    def chunk_shapes(self, shape) -> list[tuple]:
+        """The input shapes of the first chunks of a decode of latents ``shape``, up to the steady one."""
+        batch, channels, frames, height, width = shape
+        return [(batch, channels, 1, height, width)] * min(frames, 3)
+
+    def chunk_kinds(self, weights, shape) -> list[tuple[tuple, tuple]]:
+        """(markers, abstract args) of each program a run over ``shape`` runs, first to steady:
         what the compile-for-TPU command compiles. Traced abstractly (nothing runs)."""
         jax = self.manager.jax
-        batch, channels, frames, height, width = latent_shape
-        z = jax.ShapeDtypeStruct((batch, channels, 1, height, width), jax.numpy.float32,
-                                 sharding=getattr(next(iter(weights.values())), "sharding", None))
+        sharding = getattr(next(iter(weights.values())), "sharding", None)
         kinds, markers, cache = [], self.first_markers, []
-        for _ in range(min(frames, 3)):
-            kinds.append((markers, (weights, z, list(cache))))
-            _, cache = jax.eval_shape(lambda w, zz, c, m=markers: self._chunk(w, zz, c, m), weights, z, list(cache))
+        for chunk_shape in self.chunk_shapes(shape):
+            x = jax.ShapeDtypeStruct(chunk_shape, jax.numpy.float32, sharding=sharding)
+            kinds.append((markers, (weights, x, list(cache))))
+            _, cache = jax.eval_shape(lambda w, xx, c, m=markers: self._chunk(w, xx, c, m), weights, x, list(cache))
             markers = self.markers_after[markers]
         return kinds
 
@@ -234,6 +238,12 @@ class VAEChunkEncoder(VAEChunkDecoder):
 
     def _finish(self, out):
         return out.astype(self.manager.jax.numpy.float32)
+
+    def chunk_shapes(self, shape) -> list[tuple]:
+        """The first chunks of an encode of a video ``shape`` [1, 3, F, H, W]: one frame, then 4 at a time."""
+        batch, channels, frames, height, width = shape
+        return ([(batch, channels, 1, height, width)]
+                + [(batch, channels, 4, height, width)] * min((frames - 1) // 4, 2))
 
     def encode(self, weights, video, replicated, on_status=None, device=None) -> np.ndarray:
         """Latent means [1, 16, T, h, w] (host) of a video [1, 3, F, H, W] in [-1, 1] (host), F = 4n+1."""

@@ -59,6 +59,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
 MFU_ORIGINAL = 0.38  # the original pack's measured MFU, Wan 14B 720P on v6e-8
 STAGES = ("text_encoder", "step_cfg", "step", "vae_decode")
+IMAGE_STAGES = ("vae_encode", "image_encoder")  # image-to-video models add these (image_encoder: Wan 2.1 I2V)
 TEXT_LENGTH = 512  # loading.MAX_SEQUENCE_LENGTH
 TABLE_MODELS = ("1.3B", "14B")
 TABLE_SIZES = ((480, 848), (480, 832), (720, 1280))
@@ -231,7 +232,7 @@ class Programs:
         memory_plan, sharding = self.pack("memory_plan"), self.pack("sharding")
         key = (component, json.dumps(config, sort_keys=True, default=list))
         if key not in self._modules:
-            precision = "fp32" if component == "vae" else self.precision
+            precision = "fp32" if component in ("vae", "image_encoder") else self.precision
             module = memory_plan.meta_module(component, config, precision)
             state = dict(module.named_parameters(remove_duplicate=False))
             state.update(dict(module.named_buffers(remove_duplicate=False)))
@@ -277,7 +278,18 @@ class Programs:
         scheduler = self.pack("scheduler")
         coefficients = self._abstract((len(scheduler.COEFFICIENT_NAMES),), "float32", replicated)
         scalar = self._abstract((), "float32", replicated)
-        return jitted, (weights, (latents,) * 4, context, coefficients, scalar, scalar)
+        args = (weights, (latents,) * 4, context, coefficients, scalar, scalar)
+        channels = config.get("in_channels", 16) - config.get("out_channels", 16)
+        if channels:  # image-to-video: the first-frame conditioning beside the noise (and CLIP tokens for 2.1)
+            batch_sharding = pipeline._batch_sharding(self.mesh, batch)
+            _, _, frames_latent, h, w = pipeline.latent_shape(height, width, frames)
+            condition = self._abstract((batch, channels, frames_latent, h, w), "float32", batch_sharding)
+            image_embeds = None
+            if config.get("image_dim"):
+                image_embeds = self._abstract((batch, self.pack("memory_plan").CLIP_TOKENS, config["image_dim"]),
+                                              context_dtype, batch_sharding)
+            args += (None, (condition, image_embeds))
+        return jitted, args
 
     def vae_decode(self, vae_config: dict, height: int, width: int, frames: int):
         """The VAE decode's chunk programs (``pipeline.VAEChunkDecoder``): [(jitted, args, runs per decode)],
@@ -290,6 +302,30 @@ class Programs:
             kinds = decoder.chunk_kinds(weights, shape)
         runs = [1, 1, shape[2] - 2][:len(kinds)]
         return [(decoder.jitted, args + (markers,), count) for (markers, args), count in zip(kinds, runs)]
+
+    def vae_encode(self, vae_config: dict, height: int, width: int, frames: int):
+        """Image-to-video's VAE encode chunk programs (``pipeline.VAEChunkEncoder``): the first frame, the
+        first 4-frame chunk and the steady one."""
+        pipeline = self.pack("pipeline")
+        module, weights, _ = self.component("vae", vae_config)
+        encoder = pipeline.VAEChunkEncoder(self.manager, module)
+        with self.manager.target_platform("tpu"):
+            kinds = encoder.chunk_kinds(weights, (1, 3, frames, height, width))
+        runs = [1, 1, (frames - 1) // 4 - 1][:len(kinds)]
+        return [(encoder.jitted, args + (markers,), count) for (markers, args), count in zip(kinds, runs)]
+
+    def image_encoder(self, clip_config: dict):
+        """Wan 2.1 I2V's CLIP vision tower on one 224x224 image, as ``WanTPUPipeline.image_encoder`` jits it."""
+        pipeline = self.pack("pipeline")
+        module, weights, _ = self.component("image_encoder", clip_config)
+
+        def encode(weights, pixel_values):
+            return pipeline.call_torch_module(self.manager, module, weights, "forward", (pixel_values,),
+                                              {"output_hidden_states": True}, pick=lambda out: out.hidden_states[-2])
+
+        size = clip_config.get("image_size", 224)
+        pixels = self._abstract((1, 3, size, size), "float32", self._sharding())
+        return self.jax.jit(encode), (weights, pixels)
 
     def compile(self, jitted, args, matmul_precision: bool = True):
         """(compiled, lower seconds, compile seconds): traced for TPU with the Mosaic Splash kernel."""
@@ -331,12 +367,23 @@ def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: in
 
 
 def _plan_for(memory_plan, cfg_run: Config, mesh_shape, hbm_bytes: int, cfg: bool):
+    # Two-expert models (A14B) are planned with both experts resident, as the pipeline keeps them.
     return memory_plan.plan_memory(cfg_run.model, mesh_shape, cfg_run.height, cfg_run.width, cfg_run.frames,
                                    cfg_run.precision, cfg, hbm_bytes=hbm_bytes)
 
 
 PLAN_COMPONENT = {"text_encoder": "text_encoder", "step_cfg": "transformer", "step": "transformer",
-                  "vae_decode": "vae"}
+                  "vae_decode": "vae", "vae_encode": "vae", "image_encoder": None}
+
+
+def default_stages(model: str) -> tuple[str, ...]:
+    """The stages a model runs: every model the four of STAGES; image-to-video also the VAE encode and, for
+    Wan 2.1 I2V, the CLIP image encoder."""
+    memory_plan = load_pack()("memory_plan")
+    _, config = memory_plan.resolve_model(model)
+    if config.get("in_channels", 16) == config.get("out_channels", 16):
+        return STAGES
+    return STAGES + (IMAGE_STAGES if config.get("image_dim") else IMAGE_STAGES[:1])
 
 
 def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: bool = False,
@@ -353,7 +400,7 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
         cfg = name == "step_cfg"
         plan = _plan_for(memory_plan, cfg_run, mesh_shape, record["hbm_bytes_per_device"], cfg)
         component = PLAN_COMPONENT[name]
-        record["plan_bytes_per_device"] = plan.stage_peak_bytes(component)
+        record["plan_bytes_per_device"] = plan.stage_peak_bytes(component) if component else None
         record["plan_run_peak_bytes_per_device"] = plan.peak_bytes
         record["plan_fits"] = plan.fits
         record["plan_summary"] = plan.summary()
@@ -382,10 +429,16 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                 elif name == "vae_decode":
                     program_list = programs.vae_decode(dict(memory_plan.WAN21_VAE_CONFIG), cfg_run.height,
                                                        cfg_run.width, cfg_run.frames)
+                elif name == "vae_encode":
+                    program_list = programs.vae_encode(dict(memory_plan.WAN21_VAE_CONFIG), cfg_run.height,
+                                                       cfg_run.width, cfg_run.frames)
+                elif name == "image_encoder":
+                    program_list = [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)]
                 else:
                     program_list = [(*programs.step(transformer_config, cfg_run.height, cfg_run.width,
                                                     cfg_run.frames, cfg), 1)]
-                record.update(compile_programs(programs, program_list, matmul_precision=name != "vae_decode"))
+                record.update(compile_programs(programs, program_list,
+                                               matmul_precision=name not in ("vae_decode", "vae_encode")))
             except Exception as error:  # the compiler's refusal is a result
                 record.update(compiled=False, error=f"{type(error).__name__}: {error}"[:4000])
                 logger.debug("%s", traceback.format_exc())
@@ -393,8 +446,15 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                 shared[key] = dict(record)
         if record["compiled"]:
             peak = record["peak_bytes_per_device"]
-            record["fits_hbm"] = peak <= record["hbm_bytes_per_device"]
-            record["plan_ratio"] = round(record["plan_bytes_per_device"] / peak, 3) if peak else None
+            experts = memory_plan.MODEL_EXPERTS.get(cfg_run.model, 1)
+            if name.startswith("step") and experts > 1:
+                # The step takes one expert's weights; the other stays resident beside it.
+                _, weights, _ = programs.component("transformer", transformer_config)
+                record["resident_experts"] = experts
+                record["resident_peak_bytes_per_device"] = peak + (experts - 1) * abstract_bytes_per_device(weights)
+            record["fits_hbm"] = record.get("resident_peak_bytes_per_device", peak) <= record["hbm_bytes_per_device"]
+            planned = record["plan_bytes_per_device"]
+            record["plan_ratio"] = round(planned / peak, 3) if peak and planned else None
             if name.startswith("step"):
                 ideal = record["flops_per_device"] / record["peak_flops_per_device"]
                 record["seconds_per_step_at_peak"] = round(ideal, 3)
@@ -402,6 +462,18 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
         records.append(record)
         _report(record, on_stage)
     return records
+
+
+def abstract_bytes_per_device(weights: dict) -> int:
+    """Bytes one device holds of abstract sharded arrays (tied weights counted once)."""
+    total = 0
+    for array in {id(a): a for a in weights.values()}.values():
+        shard = array.sharding.shard_shape(array.shape)
+        elements = 1
+        for dim in shard:
+            elements *= dim
+        total += elements * array.dtype.itemsize
+    return total
 
 
 def compile_programs(programs: Programs, program_list, matmul_precision: bool) -> dict:
@@ -439,7 +511,7 @@ _COMPILER_FIELDS = (
 
 
 # ------------------------------------------------------------------ output
-HEADER = (f"{'stage':<12} {'model':<5} {'size':>9} {'chip':<6} {'result':<9} {'peak GiB':>8} {'plan GiB':>8} "
+HEADER = (f"{'stage':<12} {'model':<8} {'size':>9} {'chip':<6} {'result':<9} {'peak GiB':>8} {'plan GiB':>8} "
           f"{'HBM GiB':>7} {'compile s':>9} {'TFLOP/dev':>9} {'s/step@peak':>11} {'@38%':>6}  collectives")
 
 
@@ -456,7 +528,7 @@ def _collectives_text(record) -> str:
 def row(record: dict) -> str:
     result = "compiled" if record["compiled"] else ("refused" if record["refused"] else "FAILED")
     flops = record.get("flops_per_device")
-    return (f"{record['name']:<12} {record['model']:<5} {record['width']:>4}x{record['height']:<4} "
+    return (f"{record['name']:<12} {record['model']:<8} {record['width']:>4}x{record['height']:<4} "
             f"{record['chip']:<6} {result:<9} {_gib(record.get('peak_bytes_per_device')):>8} "
             f"{_gib(record.get('plan_bytes_per_device')):>8} {record['hbm_bytes_per_device'] / GiB:>7.1f} "
             f"{record['compile_seconds'] if record.get('compile_seconds') is not None else '-':>9} "
@@ -466,6 +538,9 @@ def row(record: dict) -> str:
 
 def _report(record, on_stage):
     print(row(record), flush=True)
+    if record.get("resident_peak_bytes_per_device"):
+        print(f"    with all {record['resident_experts']} experts resident: "
+              f"{record['resident_peak_bytes_per_device'] / GiB:.2f} GiB per device", flush=True)
     if not record["compiled"] and record.get("error"):
         print(f"    {'refused' if record['refused'] else 'error'}: {record['error'][:600]}", flush=True)
     if on_stage is not None:
@@ -558,14 +633,18 @@ def main(argv=None) -> int:
                     "per-device memory, FLOPs and collectives: compiler facts and projections, not measurements.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="14B", help="Wan 2.1 T2V size: 1.3B or 14B")
+    parser.add_argument("--model", default="14B",
+                        help="1.3B or 14B (Wan 2.1 T2V), 14B-I2V (Wan 2.1 I2V), A14B or A14B-I2V (Wan 2.2, both "
+                             "experts resident)")
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--chip", default="v6e-8",
                         help="TPU slice: v5e-8, v6e-8, v5p-8 (4 chips), v4-8 (4 chips), or a larger one libtpu "
                              "knows (v6e-16, v5p-16, ...)")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--stages", default=None,
+                        help=f"comma-separated subset of {','.join(STAGES + IMAGE_STAGES)} (default: the model's "
+                             f"stages; image-to-video models add {','.join(IMAGE_STAGES)})")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--dp", type=int, default=None, help="mesh override (default: env_manager's rule)")
     parser.add_argument("--tp", type=int, default=None)
@@ -592,10 +671,10 @@ def main(argv=None) -> int:
             records = json.load(handle)["stages"]
         print(markdown(replan(load_pack(), records) if args.replan else records))
         return 0
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(stages) - set(STAGES))
+    stages = [s.strip() for s in (args.stages or ",".join(default_stages(args.model))).split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES + IMAGE_STAGES))
     if unknown:
-        parser.error(f"--stages {','.join(unknown)}: use a subset of {','.join(STAGES)}")
+        parser.error(f"--stages {','.join(unknown)}: use a subset of {','.join(STAGES + IMAGE_STAGES)}")
 
     pack = load_pack()
     done: list[dict] = []

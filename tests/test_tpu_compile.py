@@ -208,3 +208,28 @@ def test_the_magcache_record_and_reuse_steps_compile_for_v6e_8(tiny_model_dir, m
         assert [o.shape for o in state] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
         if mode == "record":
             assert outputs[1].shape == residual.shape
+
+
+def test_image_to_video_programs_compile_for_v6e_8(tiny_model_dir, manager, v6e_8):
+    """Image-to-video on v6e-8: the step with the first-frame conditioning beside the noise (Wan 2.2 I2V A14B)
+    and with CLIP tokens too (Wan 2.1 I2V), the VAE encode's chunk programs and the CLIP tower."""
+    transformer, _, vae = _tiny_configs(tiny_model_dir)
+    video = dict(height=32, width=48, frames=5)
+    wan22 = dict(transformer, in_channels=36)
+    wan21 = dict(wan22, image_dim=32, added_kv_proj_dim=32)
+    for config in (wan22, wan21):
+        jitted, args = v6e_8.step(config, cfg=True, **video)
+        condition, image_embeds = args[-1]
+        assert condition.shape == (2, 20, 2, 4, 6) and (image_embeds is None) == (config is wan22)
+        compiled, _, _ = v6e_8.compile(jitted, args)
+        assert [o.shape for o in compiled.out_info] == [pipeline_mod.latent_shape(**{
+            "height": 32, "width": 48, "num_frames": 5})] * 4
+    chunks = v6e_8.vae_encode(vae, **video)
+    assert [args[1].shape for _, args, _ in chunks] == [(1, 3, 1, 32, 48), (1, 3, 4, 32, 48)]
+    for jitted, args, _ in chunks:
+        compiled, _, _ = v6e_8.compile(jitted, args, matmul_precision=False)
+        assert compiled.out_info[0].shape == (1, 16, 1, 4, 6)
+    clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                patch_size=8)
+    compiled, _, _ = v6e_8.compile(*v6e_8.image_encoder(clip))
+    assert compiled.out_info.shape == (1, 17, 32)
