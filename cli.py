@@ -30,9 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--negative-prompt", default="blurry, low quality, static, worst quality")
     parser.add_argument("--model", default=loading.DEFAULT_MODEL_ID, help="Hugging Face repo id or diffusers folder")
     parser.add_argument("--tiny", action="store_true", help="build and use a tiny random model (smoke run, no download)")
-    parser.add_argument("--tiny-family", choices=("wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.1-i2v", "wan2.2-i2v-a14b"),
-                        default="wan2.1-t2v", help="with --tiny: which family's layout the tiny model has "
-                        "(the i2v ones need --image)")
+    parser.add_argument("--tiny-family", default="wan2.1-t2v",
+                        choices=("wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"),
+                        help="with --tiny: which family's layout the tiny model has (the i2v ones need --image; "
+                             "ti2v takes one or not)")
     parser.add_argument("--image", help="image-to-video models: the start image (PNG, JPEG...), resized to the video")
     parser.add_argument("--height", type=int, help="multiple of 16 (default 720; 64 with --tiny)")
     parser.add_argument("--width", type=int, help="multiple of 16 (default 1280; 64 with --tiny)")

@@ -7,11 +7,11 @@ conditioning it takes. The core (``pipeline.WanTPUPipeline``) runs every
 family it supports from this description; there is no copy of the pipeline
 per family.
 
-Supported now: Wan 2.1 T2V (1.3B, 14B), Wan 2.2 T2V A14B (a high-noise and a
+Supported: Wan 2.1 T2V (1.3B, 14B), Wan 2.2 T2V A14B (a high-noise and a
 low-noise expert), Wan 2.1 I2V 14B (the image through the VAE encoder and a
-CLIP image encoder) and Wan 2.2 I2V A14B (two experts, the image through the
-VAE encoder only). Recognised but refused with a message: Wan 2.2 TI2V 5B
-(expanded timesteps and the 48-channel VAE).
+CLIP image encoder), Wan 2.2 I2V A14B (two experts, the image through the
+VAE encoder only) and Wan 2.2 TI2V 5B (the 48-channel Wan 2.2 VAE, a timestep
+per token; text-to-video, or image-to-video given an image).
 
 Imports neither torch nor jax.
 """
@@ -31,6 +31,7 @@ class WanFamily:
     expand_timesteps: bool = False  # Wan 2.2 TI2V: a timestep per token
     image_conditioning: bool = False  # image-to-video: the first frame is given
     clip_image_encoder: bool = False  # Wan 2.1 I2V: the image also goes through CLIP into cross-attention
+    image_optional: bool = False  # Wan 2.2 TI2V 5B: text-to-video, or image-to-video when given an image
 
     @property
     def two_experts(self) -> bool:
@@ -45,6 +46,7 @@ class WanFamily:
 
 WAN21_T2V = WanFamily("Wan 2.1 T2V")
 WAN21_I2V = WanFamily("Wan 2.1 I2V", image_conditioning=True, clip_image_encoder=True)
+WAN22_TI2V = WanFamily("Wan 2.2 TI2V 5B", expand_timesteps=True, image_conditioning=True, image_optional=True)
 
 
 def _present(entry) -> bool:
@@ -61,12 +63,12 @@ def family_from_model_index(model_index: dict, model_id: str = "the model") -> W
     if pipeline_class not in ("WanPipeline", "WanImageToVideoPipeline"):
         raise ValueError(f"{model_id} has pipeline {pipeline_class!r}, not a Wan pipeline: use a Wan T2V or I2V "
                          f"diffusers folder (WanPipeline or WanImageToVideoPipeline)")
-    if model_index.get("expand_timesteps"):
-        raise ValueError(
-            f"{model_id} uses expanded timesteps (Wan 2.2 TI2V 5B), which this pack does not run yet: "
-            f"use Wan 2.1 T2V/I2V or Wan 2.2 T2V/I2V A14B"
-        )
     image = pipeline_class == "WanImageToVideoPipeline"
+    if model_index.get("expand_timesteps"):
+        if two or _present(model_index.get("image_encoder")):
+            raise ValueError(f"{model_id} has expanded timesteps (Wan 2.2 TI2V 5B) with two experts or a CLIP "
+                             f"image encoder, which no Wan release has: use Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+        return WAN22_TI2V
     if two:
         if boundary is None:
             raise ValueError(f"{model_id} has a transformer_2 but no boundary_ratio in model_index.json: "

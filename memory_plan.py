@@ -59,6 +59,9 @@ WAN21_CONFIGS: dict[str, dict] = {
 WAN21_CONFIGS["14B-I2V"] = dict(WAN21_CONFIGS["14B"], in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
 WAN21_CONFIGS["A14B"] = dict(WAN21_CONFIGS["14B"])
 WAN21_CONFIGS["A14B-I2V"] = dict(WAN21_CONFIGS["14B"], in_channels=36)
+# Wan 2.2 TI2V 5B: 48 latent channels (the Wan 2.2 VAE), a timestep per token.
+WAN21_CONFIGS["5B"] = dict(_WAN21_COMMON, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
+                           out_channels=48)
 MODEL_EXPERTS = {"A14B": 2, "A14B-I2V": 2}
 CLIP_TOKENS = 257  # ViT-H/14 at 224x224: 16x16 patches and the class token
 # Wan 2.1 I2V's image_encoder/config.json (CLIP ViT-H/14 vision tower), keys as CLIPVisionConfig takes them.
@@ -72,6 +75,7 @@ MODEL_ALIASES = {
     "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": "14B-I2V",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "A14B",
     "Wan-AI/Wan2.2-I2V-A14B-Diffusers": "A14B-I2V",
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "5B",
 }
 # UMT5-XXL encoder (text_encoder/config.json), shared by both sizes.
 UMT5_XXL_CONFIG: dict = dict(
@@ -82,6 +86,17 @@ UMT5_XXL_CONFIG: dict = dict(
 WAN21_VAE_CONFIG: dict = dict(
     base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
 )
+# The Wan 2.2 VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json): 48 latents, 2x2 patches, 16x in all.
+WAN22_VAE_CONFIG: dict = dict(
+    base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+    temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+    scale_factor_spatial=16, scale_factor_temporal=4,
+)
+
+
+def vae_config_for(transformer_config: Mapping) -> dict:
+    """The VAE a transformer works with: the Wan 2.2 VAE for 48 latent channels, else Wan 2.1's."""
+    return dict(WAN22_VAE_CONFIG if transformer_config.get("out_channels", 16) == 48 else WAN21_VAE_CONFIG)
 
 # ------------------------------------------------------------------ per-chip HBM
 # jax's device_kind strings (as jax/_src/pallas/mosaic/tpu_info.py matches them):
@@ -271,10 +286,13 @@ def _local_batch(batch: int, dp: int) -> int:
 
 
 def transformer_tokens(config: Mapping, height: int, width: int, num_frames: int) -> int:
-    """Sequence length of one video: latent frames x (H/8/p_h) x (W/8/p_w); (F-1)/4+1 latent frames."""
+    """Sequence length of one video: latent frames x (H/8/p_h) x (W/8/p_w) (H/16, W/16 for the Wan 2.2 VAE);
+    (F-1)/4+1 latent frames."""
     p_t, p_h, p_w = config.get("patch_size", (1, 2, 2))
     latent_frames = (num_frames - 1) // 4 + 1
-    return (latent_frames // p_t) * (height // 8 // p_h) * (width // 8 // p_w)
+    # 48 latent channels are the Wan 2.2 VAE's (TI2V 5B), which downsamples 16x; every other Wan VAE 8x.
+    spatial = 16 if config.get("out_channels", 16) == 48 else 8
+    return (latent_frames // p_t) * (height // spatial // p_h) * (width // spatial // p_w)
 
 
 def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width: int, num_frames: int,
@@ -783,7 +801,7 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     _check_video(height, width, num_frames)
     label, config = resolve_model(model)
     te_config = _clean_config(text_encoder_config or UMT5_XXL_CONFIG)
-    vae_config = _clean_config(vae_config or WAN21_VAE_CONFIG)
+    vae_config = _clean_config(vae_config or vae_config_for(config))
     mesh = _mesh_dict(mesh_shape)
     hbm, source = hbm_bytes_per_device(device, device_kind, hbm_bytes, environ)
     args = dict(height=height, width=width, num_frames=num_frames, precision=precision, cfg=bool(cfg),

@@ -72,27 +72,51 @@ class WanEmbeddings:
         return int(self.prompt_embeds.shape[-1])
 
 
-def check_video_shape(height: int, width: int, num_frames: int) -> None:
-    """Raise ValueError unless Wan can make a video of this size."""
+def check_video_shape(height: int, width: int, num_frames: int, spatial_factor: int = VAE_SPATIAL_FACTOR) -> None:
+    """Raise ValueError unless Wan can make a video of this size (``spatial_factor``: the VAE's, 8 for Wan 2.1's
+    VAE, 16 for Wan 2.2's; the transformer patches 2x2 on top)."""
+    multiple = 2 * spatial_factor
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or value < 16 or value % 16:
+        if not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
             raise ValueError(
-                f"{name}={value}: Wan needs a multiple of 16 (the VAE downsamples 8x and the transformer patches 2x2), "
-                f"e.g. {max(16, int(value) // 16 * 16) if isinstance(value, (int, np.integer)) else 480}"
+                f"{name}={value}: this model needs a multiple of {multiple} (the VAE downsamples {spatial_factor}x "
+                f"and the transformer patches 2x2), e.g. "
+                f"{max(multiple, int(value) // multiple * multiple) if isinstance(value, (int, np.integer)) else 480}"
             )
     if not isinstance(num_frames, (int, np.integer)) or num_frames < 1 or (num_frames - 1) % VAE_TEMPORAL_FACTOR:
         lower = max(1, (int(num_frames) - 1) // 4 * 4 + 1) if isinstance(num_frames, (int, np.integer)) else 81
         raise ValueError(f"num_frames={num_frames}: Wan needs 4n+1 frames ({lower} or {lower + 4})")
 
 
-def latent_shape(height: int, width: int, num_frames: int) -> tuple[int, int, int, int, int]:
+def latent_shape(height: int, width: int, num_frames: int, channels: int = LATENT_CHANNELS,
+                 spatial_factor: int = VAE_SPATIAL_FACTOR) -> tuple[int, int, int, int, int]:
+    """The VAE latents of a video: Wan 2.1's VAE by default; Wan 2.2's has 48 channels and ``spatial_factor`` 16."""
     return (
         1,
-        LATENT_CHANNELS,
+        channels,
         (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1,
-        height // VAE_SPATIAL_FACTOR,
-        width // VAE_SPATIAL_FACTOR,
+        height // spatial_factor,
+        width // spatial_factor,
     )
+
+
+@dataclass(frozen=True)
+class VAEGeometry:
+    """Latent channels and downsampling of a model's VAE, from vae/config.json (nothing loaded)."""
+
+    channels: int = LATENT_CHANNELS
+    spatial_factor: int = VAE_SPATIAL_FACTOR
+
+    @classmethod
+    def from_config(cls, config: dict) -> "VAEGeometry":
+        if config.get("scale_factor_temporal", VAE_TEMPORAL_FACTOR) != VAE_TEMPORAL_FACTOR:
+            raise ValueError(f"VAE scale_factor_temporal={config['scale_factor_temporal']}: Wan's VAEs compress "
+                             f"time 4x; this is not a Wan VAE")
+        return cls(int(config.get("z_dim", LATENT_CHANNELS)), int(config.get("scale_factor_spatial",
+                                                                             VAE_SPATIAL_FACTOR)))
+
+    def latent_shape(self, height: int, width: int, num_frames: int) -> tuple[int, int, int, int, int]:
+        return latent_shape(height, width, num_frames, self.channels, self.spatial_factor)
 
 
 # ------------------------------------------------------------------ torchax glue
@@ -131,9 +155,7 @@ class VAEChunkDecoder:
 
     def __init__(self, manager: TorchaxEnvManager, module):
         self.manager, self.module = manager, module
-        if module.config.get("patch_size") is not None:
-            raise ValueError(f"VAE patch_size={module.config.patch_size}: this pack handles the Wan 2.1 VAE "
-                             f"(no patching)")
+        self.patch_size = module.config.get("patch_size")  # Wan 2.2's VAE folds 2x2 pixels into channels
         self.conv_count = module._cached_conv_counts[self.part]
         self.jitted = manager.jax.jit(self._chunk, static_argnums=(3,))
         self.markers_after: dict[tuple, tuple] = {}  # cache markers in -> out, recorded when a chunk is traced
@@ -147,9 +169,14 @@ class VAEChunkDecoder:
         """One chunk through the torch module (traced by torchax): the decoder's clamped output."""
         import torch
 
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
         vae = self.module
         x = vae.post_quant_conv(x)  # a 1x1x1 convolution: per frame it is what diffusers does at once
-        return torch.clamp(vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=first), -1.0, 1.0)
+        out = vae.decoder(x, feat_cache=feat, feat_idx=[0], first_chunk=first)
+        if self.patch_size is not None:  # per frame, so per chunk is what diffusers does at the end
+            out = unpatchify(out, patch_size=self.patch_size)
+        return torch.clamp(out, -1.0, 1.0)
 
     def _finish(self, out):
         """The chunk's output as returned to the host: frames [f, H, W, 3] float32 in [0, 1]."""
@@ -232,7 +259,11 @@ class VAEChunkEncoder(VAEChunkDecoder):
     part = "encoder"
 
     def _run(self, x, feat: list, first: bool):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
         vae = self.module
+        if self.patch_size is not None:  # per frame, so per chunk is what diffusers does first
+            x = patchify(x, patch_size=self.patch_size)
         encoded = vae.quant_conv(vae.encoder(x, feat_cache=feat, feat_idx=[0]))  # quant_conv is 1x1x1: per chunk
         return encoded[:, : vae.config.z_dim]
 
@@ -246,7 +277,7 @@ class VAEChunkEncoder(VAEChunkDecoder):
                 + [(batch, channels, 4, height, width)] * min((frames - 1) // 4, 2))
 
     def encode(self, weights, video, replicated, on_status=None, device=None) -> np.ndarray:
-        """Latent means [1, 16, T, h, w] (host) of a video [1, 3, F, H, W] in [-1, 1] (host), F = 4n+1."""
+        """Latent means [1, z, T, h, w] (host) of a video [1, 3, F, H, W] in [-1, 1] (host), F = 4n+1."""
         frames = video.shape[2]
         chunks = [video[:, :, :1]] + [video[:, :, 1 + 4 * i:5 + 4 * i] for i in range((frames - 1) // 4)]
         return np.concatenate(self.run_chunks(
@@ -619,6 +650,11 @@ class WanTPUPipeline:
         logger.info("HBM plan: %s", plan.summary())
         return plan.check()
 
+    @property
+    def vae_geometry(self) -> VAEGeometry:
+        """The VAE's latent channels and downsampling, from its config (Wan 2.1: 16, 8x; Wan 2.2: 48, 16x)."""
+        return VAEGeometry.from_config(loading.load_json_config(self.source, "vae"))
+
     def vae_latent_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """(latents_mean, latents_std) from the VAE's config, without loading the VAE."""
         config = loading.load_json_config(self.source, "vae")
@@ -674,7 +710,8 @@ class WanTPUPipeline:
         dtype = jax.numpy.bfloat16 if "bfloat16" in str(transformer.dtype) else jax.numpy.float32
         return jax.ShapeDtypeStruct((batch, tokens, dim), dtype, sharding=_batch_sharding(transformer.mesh, batch))
 
-    def _make_step_fn(self, transformer: TransformerComponent, cfg: bool, cache_mode: str | None = None):
+    def _make_step_fn(self, transformer: TransformerComponent, cfg: bool, cache_mode: str | None = None,
+                      expand_timesteps: bool | None = None):
         """The jitted denoising step: transformer, CFG combine, UniPC-form update.
 
         ``cache_mode`` (MagCache): None, the plain step; "record", the step also
@@ -690,6 +727,8 @@ class WanTPUPipeline:
         batch = 2 if cfg else 1
         batch_sharding = _batch_sharding(mesh, batch)
         jax_dtype = jnp.bfloat16 if "bfloat16" in str(dtype) else jnp.float32
+        if expand_timesteps is None:  # TI2V: a timestep per token (the compile command says it explicitly)
+            expand_timesteps = self.family.expand_timesteps
 
         def step(weights, state, context, coefficients, timestep, guidance_scale, block_residual=None,
                  conditioning=None):
@@ -698,11 +737,17 @@ class WanTPUPipeline:
             if cfg:  # cond and uncond as one batch of 2, split over dp
                 model_input = jnp.concatenate([model_input, model_input])
             image_embeds = None
-            if conditioning is not None:  # image-to-video: the first-frame mask and latents beside the noise
+            timesteps = jnp.full((batch,), timestep, jnp.float32)
+            if expand_timesteps:  # TI2V: the given first frame in place, a timestep per token (0 on it)
+                given, keep = conditioning
+                model_input = (1 - keep) * given + keep * model_input
+                p_t, p_h, p_w = transformer.config["patch_size"]
+                per_token = (keep[0, 0, ::p_t, ::p_h, ::p_w] * timestep).reshape(-1)
+                timesteps = jnp.broadcast_to(per_token, (batch, per_token.shape[0]))
+            elif conditioning is not None:  # image-to-video: the first-frame mask and latents beside the noise
                 condition, image_embeds = conditioning
                 model_input = jnp.concatenate([model_input, condition], axis=1)
             model_input = jax.lax.with_sharding_constraint(model_input.astype(jax_dtype), batch_sharding)
-            timesteps = jnp.full((batch,), timestep, jnp.float32)
             velocity = call_transformer(manager, module, weights, mesh, model_input, timesteps, context,
                                         record_residual=cache_mode == "record", block_residual=block_residual,
                                         image_embeds=image_embeds)
@@ -770,7 +815,8 @@ class WanTPUPipeline:
             raise ValueError(f"{self.source.model_id!r} is {family.name}, a text-to-video model: it takes no image. "
                              f"Use an image-to-video model (e.g. Wan-AI/Wan2.2-I2V-A14B-Diffusers), or leave the "
                              f"image out")
-        check_video_shape(height, width, num_frames)
+        geometry = self.vae_geometry
+        check_video_shape(height, width, num_frames, geometry.spatial_factor)
         picture = as_pil_image(image)
         self.memory_plan(height, width, num_frames, guidance_scale=1.0)
         self._status(on_status, "vae", "VAE")
@@ -781,18 +827,24 @@ class WanTPUPipeline:
         if on_status is not None:
             on_status("encoding the image")
         with self.timer("encode_image"):
-            pixels = VideoProcessor(vae_scale_factor=VAE_SPATIAL_FACTOR).preprocess(
+            pixels = VideoProcessor(vae_scale_factor=geometry.spatial_factor).preprocess(
                 picture, height=height, width=width).to(torch.float32).numpy()  # [1, 3, H, W] in [-1, 1]
-            # The image, then black frames: diffusers encodes the whole clip, the causal VAE carrying its cache.
-            video = np.zeros((1, 3, num_frames, height, width), np.float32)
-            video[:, :, 0] = pixels
+            if family.expand_timesteps:  # TI2V: the image alone becomes the first latent frame
+                video = pixels[:, :, None]
+            else:  # the image, then black frames: diffusers encodes the whole clip, the causal VAE carrying its cache
+                video = np.zeros((1, 3, num_frames, height, width), np.float32)
+                video[:, :, 0] = pixels
             replicated = NamedSharding(vae.mesh, PartitionSpec())
             means = vae.encoder.encode(vae.weights, video, replicated, on_status, device=vae.mesh.devices.flat[0])
             shape = (1, -1, 1, 1, 1)
-            latents = (means - vae.latents_mean.reshape(shape)) * (1.0 / vae.latents_std).reshape(shape)
-            mask = np.zeros((1, VAE_TEMPORAL_FACTOR) + latents.shape[2:], np.float32)
-            mask[:, :, 0] = 1.0  # the first latent frame is given; the rest are generated
-            condition = np.concatenate([mask, latents.astype(np.float32)], axis=1)
+            latents = ((means - vae.latents_mean.reshape(shape)) * (1.0 / vae.latents_std).reshape(shape)
+                       ).astype(np.float32)
+            if family.expand_timesteps:  # TI2V: the first latent frame itself, [1, 48, 1, h, w]
+                condition = latents
+            else:
+                mask = np.zeros((1, VAE_TEMPORAL_FACTOR) + latents.shape[2:], np.float32)
+                mask[:, :, 0] = 1.0  # the first latent frame is given; the rest are generated
+                condition = np.concatenate([mask, latents], axis=1)
             image_embeds = None
             if family.clip_image_encoder:
                 self._status(on_status, "image_encoder", "image encoder")
@@ -810,7 +862,7 @@ class WanTPUPipeline:
         made for another size or model."""
         family, model = self.family, repr(self.source.model_id)
         if image is None:
-            if family.image_conditioning:
+            if family.image_conditioning and not family.image_optional:
                 raise ValueError(f"{model} is {family.name}, an image-to-video model: give it the start image "
                                  f"(connect a 'Wan TPU Image to Video' node's output to the sampler's image, "
                                  f"or --image on the command line)")
@@ -827,6 +879,8 @@ class WanTPUPipeline:
                              f"run is {width}x{height}, {num_frames} frames: give both the same width, height and "
                              f"frames")
         channels = transformer.config["in_channels"] - transformer.config["out_channels"]
+        if family.expand_timesteps:  # TI2V: the image's latents replace the first latent frame
+            channels = transformer.config["out_channels"]
         if image.condition.shape[1] != channels:
             raise ValueError(f"the image conditioning has {image.condition.shape[1]} channels but {model} takes "
                              f"{channels}: encode the image with the same model")
@@ -866,7 +920,8 @@ class WanTPUPipeline:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        check_video_shape(height, width, num_frames)
+        geometry = self.vae_geometry
+        check_video_shape(height, width, num_frames, geometry.spatial_factor)
         if not 0 <= guidance_scale <= 100:
             raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 100 (5.0 is typical)")
         family = self.family
@@ -914,7 +969,8 @@ class WanTPUPipeline:
 
         # The noise is drawn exactly as diffusers draws it (CPU generator, float32).
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        noise = randn_tensor(latent_shape(height, width, num_frames), generator=generator, dtype=torch.float32)
+        noise = randn_tensor(geometry.latent_shape(height, width, num_frames), generator=generator,
+                             dtype=torch.float32)
         context = [embeddings.prompt_embeds] + ([embeddings.negative_prompt_embeds] if cfg else [])
         context = torch.cat(context).to(torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
@@ -924,7 +980,16 @@ class WanTPUPipeline:
             state = (sample, *(jnp.zeros(sample.shape, jnp.float32, device=replicated) for _ in range(3)))
             context = jax.device_put(torch_to_numpy(context), _batch_sharding(mesh, context.shape[0]))
             conditioning = None
-            if image is not None:  # the same for cond and uncond: [batch, ...], split over dp like the batch
+            if family.expand_timesteps:
+                # TI2V: a timestep per token; with an image, its latents are the first frame, whose tokens
+                # get timestep 0 (diffusers' first_frame_mask). The mask is data, so T2V and I2V share a program.
+                given = np.zeros(noise.shape, np.float32)
+                keep = np.ones((1, 1) + tuple(noise.shape[2:]), np.float32)
+                if image is not None:
+                    given[:, :, :1] = image.condition.numpy()
+                    keep[:, :, 0] = 0.0
+                conditioning = (jax.device_put(given, replicated), jax.device_put(keep, replicated))
+            elif image is not None:  # the same for cond and uncond: [batch, ...], split over dp like the batch
                 condition = jax.device_put(np.repeat(image.condition.numpy(), batch, axis=0),
                                            _batch_sharding(mesh, batch))
                 image_embeds = None
@@ -973,6 +1038,9 @@ class WanTPUPipeline:
                 if on_step is not None:
                     on_step(i + 1, total)
             latents = np.asarray(state[0])
+            if family.expand_timesteps and image is not None:  # diffusers puts the image's frame back at the end
+                given, keep = (np.asarray(x) for x in conditioning)
+                latents = (1 - keep) * given + keep * latents
         evaluations = sum(mode != "reuse" for mode in modes)
         self.last_run = {"steps": total, "transformer_evaluations": evaluations, "skipped_steps": total - evaluations,
                          "sampler": sampler, "magcache": magcache is not None,
@@ -993,12 +1061,15 @@ class WanTPUPipeline:
         latents = torch.as_tensor(latents)
         if latents.ndim == 4:
             latents = latents.unsqueeze(0)
-        if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
+        geometry = self.vae_geometry
+        if latents.ndim != 5 or latents.shape[1] != geometry.channels:
+            f = geometry.spatial_factor
             raise ValueError(
-                f"latents of shape {tuple(latents.shape)}: the Wan 2.1 VAE decodes [batch, 16, frames, height/8, width/8]"
+                f"latents of shape {tuple(latents.shape)}: the VAE of {self.source.model_id!r} decodes "
+                f"[batch, {geometry.channels}, frames, height/{f}, width/{f}]: decode with the model that made them"
             )
         _, _, latent_frames, latent_height, latent_width = latents.shape
-        self.memory_plan(latent_height * VAE_SPATIAL_FACTOR, latent_width * VAE_SPATIAL_FACTOR,
+        self.memory_plan(latent_height * geometry.spatial_factor, latent_width * geometry.spatial_factor,
                          (latent_frames - 1) * VAE_TEMPORAL_FACTOR + 1, guidance_scale=1.0)
         self._status(on_status, "vae", "VAE")
         component = self.vae()

@@ -56,6 +56,7 @@ class TinyWanConfig:
     boundary_ratio: float | None = None  # set: a Wan 2.2 A14B-style model with a second (low-noise) expert
     image_to_video: bool = False  # an I2V model: with one expert Wan 2.1 I2V (CLIP), with two Wan 2.2 I2V A14B
     clip_dim: int = 32  # the tiny CLIP vision tower's width (Wan 2.1 I2V)
+    ti2v: bool = False  # a Wan 2.2 TI2V 5B-style model: the 48-channel Wan 2.2 VAE (16x), a timestep per token
 
 
 # Benchmark configurations (benchmarks/bench.py): "small" is meaningful on a
@@ -65,9 +66,10 @@ TINY_A14B = TinyWanConfig(boundary_ratio=0.6)
 # Image-to-video: Wan 2.1 I2V-style (a CLIP vision tower, image cross-attention) and Wan 2.2 I2V A14B-style.
 TINY_I2V = TinyWanConfig(image_to_video=True)
 TINY_I2V_A14B = TinyWanConfig(image_to_video=True, boundary_ratio=0.6)
+TINY_TI2V = TinyWanConfig(ti2v=True)  # videos in multiples of 32 pixels (the VAE's 16x, then 2x2 patches)
 # --tiny-family names (the command line) -> configs.
 TINY_FAMILIES = {"wan2.1-t2v": TinyWanConfig(), "wan2.2-t2v-a14b": TINY_A14B, "wan2.1-i2v": TINY_I2V,
-                 "wan2.2-i2v-a14b": TINY_I2V_A14B}
+                 "wan2.2-i2v-a14b": TINY_I2V_A14B, "wan2.2-ti2v-5b": TINY_TI2V}
 
 SMALL = TinyWanConfig(
     num_heads=8, head_dim=64, ffn_dim=2048, num_layers=8, text_dim=256, text_layers=2,
@@ -154,9 +156,9 @@ def _build(path: str, config: TinyWanConfig) -> None:
         patch_size=(1, 2, 2),
         num_attention_heads=config.num_heads,
         attention_head_dim=config.head_dim,
-        # I2V: the noisy latents (16) + the first-frame mask (4) + the image's latents (16).
-        in_channels=36 if config.image_to_video else 16,
-        out_channels=16,
+        # I2V: the noisy latents (16) + the first-frame mask (4) + the image's latents (16). TI2V: Wan 2.2's 48.
+        in_channels=48 if config.ti2v else 36 if config.image_to_video else 16,
+        out_channels=48 if config.ti2v else 16,
         text_dim=config.text_dim,
         freq_dim=256,
         ffn_dim=config.ffn_dim,
@@ -179,13 +181,23 @@ def _build(path: str, config: TinyWanConfig) -> None:
         with torch.no_grad():
             for param in transformer_2.parameters():
                 param.add_(torch.randn_like(param) * 0.05)
-    vae = AutoencoderKLWan(
-        base_dim=config.vae_base_dim,
-        z_dim=16,
-        dim_mult=list(config.vae_dim_mult),
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    ).eval()
+    if config.ti2v:  # the Wan 2.2 VAE's layout: residual blocks, 2x2 patches folded into 12 channels, 48 latents
+        stats = torch.Generator().manual_seed(config.seed)
+        vae = AutoencoderKLWan(
+            base_dim=config.vae_base_dim, decoder_base_dim=2 * config.vae_base_dim, z_dim=48,
+            dim_mult=list(config.vae_dim_mult), num_res_blocks=1, temperal_downsample=[False, True, True],
+            is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+            latents_mean=(torch.randn(48, generator=stats) * 0.1).tolist(),
+            latents_std=(torch.rand(48, generator=stats) + 0.5).tolist(),
+        ).eval()
+    else:
+        vae = AutoencoderKLWan(
+            base_dim=config.vae_base_dim,
+            z_dim=16,
+            dim_mult=list(config.vae_dim_mult),
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ).eval()
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
         flow_shift=config.flow_shift,
@@ -200,7 +212,7 @@ def _build(path: str, config: TinyWanConfig) -> None:
             components.update(_tiny_clip(config))
         pipe = WanImageToVideoPipeline(**components)
     else:
-        pipe = WanPipeline(**components)
+        pipe = WanPipeline(**components, expand_timesteps=config.ti2v)
     pipe.save_pretrained(path, safe_serialization=True)
     if clip:  # name the processor as Wan-AI's folders do (without torchvision, transformers 5 made a "...Pil" one)
         index_path = os.path.join(path, "model_index.json")

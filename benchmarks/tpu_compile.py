@@ -268,9 +268,13 @@ class Programs:
         module, weights, plan = self.component("transformer", config)
         transformer = pipeline.TransformerComponent(module, weights, plan, self.mesh, dict(module.config), {},
                                                     module.dtype)
-        jitted = self.pipeline._make_step_fn(transformer, cfg)
+        memory_plan = self.pack("memory_plan")
+        geometry = pipeline.VAEGeometry.from_config(memory_plan.vae_config_for(config))
+        expand = geometry.channels == 48  # Wan 2.2 TI2V 5B: a timestep per token
+        jitted = self.pipeline._make_step_fn(transformer, cfg, expand_timesteps=expand)
         replicated = self._sharding()
-        latents = self._abstract(pipeline.latent_shape(height, width, frames), "float32", replicated)
+        shape = geometry.latent_shape(height, width, frames)
+        latents = self._abstract(shape, "float32", replicated)
         batch = 2 if cfg else 1
         context_dtype = "bfloat16" if self.precision == "bf16" else "float32"
         context = self._abstract((batch, TEXT_LENGTH, config["text_dim"]), context_dtype,
@@ -280,7 +284,9 @@ class Programs:
         scalar = self._abstract((), "float32", replicated)
         args = (weights, (latents,) * 4, context, coefficients, scalar, scalar)
         channels = config.get("in_channels", 16) - config.get("out_channels", 16)
-        if channels:  # image-to-video: the first-frame conditioning beside the noise (and CLIP tokens for 2.1)
+        if expand:  # the first latent frame given (image) or not (text): the mask is data, one program for both
+            args += (None, (latents, self._abstract((1, 1) + shape[2:], "float32", replicated)))
+        elif channels:  # image-to-video: the first-frame conditioning beside the noise (and CLIP tokens for 2.1)
             batch_sharding = pipeline._batch_sharding(self.mesh, batch)
             _, _, frames_latent, h, w = pipeline.latent_shape(height, width, frames)
             condition = self._abstract((batch, channels, frames_latent, h, w), "float32", batch_sharding)
@@ -297,7 +303,7 @@ class Programs:
         pipeline = self.pack("pipeline")
         module, weights, _ = self.component("vae", vae_config)
         decoder = pipeline.VAEChunkDecoder(self.manager, module)
-        shape = pipeline.latent_shape(height, width, frames)
+        shape = pipeline.VAEGeometry.from_config(vae_config).latent_shape(height, width, frames)
         with self.manager.target_platform("tpu"):
             kinds = decoder.chunk_kinds(weights, shape)
         runs = [1, 1, shape[2] - 2][:len(kinds)]
@@ -309,6 +315,8 @@ class Programs:
         pipeline = self.pack("pipeline")
         module, weights, _ = self.component("vae", vae_config)
         encoder = pipeline.VAEChunkEncoder(self.manager, module)
+        if vae_config.get("patch_size"):  # TI2V encodes the image alone (one frame), not a clip
+            frames = 1
         with self.manager.target_platform("tpu"):
             kinds = encoder.chunk_kinds(weights, (1, 3, frames, height, width))
         runs = [1, 1, (frames - 1) // 4 - 1][:len(kinds)]
@@ -381,6 +389,8 @@ def default_stages(model: str) -> tuple[str, ...]:
     Wan 2.1 I2V, the CLIP image encoder."""
     memory_plan = load_pack()("memory_plan")
     _, config = memory_plan.resolve_model(model)
+    if config.get("out_channels", 16) == 48:  # TI2V 5B: text- or image-to-video
+        return STAGES + IMAGE_STAGES[:1]
     if config.get("in_channels", 16) == config.get("out_channels", 16):
         return STAGES
     return STAGES + (IMAGE_STAGES if config.get("image_dim") else IMAGE_STAGES[:1])
@@ -427,10 +437,10 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                 if name == "text_encoder":
                     program_list = [(*programs.text_encoder(dict(memory_plan.UMT5_XXL_CONFIG)), 1)]
                 elif name == "vae_decode":
-                    program_list = programs.vae_decode(dict(memory_plan.WAN21_VAE_CONFIG), cfg_run.height,
+                    program_list = programs.vae_decode(memory_plan.vae_config_for(transformer_config), cfg_run.height,
                                                        cfg_run.width, cfg_run.frames)
                 elif name == "vae_encode":
-                    program_list = programs.vae_encode(dict(memory_plan.WAN21_VAE_CONFIG), cfg_run.height,
+                    program_list = programs.vae_encode(memory_plan.vae_config_for(transformer_config), cfg_run.height,
                                                        cfg_run.width, cfg_run.frames)
                 elif name == "image_encoder":
                     program_list = [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)]
@@ -635,7 +645,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--model", default="14B",
                         help="1.3B or 14B (Wan 2.1 T2V), 14B-I2V (Wan 2.1 I2V), A14B or A14B-I2V (Wan 2.2, both "
-                             "experts resident)")
+                             "experts resident), 5B (Wan 2.2 TI2V)")
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--frames", type=int, default=81)

@@ -79,12 +79,14 @@ def test_guidance_scale_2_is_refused_for_a_one_expert_model(tiny_model_dir):
     ({"_class_name": "WanImageToVideoPipeline", "image_encoder": [None, None]}, "without a CLIP image encoder"),
     ({"_class_name": "WanImageToVideoPipeline", "image_encoder": ["transformers", "CLIPVisionModel"],
       "boundary_ratio": 0.9, "transformer_2": ["diffusers", "WanTransformer3DModel"]}, "no Wan release has"),
-    ({"_class_name": "WanImageToVideoPipeline", "expand_timesteps": True}, "expanded timesteps"),
+    ({"_class_name": "WanImageToVideoPipeline", "expand_timesteps": True,
+      "image_encoder": ["transformers", "CLIPVisionModel"]}, "expanded timesteps"),
     ({"_class_name": "QwenImagePipeline"}, "not a Wan pipeline"),
-    ({"_class_name": "WanPipeline", "expand_timesteps": True}, "expanded timesteps \\(Wan 2.2 TI2V 5B\\)"),
+    ({"_class_name": "WanPipeline", "expand_timesteps": True, "boundary_ratio": 0.9,
+      "transformer_2": ["diffusers", "WanTransformer3DModel"]}, "expanded timesteps \\(Wan 2.2 TI2V 5B\\)"),
     ({"_class_name": "WanPipeline", "transformer_2": ["diffusers", "WanTransformer3DModel"]}, "no boundary_ratio"),
 ])
-def test_families_not_run_yet_are_refused_with_what_to_use(model_index, message):
+def test_folders_no_wan_release_has_are_refused_with_what_to_use(model_index, message):
     with pytest.raises(ValueError, match=message):
         families.family_from_model_index(model_index, "'some/model'")
 

@@ -186,3 +186,79 @@ def test_a_comfyui_image_batch_and_a_bad_image(i2v_dir):
     assert pil.size == (40, 24) and pil.mode == "RGB"
     with pytest.raises(ValueError, match=r"image of shape \(24, 40\): give an RGB image"):
         pipeline_mod.as_pil_image(np.zeros((24, 40)))
+
+
+# ------------------------------------------------------------------ Wan 2.2 TI2V 5B
+TI2V_VIDEO = dict(height=64, width=64, num_frames=5)  # multiples of 32: the Wan 2.2 VAE's 16x, then 2x2 patches
+
+
+@pytest.fixture(scope="module")
+def ti2v_dir(tmp_path_factory):
+    return tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan22-ti2v", tiny_wan.TINY_TI2V)
+
+
+@pytest.fixture(scope="module")
+def ti2v_diffusers(ti2v_dir):
+    """diffusers' own runs of TI2V: WanPipeline (text) and WanImageToVideoPipeline (image) on one folder."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    pipes = {}
+    for name, cls in (("text", WanPipeline), ("image", WanImageToVideoPipeline)):
+        pipe = cls.from_pretrained(ti2v_dir, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=3.0)
+        pipes[name] = pipe
+
+    def frames(image_seed, seed):
+        image = {} if image_seed is None else {"image": start_image(image_seed)}
+        pipe = pipes["text" if image_seed is None else "image"]
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **image,
+                    **TI2V_VIDEO).frames[0]
+
+    return frames
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_ti2v_text_and_image_to_video_match_diffusers(ti2v_dir, ti2v_diffusers, manager, seed):
+    core = pipeline_mod.WanTPUPipeline(ti2v_dir, precision="fp32")
+    assert core.family is families.WAN22_TI2V
+    assert core.vae_geometry == pipeline_mod.VAEGeometry(48, 16)
+    embeddings = core.encode(PROMPT, NEGATIVE)
+    compiles = None
+    for image_seed in (None, seed):
+        image = None if image_seed is None else core.encode_image(start_image(image_seed), **TI2V_VIDEO)
+        if image is not None:
+            assert image.condition.shape == (1, 48, 1, 4, 4)  # the image's latents: the video's first latent frame
+        latents = core.denoise(embeddings, num_inference_steps=4, guidance_scale=5.0, seed=seed, flow_shift=3.0,
+                               image=image, **TI2V_VIDEO)
+        assert latents.shape == (1, 48, 2, 4, 4)
+        frames = core.decode(latents).numpy()
+        assert np.abs(frames - ti2v_diffusers(image_seed, seed)).max() <= BOUND
+        # Text and image runs share one compiled step: the first-frame mask is data.
+        compiles = manager.compile_count() if compiles is None else compiles
+    assert manager.compile_count() - compiles <= 2  # the image run adds only the VAE encode's two chunk programs
+
+
+def test_ti2v_through_the_nodes_and_its_size_rule(monkeypatch, ti2v_dir, ti2v_diffusers, manager):
+    from comfy_stubs import ComfyStubs
+    from conftest import load_pack
+
+    ComfyStubs().install(monkeypatch)
+    load_pack()
+    nodes = pack_module("nodes")
+    picture = torch.from_numpy(np.asarray(start_image(3), np.float32) / 255)[None]
+    with torch.inference_mode():
+        positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, ti2v_dir, precision="fp32")
+        (image,) = nodes.WanTPUImageToVideo().encode(picture, model_id=ti2v_dir, precision="fp32", **TI2V_VIDEO)
+        latents, _ = nodes.Wan21TPUSampler().sample(positive, negative, num_inference_steps=4, guidance_scale=5.0,
+                                                    seed=1, model_id=ti2v_dir, flow_shift=3.0, precision="fp32",
+                                                    image=image, **TI2V_VIDEO)
+        assert latents["samples"].shape[1] == 48
+        frames, _ = nodes.Wan21TPUVAEDecoder().decode(latents, ti2v_dir, precision="fp32")
+    assert np.abs(frames.numpy() - ti2v_diffusers(3, 1)).max() <= BOUND
+    core = pipeline_mod.WanTPUPipeline(ti2v_dir, precision="fp32")
+    with pytest.raises(ValueError, match="height=48: this model needs a multiple of 32 .*e.g. 32"):
+        core.denoise(core.encode(PROMPT, NEGATIVE), num_inference_steps=2, height=48, width=64, num_frames=5)
+    with pytest.raises(ValueError, match=r"decodes \[batch, 48, frames, height/16, width/16\]"):
+        core.decode(torch.zeros(1, 16, 2, 4, 4))

@@ -233,3 +233,25 @@ def test_image_to_video_programs_compile_for_v6e_8(tiny_model_dir, manager, v6e_
                 patch_size=8)
     compiled, _, _ = v6e_8.compile(*v6e_8.image_encoder(clip))
     assert compiled.out_info.shape == (1, 17, 32)
+
+
+def test_the_ti2v_step_compiles_for_v6e_8_with_a_timestep_per_token(ti2v_configs, manager, v6e_8):
+    """Wan 2.2 TI2V 5B-style: 48 latent channels at 16x, the first-frame mask as data (one program for text and
+    image), the Wan 2.2 VAE's encode and decode chunk programs (patchified)."""
+    transformer, vae = ti2v_configs
+    video = dict(height=64, width=64, frames=5)
+    jitted, args = v6e_8.step(transformer, cfg=True, **video)
+    given, keep = args[-1]
+    assert given.shape == (1, 48, 2, 4, 4) and keep.shape == (1, 1, 2, 4, 4)
+    compiled, _, _ = v6e_8.compile(jitted, args)
+    assert [o.shape for o in compiled.out_info] == [(1, 48, 2, 4, 4)] * 4
+    for jitted, args, _ in v6e_8.vae_decode(vae, **video) + v6e_8.vae_encode(vae, **video):
+        v6e_8.compile(jitted, args, matmul_precision=False)
+
+
+@pytest.fixture(scope="module")
+def ti2v_configs(tmp_path_factory):
+    tiny_wan = pack_module("tiny_wan")
+    folder = tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-ti2v", tiny_wan.TINY_TI2V)
+    transformer, _, vae = _tiny_configs(folder)
+    return transformer, vae
