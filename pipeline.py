@@ -152,10 +152,12 @@ class VAEChunkDecoder:
     """
 
     part = "decoder"  # which half of the VAE; its causal convolutions' count sizes the cache
+    output_height_dim = 1  # frames [f, H, W, 3]
 
-    def __init__(self, manager: TorchaxEnvManager, module):
-        self.manager, self.module = manager, module
+    def __init__(self, manager: TorchaxEnvManager, module, mesh=None):
+        self.manager, self.module, self.mesh = manager, module, mesh
         self.patch_size = module.config.get("patch_size")  # Wan 2.2's VAE folds 2x2 pixels into channels
+        self.spatial_factor = int(module.config.get("scale_factor_spatial", VAE_SPATIAL_FACTOR))
         self.conv_count = module._cached_conv_counts[self.part]
         self.jitted = manager.jax.jit(self._chunk, static_argnums=(3,))
         self.markers_after: dict[tuple, tuple] = {}  # cache markers in -> out, recorded when a chunk is traced
@@ -184,10 +186,39 @@ class VAEChunkDecoder:
         frames = jnp.clip(out[0].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [3, f, H, W]
         return jnp.transpose(frames, (1, 2, 3, 0))
 
+    # -- split over space: every device decodes a strip of each frame (see sharding.spatial_split)
+    def latent_hw(self, shape) -> tuple[int, int]:
+        """The latent height and width of a chunk input of ``shape``."""
+        return shape[-2], shape[-1]
+
+    def split_axes(self, shape) -> tuple:
+        if self.mesh is None:
+            return None, None
+        h_axes, w_axes, _ = sharding.spatial_split(dict(self.mesh.shape), *self.latent_hw(shape))
+        return h_axes, w_axes
+
+    def spatial_sharding(self, shape, axes, height_dim: int):
+        """A NamedSharding splitting dims ``height_dim`` and ``height_dim + 1`` of ``shape`` over ``axes``
+        where they divide (else that dim whole)."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        sizes = dict(self.mesh.shape)
+        spec = [None] * len(shape)
+        for offset, dim_axes in enumerate(axes):
+            dim = height_dim + offset
+            if dim_axes is not None and shape[dim] % sharding._axis_size(dim_axes, sizes) == 0:
+                spec[dim] = dim_axes
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+    def input_sharding(self, shape):
+        return self.spatial_sharding(shape, self.split_axes(shape), len(shape) - 2)
+
     def _chunk(self, weights, x, cache, markers):
         """One chunk x -> (its output, new cache arrays).
 
         ``markers`` (static) says per cache entry: None (empty), "Rep" or "T" (an array, in ``cache`` order).
+        The output and the cache stay split over space like the input, so no device ever holds a whole
+        full-resolution feature map.
         """
         import torch
 
@@ -204,7 +235,13 @@ class VAEChunkDecoder:
                 None if f is None else ("Rep" if isinstance(f, str) else "T") for f in feat)
             out = env.t2j_iso(out)
             new_cache = [env.t2j_iso(f) for f in feat if f is not None and not isinstance(f, str)]
-        return self._finish(out), new_cache
+        out = self._finish(out)
+        if self.mesh is not None:
+            constrain = self.manager.jax.lax.with_sharding_constraint
+            axes = self.split_axes(x.shape)
+            out = constrain(out, self.spatial_sharding(out.shape, axes, self.output_height_dim))
+            new_cache = [constrain(c, self.spatial_sharding(c.shape, axes, c.ndim - 2)) for c in new_cache]
+        return out, new_cache
 
     def chunk_shapes(self, shape) -> list[tuple]:
         """The input shapes of the first chunks of a decode of latents ``shape``, up to the steady one."""
@@ -215,21 +252,23 @@ class VAEChunkDecoder:
         """(markers, abstract args) of each program a run over ``shape`` runs, first to steady:
         what the compile-for-TPU command compiles. Traced abstractly (nothing runs)."""
         jax = self.manager.jax
-        sharding = getattr(next(iter(weights.values())), "sharding", None)
         kinds, markers, cache = [], self.first_markers, []
         for chunk_shape in self.chunk_shapes(shape):
-            x = jax.ShapeDtypeStruct(chunk_shape, jax.numpy.float32, sharding=sharding)
+            x = jax.ShapeDtypeStruct(chunk_shape, jax.numpy.float32, sharding=self.input_sharding(chunk_shape))
             kinds.append((markers, (weights, x, list(cache))))
             _, cache = jax.eval_shape(lambda w, xx, c, m=markers: self._chunk(w, xx, c, m), weights, x, list(cache))
+            axes = self.split_axes(chunk_shape)
+            cache = [jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=self.spatial_sharding(c.shape, axes, c.ndim - 2))
+                     for c in cache]
             markers = self.markers_after[markers]
         return kinds
 
-    def run_chunks(self, weights, chunks, replicated, on_status, device, what: str, fix: str) -> list[np.ndarray]:
+    def run_chunks(self, weights, chunks, on_status, device, what: str, fix: str) -> list[np.ndarray]:
         """Each host chunk through its compiled program, the cache carried on the device; host outputs."""
         jax = self.manager.jax
         markers, cache, outputs = self.first_markers, [], []
         for chunk in chunks:
-            x = jax.device_put(np.ascontiguousarray(chunk), replicated)
+            x = jax.device_put(np.ascontiguousarray(chunk), self.input_sharding(chunk.shape))
             args = (weights, x, cache)
             key = (markers, _shape_key(args[1:]))
             if key not in self.compiled:
@@ -242,12 +281,11 @@ class VAEChunkDecoder:
             outputs.append(np.asarray(out))
         return outputs
 
-    def decode(self, weights, latents, replicated, on_status=None, device=None) -> np.ndarray:
-        """Frames [F, H, W, 3] float32 (host) of latents [1, 16, T, h, w] (host)."""
+    def decode(self, weights, latents, on_status=None, device=None) -> np.ndarray:
+        """Frames [F, H, W, 3] float32 (host) of latents [1, z, T, h, w] (host)."""
         chunks = (latents[:, :, index:index + 1] for index in range(latents.shape[2]))
-        return np.concatenate(self.run_chunks(
-            weights, chunks, replicated, on_status, device, "the VAE decode",
-            "Lower the resolution (the VAE is replicated: more devices do not help)."))
+        return np.concatenate(self.run_chunks(weights, chunks, on_status, device, "the VAE decode",
+                                              "Lower the resolution, or use a size the devices split evenly."))
 
 
 class VAEChunkEncoder(VAEChunkDecoder):
@@ -257,6 +295,10 @@ class VAEChunkEncoder(VAEChunkDecoder):
     I2V pipeline takes it (``sample_mode="argmax"``)."""
 
     part = "encoder"
+    output_height_dim = 3  # latent means [1, z, 1, h, w]
+
+    def latent_hw(self, shape) -> tuple[int, int]:
+        return shape[-2] // self.spatial_factor, shape[-1] // self.spatial_factor
 
     def _run(self, x, feat: list, first: bool):
         from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
@@ -276,13 +318,12 @@ class VAEChunkEncoder(VAEChunkDecoder):
         return ([(batch, channels, 1, height, width)]
                 + [(batch, channels, 4, height, width)] * min((frames - 1) // 4, 2))
 
-    def encode(self, weights, video, replicated, on_status=None, device=None) -> np.ndarray:
+    def encode(self, weights, video, on_status=None, device=None) -> np.ndarray:
         """Latent means [1, z, T, h, w] (host) of a video [1, 3, F, H, W] in [-1, 1] (host), F = 4n+1."""
         frames = video.shape[2]
         chunks = [video[:, :, :1]] + [video[:, :, 1 + 4 * i:5 + 4 * i] for i in range((frames - 1) // 4)]
-        return np.concatenate(self.run_chunks(
-            weights, chunks, replicated, on_status, device, "the VAE encode",
-            "Lower the resolution (the VAE is replicated: more devices do not help)."), axis=2)
+        return np.concatenate(self.run_chunks(weights, chunks, on_status, device, "the VAE encode",
+                                              "Lower the resolution, or use a size the devices split evenly."), axis=2)
 
 
 def call_torch_module(manager: TorchaxEnvManager, module, weights: dict, method: str | Callable, args: tuple,
@@ -608,9 +649,9 @@ class WanTPUPipeline:
             weights, plan = place_weights(self.manager, module, sharding.VAE_RULES, mesh, "VAE")
             config = module.config
             component = VAEComponent(
-                module, weights, plan, mesh, VAEChunkDecoder(self.manager, module),
+                module, weights, plan, mesh, VAEChunkDecoder(self.manager, module, mesh),
                 np.asarray(config.latents_mean, np.float32), np.asarray(config.latents_std, np.float32),
-                VAEChunkEncoder(self.manager, module),
+                VAEChunkEncoder(self.manager, module, mesh),
             )
             return component, unique_arrays(weights)
 
@@ -834,8 +875,7 @@ class WanTPUPipeline:
             else:  # the image, then black frames: diffusers encodes the whole clip, the causal VAE carrying its cache
                 video = np.zeros((1, 3, num_frames, height, width), np.float32)
                 video[:, :, 0] = pixels
-            replicated = NamedSharding(vae.mesh, PartitionSpec())
-            means = vae.encoder.encode(vae.weights, video, replicated, on_status, device=vae.mesh.devices.flat[0])
+            means = vae.encoder.encode(vae.weights, video, on_status, device=vae.mesh.devices.flat[0])
             shape = (1, -1, 1, 1, 1)
             latents = ((means - vae.latents_mean.reshape(shape)) * (1.0 / vae.latents_std).reshape(shape)
                        ).astype(np.float32)
@@ -1073,16 +1113,12 @@ class WanTPUPipeline:
                          (latent_frames - 1) * VAE_TEMPORAL_FACTOR + 1, guidance_scale=1.0)
         self._status(on_status, "vae", "VAE")
         component = self.vae()
-        jax = self.manager.jax
-        from jax.sharding import NamedSharding, PartitionSpec
-
         if on_status is not None:
             on_status("decoding the video")
         frames = []
-        replicated = NamedSharding(component.mesh, PartitionSpec())
         with self.timer("decode"):
             for item in latents.float():
-                frames.append(component.decoder.decode(component.weights, item[None].numpy(), replicated, on_status,
+                frames.append(component.decoder.decode(component.weights, item[None].numpy(), on_status,
                                                        device=component.mesh.devices.flat[0]))
         return torch.from_numpy(np.concatenate(frames))
 

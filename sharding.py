@@ -65,9 +65,28 @@ TEXT_ENCODER_RULES: tuple[tuple[str, tuple], ...] = (
     (r"encoder\.final_layer_norm\.weight", ()),
 )
 
-# AutoencoderKLWan: replicated. It is small (~0.5 GB) and its convolutions
-# would need halo exchange to split spatially.
+# AutoencoderKLWan: weights replicated (~0.5 GB). Its activations are what is
+# large, and those are split over space instead (``spatial_split``): XLA's SPMD
+# partitioner exchanges the convolutions' halos between neighbouring devices.
 VAE_RULES: tuple[tuple[str, tuple], ...] = ((r".*", ()),)
+
+_SPATIAL_OPTIONS = ((None, ("dp", "tp")), (("dp", "tp"), None), ("tp", "dp"), ("dp", "tp"),
+                    (None, "tp"), ("tp", None), (None, "dp"), ("dp", None))
+
+
+def spatial_split(mesh_shape: dict[str, int], height: int, width: int) -> tuple:
+    """(axes for height, axes for width, devices) splitting a video's [..., height, width] over as many of the
+    mesh's devices as divide it; (None, None, 1) when none do. ``height``/``width`` are the latent's: every
+    larger feature map of the VAE is a multiple of them, so one choice serves the whole network.
+
+    Width over every device first (1280x720 and 832x480 latents split 8 ways on any 8-device mesh), then
+    height and width over the two axes (848x480: 60 rows over tp=4, 106 columns over dp=2)."""
+    best, best_devices = (None, None), 1
+    for h_axes, w_axes in _SPATIAL_OPTIONS:
+        h_size, w_size = _axis_size(h_axes, mesh_shape), _axis_size(w_axes, mesh_shape)
+        if h_size * w_size > best_devices and height % h_size == 0 and width % w_size == 0:
+            best, best_devices = (h_axes, w_axes), h_size * w_size
+    return best + (best_devices,)
 
 # CLIPVisionModel (Wan 2.1 I2V's image encoder, ViT-H/14): split like the transformer's blocks over tp.
 # It runs once per image; splitting keeps its 0.6B fp32 parameters off every device whole.

@@ -302,7 +302,7 @@ class Programs:
         first latent frame, second, and the steady one that runs for every later frame."""
         pipeline = self.pack("pipeline")
         module, weights, _ = self.component("vae", vae_config)
-        decoder = pipeline.VAEChunkDecoder(self.manager, module)
+        decoder = pipeline.VAEChunkDecoder(self.manager, module, self.mesh)
         shape = pipeline.VAEGeometry.from_config(vae_config).latent_shape(height, width, frames)
         with self.manager.target_platform("tpu"):
             kinds = decoder.chunk_kinds(weights, shape)
@@ -314,7 +314,7 @@ class Programs:
         first 4-frame chunk and the steady one."""
         pipeline = self.pack("pipeline")
         module, weights, _ = self.component("vae", vae_config)
-        encoder = pipeline.VAEChunkEncoder(self.manager, module)
+        encoder = pipeline.VAEChunkEncoder(self.manager, module, self.mesh)
         if vae_config.get("patch_size"):  # TI2V encodes the image alone (one frame), not a clip
             frames = 1
         with self.manager.target_platform("tpu"):
