@@ -126,6 +126,7 @@ HBM_GIB_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
 # around the attention kernel), collective buffers and scratch we do not model.
 TRANSFORMER_ACTIVATION_SAFETY = 1.1  # fitted to the compiled step (see transformer_activation_bytes)
 VAE_ACTIVATION_SAFETY = 1.7  # fitted to the compiled chunk programs: 14B/any at 1280x720 on v6e-8, 24.0 GiB peak
+VAE_SPLIT_OVERHEAD = 1.0  # split over space: per device, the whole's share times this (halos, unsplit pieces)
 # per device by libtpu (VAE weights 0.5 GiB included); layout padding of the 96-channel convs and
 # XLA temporaries beyond the live set this formula counts
 TEXT_ENCODER_ACTIVATION_SAFETY = 1.5
@@ -353,11 +354,13 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
     return int(TRANSFORMER_ACTIVATION_SAFETY * (batch * tokens * per_token + fixed))
 
 
-def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, num_frames: int) -> int:
+def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, num_frames: int,
+                                mesh_shape: Mapping | None = None) -> int:
     """Estimated peak activation bytes per device of the VAE decode (an estimate, not a measurement).
 
-    The VAE is replicated and runs in fp32 (4 bytes) on every device, so
-    the mesh does not change this. Wan's VAE decodes causally one latent frame
+    The VAE runs in fp32 (4 bytes), its frames split over space across as many of the mesh's devices as
+    divide the latent (``sharding.spatial_split``; ``mesh_shape`` None: one device): each device holds its
+    strip of every feature map, plus the halo rows XLA exchanges (``VAE_SPLIT_OVERHEAD``). Wan's VAE decodes causally one latent frame
     at a time (4 output frames; the first gives 1). Every 3-wide causal conv
     keeps its input's last 2 frames for the next chunk (the "feature cache"),
     so all those caches are live at once, the largest at full resolution.
@@ -417,7 +420,10 @@ def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, nu
             frames = up_frames
     cache += VAE_CACHE_T * dims[-1] * pixels  # conv_out
     video = 2 * 3 * 4 * pixels  # the pipeline decodes chunk by chunk (VAEChunkDecoder)
-    return int(VAE_ACTIVATION_SAFETY * 4 * (cache + working + video))
+    whole = VAE_ACTIVATION_SAFETY * 4 * (cache + working + video)
+    spatial = vae_config.get("scale_factor_spatial", 8)
+    devices = sharding.spatial_split(dict(mesh_shape or {"dp": 1, "tp": 1}), height // spatial, width // spatial)[2]
+    return int(whole if devices == 1 else whole / devices * VAE_SPLIT_OVERHEAD)
 
 
 def text_encoder_activation_bytes(te_config: Mapping, mesh_shape=(1, 1)) -> int:
@@ -704,7 +710,7 @@ def _plan(label, config, te_config, vae_config, mesh, height, width, num_frames,
         transformer_activation_bytes=transformer_activation_bytes(
             config, mesh, height, width, num_frames, precision, cfg
         ),
-        vae_activation_bytes=vae_decode_activation_bytes(vae_config, height, width, num_frames),
+        vae_activation_bytes=vae_decode_activation_bytes(vae_config, height, width, num_frames, mesh),
         text_encoder_activation_bytes=text_encoder_activation_bytes(te_config, mesh),
         hbm_bytes=hbm, hbm_source=hbm_source,
     )
@@ -750,8 +756,7 @@ def _suggestions(plan: MemoryPlan, config, te_config, vae_config, args: dict) ->
             if found:
                 dp, tp, bigger = found
                 out.append(f"use more chips and a smaller video: {dp * tp} devices (dp={dp} x tp={tp}) at {w}x{h}, "
-                           f"{f} frames needs ~{_gib(bigger.peak_bytes)} per device (more chips alone do not shrink "
-                           f"the VAE decode: the VAE is replicated)")
+                           f"{f} frames needs ~{_gib(bigger.peak_bytes)} per device")
                 break
     if plan.precision == "fp32":
         out.append(f"use precision bf16 instead of fp32 (~{_gib(replan(precision='bf16').peak_bytes)} per device)")

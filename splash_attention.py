@@ -110,12 +110,23 @@ def _alignment(length: int) -> int:
     return NUM_LANES if length >= NUM_LANES else NUM_SUBLANES
 
 
+def _balanced_block(length: int, largest: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that covers ``length`` in as few blocks as ``largest`` would.
+
+    The sequence is padded to a whole number of blocks; equal blocks just over length / count pad least.
+    At 848x480 (33,390 tokens) the queries pad to 33,792 in blocks of 3072 instead of 36,608 in 3328."""
+    count = -(-length // largest)
+    return min(largest, _round_up(-(-length // count), multiple))
+
+
 def effective_block_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int) -> EffectiveBlocks:
-    """Clamp ``block_sizes`` for short sequences, keeping block_kv a multiple of block_kv_compute."""
-    block_q = min(block_sizes.block_q, _round_up(q_len, _alignment(q_len)))
+    """Block sizes for one call: no larger than ``block_sizes`` (the VMEM budget), balanced so the padded
+    sequence is as short as that allows, whole (8-aligned) for short sequences; block_kv stays a multiple
+    of block_kv_compute."""
+    block_q = _balanced_block(q_len, block_sizes.block_q, _alignment(q_len))
     block_kv_compute = min(block_sizes.block_kv_compute, _round_up(kv_len, _alignment(kv_len)))
     # Both operands of min are multiples of block_kv_compute (BlockSizes checks block_kv).
-    block_kv = min(block_sizes.block_kv, _round_up(kv_len, block_kv_compute))
+    block_kv = _balanced_block(kv_len, block_sizes.block_kv, block_kv_compute)
     return EffectiveBlocks(block_q, block_kv, block_kv_compute)
 
 

@@ -88,14 +88,20 @@ def test_bad_block_sizes_name_the_value(kwargs, message):
 @pytest.mark.parametrize(
     "q_len, kv_len, expected",
     [
-        (32760, 32760, (3328, 2816, 256)),  # Wan 480P: the defaults, unclamped
+        (32760, 32760, (3328, 2816, 256)),  # Wan 832x480: the defaults already divide it evenly
+        (33390, 33390, (3072, 2816, 256)),  # 848x480: 11 query blocks of 3072 (33,792), not of 3328 (36,608)
+        (75600, 75600, (3328, 2816, 256)),  # 1280x720
         (300, 300, (384, 512, 256)),  # block_kv stays a multiple of the compute chunk
-        (4680, 130, (3328, 256, 256)),
+        (4680, 130, (2432, 256, 256)),  # two query blocks of 2432 rather than 3328
         (12, 12, (16, 16, 16)),  # tiny: whole sequence, 8-sublane aligned
     ],
 )
-def test_block_sizes_are_clamped_for_short_sequences(q_len, kv_len, expected):
-    assert tuple(splash.effective_block_sizes(splash.BlockSizes(), q_len, kv_len)) == expected
+def test_block_sizes_are_balanced_to_pad_least(q_len, kv_len, expected):
+    blocks = splash.effective_block_sizes(splash.BlockSizes(), q_len, kv_len)
+    assert tuple(blocks) == expected
+    if q_len > 1000:  # at most one alignment step of padding per block
+        padded_q = -(-q_len // blocks.block_q) * blocks.block_q
+        assert padded_q - q_len < (padded_q // blocks.block_q) * 128
 
 
 def test_interpret_mode_everywhere_but_tpu():

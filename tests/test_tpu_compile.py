@@ -89,7 +89,7 @@ def test_target_platform_makes_the_dispatch_trace_for_tpu_only_inside_the_block(
 
 
 # ------------------------------------------------------------------ the Splash kernel, compiled by Mosaic
-@pytest.mark.parametrize("tokens", [32760, 75600], ids=["14B-480P", "14B-720P"])
+@pytest.mark.parametrize("tokens", [32760, 33390, 75600], ids=["14B-832x480", "14B-848x480", "14B-720P"])
 @pytest.mark.parametrize("chip", ["v6e-8", "v5e-8", "v5p-8"])
 def test_splash_kernel_compiles_for_tpu_at_the_14b_shapes(chip, tokens):
     """Batch 2 (CFG), 40 heads, head_dim 128 under shard_map on the chip's mesh; Mosaic must accept it."""
