@@ -394,7 +394,9 @@ class TorchaxEnvManager:
             from . import splash_attention as splash
 
             return splash.splash_attention(query, key, value, mesh=mesh, scale=scale)
-        if choice == "xla" and attn_mask is None and not is_causal and _score_bytes(query.shape, key.shape) > XLA_SCORE_BLOCK_BYTES:
+        # A CPU measure only: TPU and GPU programs keep XLA's own attention, which their compilers fuse.
+        if (choice == "xla" and self.platform == "cpu" and attn_mask is None and not is_causal
+                and _score_bytes(query.shape, key.shape) > XLA_SCORE_BLOCK_BYTES):
             return query_chunked_attention(query, key, value, scale=scale)
         # jax.nn.dot_product_attention takes [B, S, H, D].
         # Its bias/mask layout [B, H, Sq, Skv] is torch's.

@@ -35,6 +35,10 @@ def test_long_xla_attention_goes_through_query_chunks(manager, monkeypatch):
     manager.attention(long, long, long)
     manager.attention(short, short, short)
     assert calls == [(2, 4, 4096, 8)]
+    # A CPU measure: a program traced for TPU keeps XLA's own attention (the VAE's mid-block, for one).
+    with manager.target_platform("tpu"):
+        manager.jax.eval_shape(lambda q: manager.attention(q, q, q), long)
+    assert calls == [(2, 4, 4096, 8)]
 
 
 def test_choices_and_overrides(manager, monkeypatch):
