@@ -76,14 +76,40 @@ class Generation:
     hbm_gib: float  # per chip
     cores_per_chip: int  # the "-N" of a slice name counts cores (v4, v5p) or chips (v5e, v6e)
     three_d: bool  # topology names are AxBxC (v4, v5p) or AxB (v5e, v6e)
+    ici_gbps: float  # inter-chip interconnect bandwidth per chip, Gbit/s, all links together
 
 
+# Google Cloud's published per-chip figures (cloud.google.com/tpu/docs/v5e, /v6e, /v5p, /v4): peak bf16
+# FLOP/s, HBM and ICI bandwidth (v5e 1,600 Gbps, v6e 3,584 Gbps, v5p 4,800 Gbps, v4 2,400 Gbps).
 GENERATIONS = {
-    "v5e": Generation(197e12, 16, 1, False),
-    "v6e": Generation(918e12, 32, 1, False),
-    "v5p": Generation(459e12, 95, 2, True),
-    "v4": Generation(275e12, 32, 2, True),
+    "v5e": Generation(197e12, 16, 1, False, 1600),
+    "v6e": Generation(918e12, 32, 1, False, 3584),
+    "v5p": Generation(459e12, 95, 2, True, 4800),
+    "v4": Generation(275e12, 32, 2, True, 2400),
 }
+
+
+def projected_step_seconds(record: dict, chip: "Chip", mfu: float = MFU_ORIGINAL) -> dict:
+    """A projection (not a measurement) of one compiled step's seconds on ``chip``, from its compiled FLOPs
+    and collective bytes per device and the chip's published peak FLOP/s and ICI bandwidth.
+
+    compute = FLOPs / (peak x ``mfu``); communication = the bytes each collective moves through a device's
+    links / ICI bandwidth, with a ring's traffic per byte of result: all-reduce 2(n-1)/n, all-gather,
+    reduce-scatter and all-to-all (n-1)/n, collective-permute 1, n = the tensor-parallel group. Reported
+    with no overlap (their sum: what a step whose collectives sit on the critical path costs) and with
+    full overlap (the larger of the two)."""
+    devices_per_chip = record["devices"] / chip.chips
+    n = max(2, record["mesh"]["tp"])
+    ring = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": (n - 1) / n,
+            "all-to-all": (n - 1) / n, "collective-permute": 1.0}
+    moved = sum(ring[kind] * entry["bytes_per_device"] for kind, entry in (record.get("collectives") or {}).items())
+    ici_bytes_per_second = chip.spec.ici_gbps * 1e9 / 8 / devices_per_chip
+    compute = record["flops_per_device"] / (record["peak_flops_per_device"] * mfu)
+    communication = moved / ici_bytes_per_second
+    return {"mfu": mfu, "compute_seconds": round(compute, 3), "ici_bytes_moved_per_device": int(moved),
+            "communication_seconds": round(communication, 3),
+            "seconds_no_overlap": round(compute + communication, 3),
+            "seconds_full_overlap": round(max(compute, communication), 3)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +495,8 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                 ideal = record["flops_per_device"] / record["peak_flops_per_device"]
                 record["seconds_per_step_at_peak"] = round(ideal, 3)
                 record["seconds_per_step_at_38pct_mfu"] = round(ideal / MFU_ORIGINAL, 3)
+                record["projection"] = {f"at_{round(100 * m)}pct_mfu": projected_step_seconds(record, chip, m)
+                                        for m in (1.0, MFU_ORIGINAL)}
         records.append(record)
         _report(record, on_stage)
     return records
@@ -548,6 +576,12 @@ def row(record: dict) -> str:
 
 def _report(record, on_stage):
     print(row(record), flush=True)
+    for label, projection in (record.get("projection") or {}).items():
+        print(f"    projected s/step {label.replace('_', ' ')}: compute {projection['compute_seconds']} s + "
+              f"collectives {projection['communication_seconds']} s "
+              f"({projection['ici_bytes_moved_per_device'] / GiB:.1f} GiB through each chip's ICI) = "
+              f"{projection['seconds_no_overlap']} s without overlap, {projection['seconds_full_overlap']} s "
+              f"with full overlap (a projection, not a measurement)", flush=True)
     if record.get("resident_peak_bytes_per_device"):
         print(f"    with all {record['resident_experts']} experts resident: "
               f"{record['resident_peak_bytes_per_device'] / GiB:.2f} GiB per device", flush=True)
