@@ -89,19 +89,21 @@ def spatial_split(mesh_shape: dict[str, int], height: int, width: int) -> tuple:
     return best + (best_devices,)
 
 # CLIPVisionModel (Wan 2.1 I2V's image encoder, ViT-H/14): split like the transformer's blocks over tp.
+# transformers 4 names its parameters "vision_model.<...>", transformers 5 "<...>".
+_CLIP = r"(?:vision_model\.)?"
 # It runs once per image; splitting keeps its 0.6B fp32 parameters off every device whole.
 IMAGE_ENCODER_RULES: tuple[tuple[str, tuple], ...] = (
-    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v)_proj\.weight", ("tp", None)),
-    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.(q|k|v)_proj\.bias", ("tp",)),
-    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.out_proj\.weight", (None, "tp")),
-    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc1\.weight", ("tp", None)),
-    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc1\.bias", ("tp",)),
-    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc2\.weight", (None, "tp")),
-    (r"vision_model\.encoder\.layers\.\d+\.self_attn\.out_proj\.bias", ()),
-    (r"vision_model\.encoder\.layers\.\d+\.mlp\.fc2\.bias", ()),
-    (r"vision_model\.encoder\.layers\.\d+\.layer_norm[12]\.(weight|bias)", ()),
-    (r"vision_model\.embeddings\..*", ()),
-    (r"vision_model\.(pre_layrnorm|post_layernorm)\.(weight|bias)", ()),
+    (_CLIP + r"encoder\.layers\.\d+\.self_attn\.(q|k|v)_proj\.weight", ("tp", None)),
+    (_CLIP + r"encoder\.layers\.\d+\.self_attn\.(q|k|v)_proj\.bias", ("tp",)),
+    (_CLIP + r"encoder\.layers\.\d+\.self_attn\.out_proj\.weight", (None, "tp")),
+    (_CLIP + r"encoder\.layers\.\d+\.mlp\.fc1\.weight", ("tp", None)),
+    (_CLIP + r"encoder\.layers\.\d+\.mlp\.fc1\.bias", ("tp",)),
+    (_CLIP + r"encoder\.layers\.\d+\.mlp\.fc2\.weight", (None, "tp")),
+    (_CLIP + r"encoder\.layers\.\d+\.self_attn\.out_proj\.bias", ()),
+    (_CLIP + r"encoder\.layers\.\d+\.mlp\.fc2\.bias", ()),
+    (_CLIP + r"encoder\.layers\.\d+\.layer_norm[12]\.(weight|bias)", ()),
+    (_CLIP + r"embeddings\..*", ()),
+    (_CLIP + r"(pre_layrnorm|post_layernorm)\.(weight|bias)", ()),
 )
 
 RULES = {"transformer": TRANSFORMER_RULES, "text_encoder": TEXT_ENCODER_RULES, "vae": VAE_RULES,

@@ -86,6 +86,12 @@ def test_wan21_i2v_matches_diffusers(i2v_dir, i2v_diffusers, manager, seed):
     assert conditioning.condition.shape == (1, 20, 2, 4, 6)  # mask (4) + image latents (16), 5 frames at 32x48
     assert conditioning.image_embeds.shape == (1, 17, 32)  # the tiny CLIP's tokens: 4x4 patches and the class
     expected = i2v_diffusers(seed, seed, guidance_scale=5.0)
+    core = pipeline_mod.WanTPUPipeline(i2v_dir, precision="fp32")
+    # Every parameter of the new modules has a sharding rule (the image cross-attention's, CLIP's).
+    assert core.transformer().plan.unmatched == [] and core.image_encoder().plan.unmatched == []
+    specs = core.image_encoder().plan.specs
+    fc1 = next(name for name in specs if name.endswith("encoder.layers.0.mlp.fc1.weight"))  # "vision_model." or not
+    assert specs[fc1] == ("tp", None)
     assert frames.shape == expected.shape
     assert np.abs(frames - expected).max() <= BOUND
 
