@@ -126,7 +126,10 @@ HBM_GIB_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
 # around the attention kernel), collective buffers and scratch we do not model.
 TRANSFORMER_ACTIVATION_SAFETY = 1.1  # fitted to the compiled step (see transformer_activation_bytes)
 VAE_ACTIVATION_SAFETY = 1.7  # fitted to the compiled chunk programs: 14B/any at 1280x720 on v6e-8, 24.0 GiB peak
-VAE_SPLIT_OVERHEAD = 1.0  # split over space: per device, the whole's share times this (halos, unsplit pieces)
+# Split over space: per device, the whole's share times this (halos, the cache passed in and out, pieces
+# XLA keeps whole). Fitted to the compiled chunk programs, 14B/any at 1280x720 on v6e-8 split 8 ways:
+# 4.79 GiB peak per device (0.47 GiB of it the replicated weights).
+VAE_SPLIT_OVERHEAD = 1.44
 # per device by libtpu (VAE weights 0.5 GiB included); layout padding of the 96-channel convs and
 # XLA temporaries beyond the live set this formula counts
 TEXT_ENCODER_ACTIVATION_SAFETY = 1.5
@@ -387,7 +390,8 @@ def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, nu
     pipeline now decodes one latent frame per compiled call
     (``pipeline.VAEChunkDecoder``), so only one chunk's frames count. The
     safety factor is fitted to libtpu's compiled chunk programs at 1280x720
-    on v6e-8 (24.0 GiB peak per device; the plan gives 24.5).
+    on v6e-8 (24.0 GiB peak per device; the plan gives 24.5), and the split's overhead to the same programs
+    split 8 ways over space (4.79 GiB).
     """
     dim = vae_config.get("decoder_base_dim") or vae_config.get("base_dim", 96)
     mult = list(vae_config.get("dim_mult", [1, 2, 4, 4]))
