@@ -251,6 +251,8 @@ class Programs:
         # The pipeline's own stage builders; they need only the manager and the precision.
         self.pipeline = pipeline.WanTPUPipeline.__new__(pipeline.WanTPUPipeline)
         self.pipeline.manager, self.pipeline.precision = self.manager, precision
+        # No model folder to read a family from: each program says what differs (``step``: expanded timesteps).
+        self.pipeline._family = pack("families").WAN21_T2V
         self._modules: dict = {}
 
     # -- abstract weights, as pipeline.place_weights would place them

@@ -77,7 +77,7 @@ def test_bad_precision():
 @pytest.mark.parametrize(
     "size, message",
     [
-        (dict(height=33, width=48, num_frames=5), "height=33: Wan needs a multiple of 16"),
+        (dict(height=33, width=48, num_frames=5), "height=33: this model needs a multiple of 16 .*e.g. 32"),
         (dict(height=32, width=40, num_frames=5), "width=40"),
         (dict(height=32, width=48, num_frames=80), r"num_frames=80: Wan needs 4n\+1 frames \(77 or 81\)"),
     ],
