@@ -11,4 +11,4 @@ bash scripts/setup_venv.sh
 "${WAN_TPU_VENV:-.venv}/bin/python" -m pytest tests "$@"
 WAN_TPU_VENV=.venv-transformers4 WAN_TPU_REQUIREMENTS=requirements-test-transformers4.txt bash scripts/setup_venv.sh
 exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py tests/test_nodes.py tests/test_loading_errors.py \
-    tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers "$@"
+    "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" "$@"

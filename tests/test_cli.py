@@ -46,9 +46,3 @@ def test_an_unreadable_image_is_named(tmp_path):
     with pytest.raises(SystemExit, match="--image .*notes.txt.*cannot read it as an image"):
         cli.load_image(str(not_an_image))
 
-
-def test_tiny_ti2v_runs_as_text_to_video(tmp_path, manager):
-    output = tmp_path / "ti2v.mp4"
-    cli.main(["a fox", "--tiny", "--tiny-family", "wan2.2-ti2v-5b", "--steps", "2", "--frames", "5", "--height", "32",
-              "--width", "64", "--output", str(output)])
-    assert os.path.getsize(output) > 0
