@@ -48,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=loading.PRECISIONS, default="bf16")
     parser.add_argument("--dp", type=int, help="data-parallel mesh axis (default 2 on an even device count)")
     parser.add_argument("--tp", type=int, help="tensor-parallel mesh axis (default: the remaining devices)")
+    parser.add_argument("--layout", choices=("auto", "tensor", "sequence"), default=None,
+                        help="how the step splits the transformer: tensor (weights split, every device holds all "
+                             "tokens), sequence (tokens split, weights gathered per layer), auto (default; the one "
+                             "moving fewer bytes; WAN_TPU_LAYOUT sets it too)")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
                         help="attention override (default: Splash for long self-attention on TPU)")
     parser.add_argument("--sampler", choices=("unipc", "euler"), default="unipc",
@@ -116,7 +120,7 @@ def main(argv=None) -> str:
             from .tiny_wan import TINY_FAMILIES, build_tiny_wan
 
             model = build_tiny_wan(os.path.join(scratch, "tiny-" + args.tiny_family), TINY_FAMILIES[args.tiny_family])
-        pipe = WanTPUPipeline(model, precision=args.precision, dp=args.dp, tp=args.tp)
+        pipe = WanTPUPipeline(model, precision=args.precision, dp=args.dp, tp=args.tp, layout=args.layout)
         started = time.perf_counter()
         embeddings = pipe.encode(args.prompt, args.negative_prompt)
         image = None
@@ -146,8 +150,8 @@ def main(argv=None) -> str:
     steps = pipe.last_step_seconds
     warm = steps[1:] or steps
     logger.info(
-        "done in %.1f s: %s; first step %.2f s, then %.3f s/step",
+        "done in %.1f s: %s; first step %.2f s, then %.3f s/step (%s layout)",
         time.perf_counter() - started, {k: round(v, 2) for k, v in pipe.timer.seconds.items()},
-        steps[0], sum(warm) / len(warm),
+        steps[0], sum(warm) / len(warm), pipe.last_run["layout"],
     )
     return output

@@ -317,17 +317,19 @@ class TorchaxEnvManager:
         return mesh
 
     @contextlib.contextmanager
-    def active_mesh(self, mesh):
+    def active_mesh(self, mesh, token_split=None):
         """Make ``mesh`` the one attention shards over while a model is traced.
 
         Attention traced inside this block is planned attention (see
-        ``choose_attention``); outside it nothing goes to Splash."""
-        previous = getattr(self._active_mesh, "mesh", None)
-        self._active_mesh.mesh = mesh
+        ``choose_attention``); outside it nothing goes to Splash.
+        ``token_split`` (``sharding.TokenSplit``, the sequence layout): attention's
+        output goes back to its tokens split over the devices."""
+        previous = (getattr(self._active_mesh, "mesh", None), getattr(self._active_mesh, "token_split", None))
+        self._active_mesh.mesh, self._active_mesh.token_split = mesh, token_split
         try:
             yield mesh
         finally:
-            self._active_mesh.mesh = previous
+            self._active_mesh.mesh, self._active_mesh.token_split = previous
 
     # ---------------------------------------------------------- attention
     def set_attention_backend(self, backend: str | None = None, splash_min_kv_len: int | None = None):
@@ -383,6 +385,23 @@ class TorchaxEnvManager:
 
     def attention(self, query, key, value, *, attn_mask=None, is_causal=False, scale=None):
         """The single attention dispatch. jax arrays in torch SDPA layout [B, H, S, D]."""
+        split = getattr(self._active_mesh, "token_split", None)
+        if split is None:
+            return self._attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        # The sequence layout: the projections run on each device's own tokens and attention
+        # exchanges heads for tokens with all-to-alls. Without these constraints XLA may instead
+        # gather every token to compute a head slice of a projection (4x the bytes at Wan's sizes).
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        constrain = self.jax.lax.with_sharding_constraint
+        tokens = NamedSharding(self._active_mesh.mesh, PartitionSpec(*split.spec(token_dim=2, ndim=4)))
+        query = constrain(query, tokens)
+        if key.shape[2] == query.shape[2]:  # self-attention; a cross-attention's text stays whole
+            key, value = constrain(key, tokens), constrain(value, tokens)
+        out = self._attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        return constrain(out, tokens)
+
+    def _attention(self, query, key, value, *, attn_mask=None, is_causal=False, scale=None):
         jax = self.jax
         jnp = jax.numpy
         mesh = getattr(self._active_mesh, "mesh", None)

@@ -71,6 +71,11 @@ STEP_INPUTS = {
     "guidance_scale_2": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 20.0, "step": 0.1,
                          "tooltip": "Two-expert models (Wan 2.2 A14B) only: the guidance of the low-noise expert. "
                                     "-1: the same as guidance_scale."}),
+    "layout": (["auto", "tensor", "sequence"], {"default": "auto", "tooltip": "How the step splits the transformer "
+               "over the devices. tensor: each device holds all tokens and a share of every weight (the "
+               "original's). sequence: each device holds a share of the tokens and gathers each layer's weights; "
+               "far less traffic between chips at 480P and 720P. auto: the one the cost model says moves fewer "
+               "bytes (WAN_TPU_LAYOUT overrides auto). The frames are the same either way."}),
 }
 
 
@@ -82,15 +87,16 @@ LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoR
 
 
 def step_options(sampler="unipc", timesteps="", magcache=False, magcache_threshold=0.06, magcache_max_skip_steps=3,
-                 magcache_retention_ratio=0.2, guidance_scale_2=-1.0) -> dict:
+                 magcache_retention_ratio=0.2, guidance_scale_2=-1.0, layout="auto") -> dict:
     """The node's step inputs as ``WanTPUPipeline.denoise`` keywords."""
     from .magcache import MagCacheSettings
     from .scheduler import parse_timesteps
 
     settings = MagCacheSettings(magcache_threshold, magcache_max_skip_steps, magcache_retention_ratio) if magcache else None
     second = None if guidance_scale_2 is None or guidance_scale_2 < 0 else float(guidance_scale_2)
+    # "auto" defers to the pipeline, where WAN_TPU_LAYOUT may name one.
     return {"sampler": sampler, "timesteps": parse_timesteps(timesteps), "magcache": settings,
-            "guidance_scale_2": second}
+            "guidance_scale_2": second, "layout": None if layout in (None, "", "auto") else layout}
 
 
 VIDEO_INPUTS = {

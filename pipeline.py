@@ -17,6 +17,7 @@ flow_shift are traced values, so changing them compiles nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 import time
 from dataclasses import dataclass, field
@@ -387,20 +388,50 @@ def _block_cache(module, record: bool, reuse):
                 del block.forward
 
 
+@contextlib.contextmanager
+def _split_tokens(manager: TorchaxEnvManager, module, mesh, split: "sharding.TokenSplit | None"):
+    """The sequence layout: every block's input [B, S, D] is constrained to ``split`` (tokens over the
+    devices), so XLA keeps the blocks' work split by token and gathers weights rather than activations.
+    Nothing when ``split`` is None (the tensor layout)."""
+    if split is None:
+        yield
+        return
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    tokens = NamedSharding(mesh, PartitionSpec(*split.spec()))
+    env, constrain = manager.env, manager.jax.lax.with_sharding_constraint
+
+    def constrain_input(block, args, kwargs):
+        if args:
+            return (env.j2t_iso(constrain(env.t2j_iso(args[0]), tokens)),) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs, hidden_states=env.j2t_iso(constrain(env.t2j_iso(kwargs["hidden_states"]), tokens)))
+        return args, kwargs
+
+    handles = [block.register_forward_pre_hook(constrain_input, with_kwargs=True) for block in module.blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def call_transformer(manager: TorchaxEnvManager, module, weights: dict, mesh, hidden, timesteps, context, *,
-                     record_residual: bool = False, block_residual=None, image_embeds=None):
+                     record_residual: bool = False, block_residual=None, image_embeds=None,
+                     split: "sharding.TokenSplit | None" = None):
     """The Wan transformer's velocity [B, 16, T, h, w] for jax arrays, inside ``jax.jit``;
     Splash attention (where chosen) shards over ``mesh``.
 
     MagCache: ``record_residual`` also returns the blocks' residual [B, tokens, dim];
     ``block_residual`` skips the blocks and reuses it (see ``magcache``).
     ``image_embeds``: Wan 2.1 I2V's CLIP tokens [B, n, clip_dim], attended in cross-attention.
+    ``split``: the sequence layout's token split (``sharding.token_split``); None for the tensor layout.
     """
     reuse = None if block_residual is None else manager.env.j2t_iso(block_residual)
     kwargs = {"return_dict": False}
     if image_embeds is not None:
         kwargs["encoder_hidden_states_image"] = image_embeds
-    with manager.active_mesh(mesh), _block_cache(module, record_residual, reuse) as captured:
+    with manager.active_mesh(mesh, split), _split_tokens(manager, module, mesh, split), \
+            _block_cache(module, record_residual, reuse) as captured:
         return call_torch_module(
             manager, module, weights, "forward", (hidden, timesteps, context), kwargs,
             pick=(lambda output: (output[0], captured["residual"])) if record_residual else (lambda output: output[0]),
@@ -478,6 +509,15 @@ def unique_arrays(weights: dict) -> list:
     return list({id(array): array for array in weights.values()}.values())
 
 
+def _activation_sharding(mesh, batch: int, layout: str):
+    """[batch, tokens, dim]: split over dp like the batch, and in the sequence layout by token too."""
+    if layout != "sequence":
+        return _batch_sharding(mesh, batch)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return NamedSharding(mesh, PartitionSpec(*sharding.token_split(dict(mesh.shape), batch).spec()))
+
+
 def _batch_sharding(mesh, batch: int):
     """Split a batch over dp when dp divides it, else replicate."""
     from jax.sharding import NamedSharding, PartitionSpec
@@ -509,8 +549,8 @@ class TransformerComponent:
     scheduler_config: dict
     dtype: Any
     device_loras: Any = None  # lora.DeviceLoras, made on the first LoRA: applies and undoes LoRAs in place
-    step_fns: dict = field(default_factory=dict)  # (cfg, cache_mode) -> jitted step
-    compiled_steps: dict = field(default_factory=dict)  # (cfg, cache_mode, shapes) -> compiled executable
+    step_fns: dict = field(default_factory=dict)  # (cfg, cache_mode, layout) -> jitted step
+    compiled_steps: dict = field(default_factory=dict)  # (cfg, cache_mode, layout, shapes) -> compiled executable
 
 
 @dataclass
@@ -542,13 +582,17 @@ class WanTPUPipeline:
 
     ``model_id``: repo id or folder; ``precision``: 'bf16' or 'fp32' for the
     text encoder and transformer (the VAE always runs in fp32); ``dp``/``tp``:
-    mesh override (default: dp=2 when the device count is even).
+    mesh override (default: dp=2 when the device count is even). ``layout``: how
+    the denoising step splits the transformer, "tensor", "sequence" or "auto"
+    (None: ``WAN_TPU_LAYOUT``, else "auto": the one whose collectives move fewer
+    bytes, ``sharding.choose_layout``). Both use the same weights.
     """
 
     def __init__(self, model_id: str = loading.DEFAULT_MODEL_ID, precision: str = "bf16", dp: int | None = None,
-                 tp: int | None = None, manager: TorchaxEnvManager | None = None):
+                 tp: int | None = None, manager: TorchaxEnvManager | None = None, layout: str | None = None):
         if precision not in loading.PRECISIONS:
             raise ValueError(f"precision={precision!r}: use one of {loading.PRECISIONS}")
+        self.layout = sharding.check_layout(layout if layout else os.environ.get(sharding.ENV_LAYOUT))
         self.source = loading.resolve_model_source(model_id)
         self.precision = precision
         self.dp, self.tp = dp, tp
@@ -739,9 +783,11 @@ class WanTPUPipeline:
         if transformer.device_loras.state != before:
             self.manager.set_component_arrays(self._key("transformer"), unique_arrays(transformer.weights))
 
-    def _block_residual_spec(self, transformer: TransformerComponent, sample_shape, batch: int):
+    def _block_residual_spec(self, transformer: TransformerComponent, sample_shape, batch: int,
+                             layout: str = "tensor"):
         """The MagCache residual's shape, dtype and sharding: [batch, tokens, inner_dim], split over dp
-        like the batch (the "record" step constrains it to this)."""
+        like the batch, and in the sequence layout over its tokens too (the "record" step constrains it
+        to this)."""
         jax = self.manager.jax
         config = transformer.config
         _, _, frames, height, width = sample_shape
@@ -749,15 +795,16 @@ class WanTPUPipeline:
         tokens = (frames // p_t) * (height // p_h) * (width // p_w)
         dim = config["num_attention_heads"] * config["attention_head_dim"]
         dtype = jax.numpy.bfloat16 if "bfloat16" in str(transformer.dtype) else jax.numpy.float32
-        return jax.ShapeDtypeStruct((batch, tokens, dim), dtype, sharding=_batch_sharding(transformer.mesh, batch))
+        return jax.ShapeDtypeStruct((batch, tokens, dim), dtype,
+                                    sharding=_activation_sharding(transformer.mesh, batch, layout))
 
     def _make_step_fn(self, transformer: TransformerComponent, cfg: bool, cache_mode: str | None = None,
-                      expand_timesteps: bool | None = None):
+                      expand_timesteps: bool | None = None, layout: str = "tensor"):
         """The jitted denoising step: transformer, CFG combine, UniPC-form update.
 
         ``cache_mode`` (MagCache): None, the plain step; "record", the step also
         returns the blocks' residual; "reuse", the step takes a residual and
-        skips the blocks.
+        skips the blocks. ``layout``: "tensor" or "sequence" (``sharding.LAYOUTS``).
         """
         jax, manager = self.manager.jax, self.manager
         jnp = jax.numpy
@@ -767,6 +814,11 @@ class WanTPUPipeline:
         replicated = NamedSharding(mesh, PartitionSpec())
         batch = 2 if cfg else 1
         batch_sharding = _batch_sharding(mesh, batch)
+        residual_sharding = _activation_sharding(mesh, batch, layout)
+        split = sharding.token_split(dict(mesh.shape), batch) if layout == "sequence" else None
+        # The sequence layout gathers the split weights whole where their layer uses them (FSDP-style);
+        # XLA schedules the gathers, layer by layer.
+        gathered = sharding.sequence_gathered_weights(transformer.plan.specs) if split else set()
         jax_dtype = jnp.bfloat16 if "bfloat16" in str(dtype) else jnp.float32
         if expand_timesteps is None:  # TI2V: a timestep per token (the compile command says it explicitly)
             expand_timesteps = self.family.expand_timesteps
@@ -774,6 +826,9 @@ class WanTPUPipeline:
         def step(weights, state, context, coefficients, timestep, guidance_scale, block_residual=None,
                  conditioning=None):
             sample, last_sample, m1, m2 = state
+            if gathered:
+                weights = {name: jax.lax.with_sharding_constraint(value, replicated) if name in gathered else value
+                           for name, value in weights.items()}
             model_input = sample
             if cfg:  # cond and uncond as one batch of 2, split over dp
                 model_input = jnp.concatenate([model_input, model_input])
@@ -791,10 +846,10 @@ class WanTPUPipeline:
             model_input = jax.lax.with_sharding_constraint(model_input.astype(jax_dtype), batch_sharding)
             velocity = call_transformer(manager, module, weights, mesh, model_input, timesteps, context,
                                         record_residual=cache_mode == "record", block_residual=block_residual,
-                                        image_embeds=image_embeds)
+                                        image_embeds=image_embeds, split=split)
             if cache_mode == "record":
                 velocity, block_residual = velocity
-                block_residual = jax.lax.with_sharding_constraint(block_residual, batch_sharding)
+                block_residual = jax.lax.with_sharding_constraint(block_residual, residual_sharding)
             velocity = velocity.astype(jnp.float32)
             if cfg:
                 cond, uncond = velocity[:1], velocity[1:]
@@ -804,6 +859,18 @@ class WanTPUPipeline:
             return (state, block_residual) if cache_mode == "record" else state
 
         return jax.jit(step, donate_argnums=(1,))
+
+    def step_layout(self, transformer: TransformerComponent, height: int, width: int, num_frames: int,
+                    batch: int, layout: str | None = None) -> str:
+        """The layout this run's step uses: ``layout`` (else the pipeline's), or for "auto" the cost model's."""
+        layout = sharding.check_layout(layout or self.layout)
+        if layout != "auto":
+            return layout
+        config = transformer.config
+        tokens = memory_plan.transformer_tokens(config, height, width, num_frames)
+        layout, why = sharding.choose_layout(config, tokens, dict(transformer.mesh.shape), batch)
+        logger.info("layout %s (auto): %s", layout, why)
+        return layout
 
     # --------------------------------------------------------------- stages
     def _status(self, on_status: Callable | None, kind: str, label: str) -> None:
@@ -934,8 +1001,12 @@ class WanTPUPipeline:
                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
                 sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=(),
-                guidance_scale_2: float | None = None, image: WanImageConditioning | None = None):
+                guidance_scale_2: float | None = None, image: WanImageConditioning | None = None,
+                layout: str | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
+
+        ``layout``: how the step splits the transformer over the mesh, "tensor", "sequence" or "auto";
+        None: the pipeline's (``WanTPUPipeline(layout=...)``, ``WAN_TPU_LAYOUT``, else "auto").
 
         ``image``: for image-to-video models, ``encode_image``'s conditioning (made for this size).
 
@@ -962,6 +1033,7 @@ class WanTPUPipeline:
 
         geometry = self.vae_geometry
         check_video_shape(height, width, num_frames, geometry.spatial_factor)
+        layout = sharding.check_layout(layout or self.layout)  # before anything loads
         if not 0 <= guidance_scale <= 100:
             raise ValueError(f"guidance_scale={guidance_scale}: use a value between 0 and 100 (5.0 is typical)")
         family = self.family
@@ -1041,7 +1113,8 @@ class WanTPUPipeline:
             guidance = np.asarray(guidance_of_step, np.float32)  # per step: the two experts may differ
             coefficients, timesteps = schedule.coefficients, schedule.timesteps  # host arrays: data, not code
             step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance[0])
-            residual = self._block_residual_spec(transformer, sample.shape, batch)
+            layout = self.step_layout(transformer, height, width, num_frames, batch, layout)
+            residual = self._block_residual_spec(transformer, sample.shape, batch, layout)
             # The optional trailing arguments: MagCache's residual (the "reuse" step), then the image.
             def extra(mode, residual):
                 if conditioning is None:
@@ -1052,12 +1125,12 @@ class WanTPUPipeline:
             with device_errors("compiling the transformer step", "Lower the resolution or num_frames, or use more devices."), \
                     self.matmul_precision():
                 for mode in dict.fromkeys(modes):  # each program this run needs, compiled before step 1
-                    key = (cfg, mode)
+                    key = (cfg, mode, layout)
                     if key not in transformer.step_fns:
-                        transformer.step_fns[key] = self._make_step_fn(transformer, cfg, mode)
+                        transformer.step_fns[key] = self._make_step_fn(transformer, cfg, mode, layout=layout)
                     args = step_args + extra(mode, residual)
                     what = "the denoising step" + {None: "", "record": " (MagCache, full)", "reuse": " (MagCache, skip)"}[mode]
-                    programs[mode] = compiled_program(transformer.compiled_steps, (cfg, mode, _shape_key(args[1:])),
+                    programs[mode] = compiled_program(transformer.compiled_steps, key + (_shape_key(args[1:]),),
                                                       transformer.step_fns[key], args, on_status, what,
                                                       device=mesh.devices.flat[0])
             self.last_step_seconds = []
@@ -1084,7 +1157,7 @@ class WanTPUPipeline:
         evaluations = sum(mode != "reuse" for mode in modes)
         self.last_run = {"steps": total, "transformer_evaluations": evaluations, "skipped_steps": total - evaluations,
                          "sampler": sampler, "magcache": magcache is not None,
-                         "low_noise_expert_steps": sum(expert_of_step)}
+                         "low_noise_expert_steps": sum(expert_of_step), "layout": layout}
         if magcache is not None:
             logger.info("MagCache: %d of %d steps ran the transformer", evaluations, total)
         mean, std = self.vae_latent_stats()

@@ -171,3 +171,124 @@ def to_named_shardings(plan: ShardingPlan, mesh) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec
 
     return {name: NamedSharding(mesh, PartitionSpec(*spec)) for name, spec in plan.specs.items()}
+
+
+# ------------------------------------------------------------------ transformer layouts
+# How the denoising step splits the transformer's work over a (dp, tp) mesh. The weights are placed by
+# TRANSFORMER_RULES in both (every large matrix split over tp), so switching layout reloads nothing.
+#   tensor:   every device holds all tokens and its tp share of the heads and FFN columns; each block
+#             all-reduces its three sub-layer outputs [B, S, D] over tp (Megatron-style).
+#   sequence: every device holds its share of the tokens and gathers each layer's weights whole as it
+#             reaches it (FSDP-style); self-attention swaps tokens for heads with all-to-alls around the
+#             kernel (Ulysses-style). A CFG pair still splits over dp; one video (no CFG) splits its
+#             tokens over dp x tp.
+LAYOUTS = ("tensor", "sequence")
+TEXT_TOKENS, IMAGE_TOKENS = 512, 257  # cross-attention's context: UMT5 tokens, Wan 2.1 I2V's CLIP tokens
+ENV_LAYOUT = "WAN_TPU_LAYOUT"  # auto | tensor | sequence
+
+
+# Split weights the sequence layout leaves split: cross-attention's key and value projections act on the
+# 512 text tokens (and Wan 2.1 I2V's 257 image tokens), so computing those keys and values head-split and
+# gathering them moves about a tenth of the bytes of gathering the weights.
+SEQUENCE_KEEP_SPLIT = (r"blocks\.\d+\.attn2\.(to_k|to_v|add_k_proj|add_v_proj)\.(weight|bias)",)
+
+
+def sequence_gathered_weights(specs: dict[str, tuple]) -> set[str]:
+    """The weights the sequence layout gathers whole where their layer runs: every split one but
+    ``SEQUENCE_KEEP_SPLIT``. ``specs``: a ``ShardingPlan``'s name -> spec."""
+    return {name for name, spec in specs.items()
+            if spec and not any(re.fullmatch(pattern, name) for pattern in SEQUENCE_KEEP_SPLIT)}
+
+
+def check_layout(layout) -> str:
+    """'auto', 'tensor' or 'sequence'; None or '' means 'auto'."""
+    layout = (layout or "auto").strip().lower() if isinstance(layout, str) or layout is None else layout
+    if layout not in ("auto",) + LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown: use one of {('auto',) + LAYOUTS} "
+                         f"(the node input 'layout', {ENV_LAYOUT}, or --layout)")
+    return layout
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """The sequence layout's split of the activations [B, S, D]: the batch over ``batch_axes``,
+    the tokens over ``token_axes``."""
+
+    batch_axes: tuple
+    token_axes: tuple
+
+    def spec(self, token_dim: int = 1, ndim: int = 3) -> tuple:
+        """A partition spec (tuple) for an activation with the batch at dim 0 and the tokens at ``token_dim``."""
+        entry = lambda axes: None if not axes else axes[0] if len(axes) == 1 else axes  # noqa: E731
+        spec = [None] * ndim
+        spec[0], spec[token_dim] = entry(self.batch_axes), entry(self.token_axes)
+        return tuple(spec)
+
+
+def token_split(mesh_shape: dict[str, int], batch: int) -> TokenSplit:
+    """The CFG pair over dp (as in the tensor layout); the tokens over every other axis of size > 1."""
+    dp = mesh_shape.get("dp", 1)
+    batch_axes = ("dp",) if dp > 1 and batch % dp == 0 else ()
+    token_axes = tuple(axis for axis in ("dp", "tp") if axis not in batch_axes and mesh_shape.get(axis, 1) > 1)
+    return TokenSplit(batch_axes, token_axes)
+
+
+def layer_collective_bytes(config: dict, tokens: int, mesh_shape: dict[str, int], batch: int,
+                           itemsize: int = 2) -> dict[str, dict[str, float]]:
+    """Per device and per transformer block, the bytes each layout's collectives move through a device's
+    links (a ring's traffic: all-reduce 2(n-1)/n of its operand, all-gather and all-to-all (n-1)/n of the
+    whole), by kind. An analytic model of the compiled programs (the compile command reports the compiled
+    facts): it ignores the small reductions (the tensor layout's q/k RMS norms) and replicated parameters.
+    """
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    heads = config["num_attention_heads"]
+    ffn = config["ffn_dim"]
+    tp = mesh_shape.get("tp", 1)
+    split = token_split(mesh_shape, batch)
+    local_batch = batch // (mesh_shape.get("dp", 1) if split.batch_axes else 1)
+    tensor = {}
+    if tp > 1:  # three row-parallel outputs [b, S, D] per block
+        tensor["all-reduce"] = 3 * 2 * (tp - 1) / tp * local_batch * tokens * dim * itemsize
+    n = _axis_size(split.token_axes, mesh_shape)
+    sequence = {}
+    if n > 1:
+        shard = local_batch * math.ceil(tokens / n) * dim * itemsize  # one [b, S/n, D] activation
+        if heads % n == 0:  # q, k, v to heads and the output back
+            sequence["all-to-all"] = 4 * (n - 1) / n * shard
+        else:  # heads the split does not divide: the queries stay split, keys and values are gathered
+            sequence["all-gather"] = 2 * (n - 1) * shard
+        if tp > 1:  # the block's large matrices, gathered whole from their tp shards
+            params = 6 * dim * dim + 2 * dim * ffn  # self-attention q, k, v, out; cross-attention q, out; FFN
+            # cross-attention's keys and values stay head-split and are gathered: text (and image) tokens
+            context = TEXT_TOKENS + (IMAGE_TOKENS if config.get("image_dim") else 0)
+            gathered = params + 2 * local_batch * context * dim
+            sequence["all-gather"] = sequence.get("all-gather", 0) + (tp - 1) / tp * gathered * itemsize
+    return {"tensor": tensor, "sequence": sequence}
+
+
+def parallel_devices(layout: str, mesh_shape: dict[str, int], batch: int) -> int:
+    """How many devices do distinct work in ``layout``: the rest hold copies. The tensor layout splits a
+    batch over dp only when dp divides it (one video without CFG runs the same on both dp halves); the
+    sequence layout splits such a video's tokens over dp too."""
+    dp, tp = mesh_shape.get("dp", 1), mesh_shape.get("tp", 1)
+    if layout == "tensor":
+        return tp * (dp if batch % dp == 0 else 1)
+    split = token_split(mesh_shape, batch)
+    return _axis_size(split.batch_axes, mesh_shape) * _axis_size(split.token_axes, mesh_shape)
+
+
+def choose_layout(config: dict, tokens: int, mesh_shape: dict[str, int], batch: int) -> tuple[str, str]:
+    """(layout, why): the layout that spreads the work over more devices, and between equals the one whose
+    collectives move fewer bytes per step (their FLOPs are then the same, so the step with less traffic
+    through the links is the faster). A projection from ``parallel_devices`` and
+    ``layer_collective_bytes``; the compile command reports the compiled facts. Ties go to tensor."""
+    moved = {name: sum(kinds.values()) for name, kinds in
+             layer_collective_bytes(config, tokens, mesh_shape, batch).items()}
+    devices = {name: parallel_devices(name, mesh_shape, batch) for name in LAYOUTS}
+    choice = min(LAYOUTS, key=lambda name: (-devices[name], moved[name], LAYOUTS.index(name)))
+    layers = config.get("num_layers", 1)
+    why = (f"{tokens} tokens on mesh {dict(mesh_shape)}, batch {batch}: the tensor layout splits the work "
+           f"{devices['tensor']} ways and its collectives move {moved['tensor'] * layers / 2**30:.2f} GiB per "
+           f"device per step; the sequence layout {devices['sequence']} ways, "
+           f"{moved['sequence'] * layers / 2**30:.2f} GiB")
+    return choice, why

@@ -82,6 +82,10 @@ def parse_args(argv=None):
     parser.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "wan-tpu-bench-models"))
     parser.add_argument("--output", help="JSON path (default benchmarks/results/<config>-<backend>.json)")
     parser.add_argument("--startup", action="store_true", help="also measure cold/warm start in fresh processes")
+    parser.add_argument("--layout", choices=("auto", "tensor", "sequence"), default=None,
+                        help="the transformer step's layout (default: WAN_TPU_LAYOUT, else auto)")
+    parser.add_argument("--project-chip", default="v6e-8",
+                        help="the TPU slice the cost model projects s/step for, both layouts (a projection)")
     parser.add_argument("--no-peer", action="store_true", help="skip diffusers (e.g. on TPU, where torch has no device)")
     parser.add_argument("--fewer-steps", action="store_true",
                         help="benchmark MagCache and 4-step Euler against 50-step UniPC instead (see above)")
@@ -118,6 +122,42 @@ def step_flops(config: dict, height: int, width: int, frames: int, cfg: bool) ->
     )
     patch = 2 * tokens * dim * 16 * 4 * 2  # patch embedding in, projection out
     return (config["num_layers"] * per_layer + patch) * (2 if cfg else 1)
+
+
+def layout_projection(module, config: dict, height: int, width: int, frames: int, cfg: bool, chip_name: str) -> dict:
+    """The cost model, per layout, for ``chip_name`` (a projection, not a measurement): compute =
+    ``step_flops`` over the devices the layout splits the work over, at the chip's published peak and at
+    the original's 38% MFU; collectives = ``sharding.layer_collective_bytes`` (the bytes through a chip's
+    links) per layer x layers, over the chip's published ICI bandwidth; no overlap."""
+    tpu_compile = _tpu_compile()
+    sharding = module("sharding")
+    chip = tpu_compile.parse_chip(chip_name)
+    devices = chip.chips * chip.spec.cores_per_chip // (2 if chip.spec.three_d else 1)  # jax devices
+    mesh = dict(zip(("dp", "tp"), module("env_manager").default_mesh_shape(devices)))
+    batch = 2 if cfg else 1
+    tokens = module("memory_plan").transformer_tokens(config, height, width, frames)
+    moved = sharding.layer_collective_bytes(config, tokens, mesh, batch)
+    peak = chip.spec.peak_flops * chip.chips / devices
+    ici = chip.spec.ici_gbps * 1e9 / 8 * chip.chips / devices
+    report = {"chip": chip.name, "mesh": mesh, "auto": sharding.choose_layout(config, tokens, mesh, batch)[0]}
+    for layout in sharding.LAYOUTS:
+        compute = step_flops(config, height, width, frames, cfg) / sharding.parallel_devices(layout, mesh, batch) / peak
+        link_bytes = sum(moved[layout].values()) * config["num_layers"]
+        report[layout] = {"ici_bytes_per_device": link_bytes, "compute_seconds_at_peak": compute,
+                          "seconds_at_38pct_mfu": compute / tpu_compile.MFU_ORIGINAL + link_bytes / ici}
+    return report
+
+
+def _tpu_compile():
+    spec = importlib.util.spec_from_file_location("tpu_compile", os.path.join(REPO, "benchmarks", "tpu_compile.py"))
+    return sys.modules.get("tpu_compile") or _load(spec)
+
+
+def _load(spec):
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # ------------------------------------------------------------------ the peer
@@ -179,10 +219,10 @@ class DiffusersSide:
 
 # ------------------------------------------------------------------ ours
 class OurSide:
-    def __init__(self, folder: str, precision: str, module):
+    def __init__(self, folder: str, precision: str, module, layout: str | None = None):
         self.module = module
         self.manager = module("env_manager").TorchaxEnvManager.instance()
-        self.pipe = module("pipeline").WanTPUPipeline(folder, precision=precision)
+        self.pipe = module("pipeline").WanTPUPipeline(folder, precision=precision, layout=layout)
         started = time.perf_counter()
         self.pipe.text_encoder()
         self.pipe.transformer()
@@ -421,7 +461,7 @@ def main(argv=None):
     import torch
 
     peer = None if args.no_peer else DiffusersSide(folder, args.precision)
-    ours = OurSide(folder, args.precision, module)
+    ours = OurSide(folder, args.precision, module, args.layout)
     ours_runs, peer_runs, recompiles = [], [], []
     for run in range(args.runs):  # alternate, so drift in the machine affects both alike
         if peer is not None:
@@ -447,6 +487,9 @@ def main(argv=None):
         "transformer_only_step": transformer_alone,
         "outside_transformer_fraction": max(0.0, 1 - transformer_alone / summary["ours"]["step"]["warm"]),
         "tflops_ours": flops / summary["ours"]["step"]["warm"] / 1e12,
+        "layout": ours.pipe.last_run["layout"],
+        "projection": layout_projection(module, config, args.height, args.width, args.frames, args.guidance > 1,
+                                        args.project_chip),
     }
     if peer is not None:
         summary["diffusers"] = stage_summary(peer_runs)
@@ -487,6 +530,14 @@ def print_report(report: dict) -> None:
           + (f", diffusers {report['tflops_diffusers']:.3f} TFLOP/s" if "tflops_diffusers" in report else ""))
     print(f"outside the transformer: {100 * report['outside_transformer_fraction']:.1f}% of a step; "
           f"recompilations in warm runs: {report['recompilations_in_warm_runs']}")
+    print(f"layout: {report['layout']}")
+    projection = report["projection"]
+    for layout in ("tensor", "sequence"):
+        entry = projection[layout]
+        print(f"projected on {projection['chip']} {projection['mesh']}, {layout} layout"
+              f"{' (auto)' if projection['auto'] == layout else ''}: {entry['seconds_at_38pct_mfu']:.3f} s/step at 38% "
+              f"MFU with {entry['ici_bytes_per_device'] / 2**30:.2f} GiB through each chip's ICI, no overlap "
+              f"(a projection from the cost model, not a measurement)")
     if "max_abs_frame_difference" in report:
         print(f"max |ours - diffusers| over the last run's frames: {report['max_abs_frame_difference']:.2e}")
     if "startup" in report:

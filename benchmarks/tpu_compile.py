@@ -27,8 +27,13 @@ lower and compile seconds; per-device bytes (arguments, outputs, temporaries,
 aliased, peak) against the chip's HBM; the plan's per-device estimate for the
 stage; FLOPs per device; the collectives of the optimised HLO by kind (count,
 bytes per device); for the denoising step, seconds per step at the chip's
-peak bf16 FLOP/s and at 38% of it (the original's measured MFU on v6e-8).
+peak bf16 FLOP/s and at 38% of it (the original's measured MFU on v6e-8), and
+the cost model's projection adding the collectives' time over the chip's
+published ICI bandwidth (``projected_step_seconds``).
 These are compiler facts and projections, not measurements on a TPU.
+
+``--layout tensor|sequence|auto|both`` picks the step's layout (see
+``sharding.LAYOUTS``); auto is the pipeline's own choice, both compiles each.
 """
 
 from __future__ import annotations
@@ -99,9 +104,13 @@ def projected_step_seconds(record: dict, chip: "Chip", mfu: float = MFU_ORIGINAL
     with no overlap (their sum: what a step whose collectives sit on the critical path costs) and with
     full overlap (the larger of the two)."""
     devices_per_chip = record["devices"] / chip.chips
-    n = max(2, record["mesh"]["tp"])
+    n = max(2, record["mesh"]["tp"])  # weights split over tp: the all-reduces and the weight gathers
+    # The sequence layout's all-to-alls run over the devices the tokens split over (dp x tp without CFG).
+    batch = 2 if record.get("name", "step_cfg") == "step_cfg" else 1
+    tokens_over = record["mesh"]["tp"] * (record["mesh"]["dp"] if batch % record["mesh"]["dp"] else 1)
+    m = max(2, tokens_over) if record.get("layout") == "sequence" else n
     ring = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": (n - 1) / n,
-            "all-to-all": (n - 1) / n, "collective-permute": 1.0}
+            "all-to-all": (m - 1) / m, "collective-permute": 1.0}
     moved = sum(ring[kind] * entry["bytes_per_device"] for kind, entry in (record.get("collectives") or {}).items())
     ici_bytes_per_second = chip.spec.ici_gbps * 1e9 / 8 / devices_per_chip
     compute = record["flops_per_device"] / (record["peak_flops_per_device"] * mfu)
@@ -291,7 +300,7 @@ class Programs:
         ids = self._abstract((2, TEXT_LENGTH), "int32", batch)
         return self.pipeline._make_encode_fn(module, self.mesh), (weights, ids, ids)
 
-    def step(self, config: dict, height: int, width: int, frames: int, cfg: bool):
+    def step(self, config: dict, height: int, width: int, frames: int, cfg: bool, layout: str = "tensor"):
         pipeline = self.pack("pipeline")
         module, weights, plan = self.component("transformer", config)
         transformer = pipeline.TransformerComponent(module, weights, plan, self.mesh, dict(module.config), {},
@@ -299,7 +308,7 @@ class Programs:
         memory_plan = self.pack("memory_plan")
         geometry = pipeline.VAEGeometry.from_config(memory_plan.vae_config_for(config))
         expand = geometry.channels == 48  # Wan 2.2 TI2V 5B: a timestep per token
-        jitted = self.pipeline._make_step_fn(transformer, cfg, expand_timesteps=expand)
+        jitted = self.pipeline._make_step_fn(transformer, cfg, expand_timesteps=expand, layout=layout)
         replicated = self._sharding()
         shape = geometry.latent_shape(height, width, frames)
         latents = self._abstract(shape, "float32", replicated)
@@ -386,6 +395,7 @@ class Config:
     precision: str = "bf16"
     dp: int | None = None
     tp: int | None = None
+    layout: str = "auto"  # the step's: tensor, sequence, auto (the cost model's) or both
 
 
 def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: int) -> dict:
@@ -396,6 +406,7 @@ def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: in
         "mesh": {"dp": mesh_shape[0], "tp": mesh_shape[1]}, "precision": cfg_run.precision,
         "hbm_bytes_per_device": int(spec.hbm_gib * chip.chips / devices * GiB),
         "peak_flops_per_device": spec.peak_flops * chip.chips / devices,
+        "layout": None,  # the step's layout (sharding.LAYOUTS); None for the other stages
         "compiled": False, "refused": False, "error": None,
         "lower_seconds": None, "compile_seconds": None, "peak_bytes_per_device": None,
         "flops_per_device": None, "collectives": None,
@@ -410,6 +421,17 @@ def _plan_for(memory_plan, cfg_run: Config, mesh_shape, hbm_bytes: int, cfg: boo
 
 PLAN_COMPONENT = {"text_encoder": "text_encoder", "step_cfg": "transformer", "step": "transformer",
                   "vae_decode": "vae", "vae_encode": "vae", "image_encoder": None}
+
+
+def step_layout(programs: Programs, cfg_run: Config, transformer_config: dict, batch: int) -> str:
+    """The step's layout: the one asked for, or for "auto" the one the pipeline would choose
+    (``sharding.choose_layout``)."""
+    if cfg_run.layout != "auto":
+        return cfg_run.layout
+    sharding, memory_plan = programs.pack("sharding"), programs.pack("memory_plan")
+    tokens = memory_plan.transformer_tokens(transformer_config, cfg_run.height, cfg_run.width, cfg_run.frames)
+    mesh = {"dp": programs.mesh_shape[0], "tp": programs.mesh_shape[1]}
+    return sharding.choose_layout(transformer_config, tokens, mesh, batch)[0]
 
 
 def default_stages(model: str) -> tuple[str, ...]:
@@ -436,6 +458,8 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
     for name in stages:
         record = stage_record(name, cfg_run, chip, mesh_shape, len(programs.devices))
         cfg = name == "step_cfg"
+        if name.startswith("step"):
+            record["layout"] = step_layout(programs, cfg_run, transformer_config, batch=2 if cfg else 1)
         plan = _plan_for(memory_plan, cfg_run, mesh_shape, record["hbm_bytes_per_device"], cfg)
         component = PLAN_COMPONENT[name]
         record["plan_bytes_per_device"] = plan.stage_peak_bytes(component) if component else None
@@ -474,7 +498,7 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                     program_list = [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)]
                 else:
                     program_list = [(*programs.step(transformer_config, cfg_run.height, cfg_run.width,
-                                                    cfg_run.frames, cfg), 1)]
+                                                    cfg_run.frames, cfg, layout=record["layout"]), 1)]
                 record.update(compile_programs(programs, program_list,
                                                matmul_precision=name not in ("vae_decode", "vae_encode")))
             except Exception as error:  # the compiler's refusal is a result
@@ -551,6 +575,7 @@ _COMPILER_FIELDS = (
 
 
 # ------------------------------------------------------------------ output
+# A step's stage name carries its layout: /T tensor, /S sequence.
 HEADER = (f"{'stage':<12} {'model':<8} {'size':>9} {'chip':<6} {'result':<9} {'peak GiB':>8} {'plan GiB':>8} "
           f"{'HBM GiB':>7} {'compile s':>9} {'TFLOP/dev':>9} {'s/step@peak':>11} {'@38%':>6}  collectives")
 
@@ -568,7 +593,8 @@ def _collectives_text(record) -> str:
 def row(record: dict) -> str:
     result = "compiled" if record["compiled"] else ("refused" if record["refused"] else "FAILED")
     flops = record.get("flops_per_device")
-    return (f"{record['name']:<12} {record['model']:<8} {record['width']:>4}x{record['height']:<4} "
+    name = record["name"] + ({"tensor": "/T", "sequence": "/S"}.get(record.get("layout"), ""))
+    return (f"{name:<12} {record['model']:<8} {record['width']:>4}x{record['height']:<4} "
             f"{record['chip']:<6} {result:<9} {_gib(record.get('peak_bytes_per_device')):>8} "
             f"{_gib(record.get('plan_bytes_per_device')):>8} {record['hbm_bytes_per_device'] / GiB:>7.1f} "
             f"{record['compile_seconds'] if record.get('compile_seconds') is not None else '-':>9} "
@@ -636,8 +662,9 @@ def replan(pack, records: list[dict]) -> list[dict]:
 def markdown(stages: list[dict]) -> str:
     """The README table: one row per (model, size, chip): the step with CFG, the VAE decode, the text encoder."""
     by = {}
-    for record in stages:
-        by[(record["model"], record["width"], record["height"], record["chip"], record["name"])] = record
+    for record in stages:  # step records from before the sequence layout existed are the tensor layout's
+        layout = record.get("layout") or ("tensor" if record["name"].startswith("step") else None)
+        by[(record["model"], record["width"], record["height"], record["chip"], record["name"], layout)] = record
 
     def cell(record):
         if record is None or (not record["compiled"] and not record["refused"] and not record.get("error")):
@@ -649,19 +676,29 @@ def markdown(stages: list[dict]) -> str:
         return (f"{record['peak_bytes_per_device'] / GiB:.1f} (plan {record['plan_bytes_per_device'] / GiB:.1f}) "
                 f"of {record['hbm_bytes_per_device'] / GiB:.0f}; {record['compile_seconds']:.0f} s")
 
-    lines = ["| model | size | chip | step with CFG: peak GiB/device (plan) of HBM; compile s | TFLOP/step/device "
-             "| s/step at peak | at 38% MFU | VAE decode: peak GiB (plan) of HBM; compile s "
-             "| text encoder: peak GiB (plan); compile s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    def sequence_cell(record):
+        if record is None or not record["compiled"]:
+            return cell(record)
+        moved = record["projection"]["at_38pct_mfu"]
+        return (f"{record['peak_bytes_per_device'] / GiB:.1f} of {record['hbm_bytes_per_device'] / GiB:.0f}; "
+                f"{record['compile_seconds']:.0f} s; ICI {moved['ici_bytes_moved_per_device'] / GiB:.0f} GiB, "
+                f"{moved['seconds_no_overlap']:.2f} s/step")
+
+    lines = ["| model | size | chip | step with CFG (tensor layout): peak GiB/device (plan) of HBM; compile s "
+             "| TFLOP/step/device | s/step at peak | at 38% MFU | step with CFG (sequence layout): peak GiB of HBM; "
+             "compile s; ICI GiB/step; projected s/step at 38% MFU, no overlap "
+             "| VAE decode: peak GiB (plan) of HBM; compile s | text encoder: peak GiB (plan); compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model in TABLE_MODELS:
         for height, width in TABLE_SIZES:
             for chip in TABLE_CHIPS:
-                get = lambda name: by.get((model, width, height, chip, name))  # noqa: E731
-                step = get("step_cfg")
+                get = lambda name, layout=None: by.get((model, width, height, chip, name, layout))  # noqa: E731
+                step = get("step_cfg", "tensor")
                 compiled = step is not None and step["compiled"] and not step["refused"]
                 flops = (f"{step['flops_per_device'] / 1e12:.0f} | {step['seconds_per_step_at_peak']:.2f} | "
                          f"{step['seconds_per_step_at_38pct_mfu']:.2f}") if compiled else "- | - | -"
                 lines.append(f"| {model} | {width}x{height} | {chip} | {cell(step)} | {flops} | "
+                             f"{sequence_cell(get('step_cfg', 'sequence'))} | "
                              f"{cell(get('vae_decode'))} | {cell(get('text_encoder'))} |")
     return "\n".join(lines)
 
@@ -669,7 +706,7 @@ def markdown(stages: list[dict]) -> str:
 # ------------------------------------------------------------------ main
 def _key(record) -> tuple:
     return (record["name"], record["model"], record["height"], record["width"], record["frames"], record["chip"],
-            record["precision"])
+            record["precision"], record.get("layout") or ("tensor" if record["name"].startswith("step") else None))
 
 
 def main(argv=None) -> int:
@@ -694,6 +731,10 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--dp", type=int, default=None, help="mesh override (default: env_manager's rule)")
     parser.add_argument("--tp", type=int, default=None)
+    parser.add_argument("--layout", default="auto", choices=("auto", "tensor", "sequence", "both"),
+                        help="the denoising step's layout: tensor (weights split, all-reduces), sequence (tokens "
+                             "split, weights gathered per layer, all-to-alls around attention), auto (the one "
+                             "sharding.choose_layout picks, as the pipeline does) or both")
     parser.add_argument("--ignore-plan", action="store_true",
                         help="compile stages the HBM plan refuses too (records the plan's verdict beside them)")
     parser.add_argument("--table", action="store_true",
@@ -736,13 +777,14 @@ def main(argv=None) -> int:
         if args.json:
             write_json(args.json, results)
 
+    layouts = ["tensor", "sequence"] if args.layout == "both" else [args.layout]
     if args.table:
-        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp)
+        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp, layout)
                    for chip in args.chips.split(",") for height_width in [TABLE_SIZES] for (h, w) in height_width
-                   for model in TABLE_MODELS]
+                   for model in TABLE_MODELS for layout in layouts]
     else:
         configs = [Config(args.model, args.height, args.width, args.frames, args.chip, args.precision, args.dp,
-                          args.tp)]
+                          args.tp, layout) for layout in layouts]
     print(HEADER, flush=True)
     programs_by_chip, shared_by_chip = {}, {}
     for record in done:  # reuse what an earlier (interrupted) table run compiled
@@ -751,15 +793,25 @@ def main(argv=None) -> int:
                    else ("vae_decode", record["height"], record["width"], record["frames"]))
             shared_by_chip.setdefault(record["chip"], {})[key] = record
     failed = False
+    memory_plan = pack("memory_plan")
     for config in configs:
         chip = parse_chip(config.chip)
-        todo = [s for s in stages if (s, config.model, config.height, config.width, config.frames, chip.name,
-                                      config.precision) not in finished]
-        if not todo:
-            continue
         if chip.name not in programs_by_chip:
             programs_by_chip.clear()  # one chip's modules at a time
             programs_by_chip[chip.name] = Programs(pack, chip, config.precision, config.dp, config.tp)
+        transformer_config = memory_plan.resolve_model(config.model)[1]
+
+        def layout_of(stage):
+            if not stage.startswith("step"):
+                return None
+            return step_layout(programs_by_chip[chip.name], config, transformer_config, 2 if stage == "step_cfg" else 1)
+
+        key_of = lambda stage: (stage, config.model, config.height, config.width, config.frames, chip.name,  # noqa: E731
+                                config.precision, layout_of(stage))
+        todo = [stage for stage in stages if key_of(stage) not in finished]
+        finished |= {key_of(stage) for stage in todo}  # a second layout compiles only its steps
+        if not todo:
+            continue
         records = run_config(programs_by_chip[chip.name], config, todo, args.ignore_plan,
                              shared_by_chip.setdefault(chip.name, {}), on_stage=save)
         failed |= any(not r["compiled"] and not r["refused"] for r in records)

@@ -5,10 +5,15 @@
 # generation a ComfyUI venv may hold) and runs the parity, node and loading
 # tests (and Wan 2.1 I2V, whose CLIP differs between the two) again there.
 # Extra arguments go to both pytest runs.
+# Tests run in WAN_TPU_TEST_WORKERS processes (default 2, pytest-xdist), a file per process at a time:
+# most of the time is single-threaded tracing and compiling. 1 runs them in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+workers=${WAN_TPU_TEST_WORKERS:-2}
+parallel=()
+[ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
 bash scripts/setup_venv.sh
-"${WAN_TPU_VENV:-.venv}/bin/python" -m pytest tests "$@"
+"${WAN_TPU_VENV:-.venv}/bin/python" -m pytest "${parallel[@]}" tests "$@"
 WAN_TPU_VENV=.venv-transformers4 WAN_TPU_REQUIREMENTS=requirements-test-transformers4.txt bash scripts/setup_venv.sh
-exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py tests/test_nodes.py tests/test_loading_errors.py \
-    "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" "$@"
+exec .venv-transformers4/bin/python -m pytest "${parallel[@]}" tests/test_core_parity.py tests/test_nodes.py \
+    tests/test_loading_errors.py "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" "$@"

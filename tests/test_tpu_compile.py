@@ -89,9 +89,10 @@ def test_target_platform_makes_the_dispatch_trace_for_tpu_only_inside_the_block(
 
 
 # ------------------------------------------------------------------ the Splash kernel, compiled by Mosaic
-# 848x480's balanced blocks (3072 queries) on v6e-8; the default blocks on every chip.
-@pytest.mark.parametrize("chip, tokens", [(chip, tokens) for chip in ("v6e-8", "v5e-8", "v5p-8") for tokens in
-                                          (32760, 75600)] + [("v6e-8", 33390)],
+# v6e-8 at 480P (832x480, and 848x480's balanced blocks of 3072 queries) and 720P; v5e-8 (the smallest
+# VMEM) at 480P, its size; v5p-8 (4 chips: more heads per device) at 720P.
+@pytest.mark.parametrize("chip, tokens", [("v6e-8", 32760), ("v6e-8", 75600), ("v6e-8", 33390), ("v5e-8", 32760),
+                                          ("v5p-8", 75600)],
                          ids=lambda value: {32760: "14B-832x480", 33390: "14B-848x480", 75600: "14B-720P"}.get(value, value))
 def test_splash_kernel_compiles_for_tpu_at_the_14b_shapes(chip, tokens):
     """Batch 2 (CFG), 40 heads, head_dim 128 under shard_map on the chip's mesh; Mosaic must accept it."""
@@ -148,6 +149,28 @@ def test_the_tiny_models_three_stages_compile_for_v6e_8(tiny_model_dir, manager,
             assert outputs.shape == (2, 512, text_encoder["d_model"])
         assert tpu_compile.memory_facts(compiled)["peak_bytes_per_device"] > 0
     assert frames == 5  # 1 frame from the first latent frame, 4 from the second
+
+
+def test_the_tiny_models_sequence_parallel_step_compiles_for_v6e_8(tiny_model_dir, manager, v6e_8):
+    """The sequence layout with CFG on (2, 4): the pair over dp, the 12 tokens over tp. Heads and tokens
+    swap with all-to-alls around attention (two per block at least), the split weights are gathered, and
+    the blocks' outputs are not all-reduced as in the tensor layout."""
+    transformer, _, _ = _tiny_configs(tiny_model_dir)
+    video = dict(height=32, width=48, frames=5)
+    found = {}
+    for layout in ("tensor", "sequence"):
+        jitted, args = v6e_8.step(transformer, cfg=True, layout=layout, **video)
+        compiled, _, _ = v6e_8.compile(jitted, args)
+        assert [o.shape for o in compiled.out_info] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
+        assert tpu_compile.memory_facts(compiled)["peak_bytes_per_device"] > 0
+        found[layout] = tpu_compile.collectives(compiled.as_text())
+    tensor, sequence = found["tensor"], found["sequence"]
+    assert tensor["all-to-all"]["count"] == tensor["all-gather"]["count"] == 0, tensor
+    assert sequence["all-to-all"]["count"] >= 2 * transformer["num_layers"], sequence
+    weight = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    # bf16 (the command compiles what the default precision runs): q, k, v, out, cross q and out per block
+    assert sequence["all-gather"]["bytes_per_device"] >= 6 * transformer["num_layers"] * weight * weight * 2, sequence
+    assert sequence["all-reduce"]["bytes_per_device"] < tensor["all-reduce"]["bytes_per_device"], found
 
 
 # ------------------------------------------------------------------ real-width blocks: the step as designed
@@ -273,6 +296,12 @@ def test_the_step_projection_adds_collective_time_from_the_published_ici_bandwid
                                                           abs=2e-3)
     at_38 = tpu_compile.projected_step_seconds(record, chip)
     assert at_38["compute_seconds"] == pytest.approx(1.797 / 0.38, abs=1e-2)
+    # The sequence layout's all-to-alls: over the tp devices with CFG, over dp x tp without.
+    sequence = dict(record, layout="sequence", collectives={"all-to-all": {"count": 1, "bytes_per_device": 448e9}})
+    assert tpu_compile.projected_step_seconds(dict(sequence, name="step_cfg"), chip, 1.0)[
+        "communication_seconds"] == pytest.approx(0.75, abs=1e-3)
+    assert tpu_compile.projected_step_seconds(dict(sequence, name="step"), chip, 1.0)[
+        "communication_seconds"] == pytest.approx(0.875, abs=1e-3)
     v5p = tpu_compile.parse_chip("v5p-8")  # 4 chips, one device each
     record_v5p = dict(record, devices=4, mesh={"dp": 2, "tp": 2}, peak_flops_per_device=459e12)
     assert tpu_compile.projected_step_seconds(record_v5p, v5p, 1.0)["communication_seconds"] == pytest.approx(

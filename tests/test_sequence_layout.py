@@ -1,0 +1,141 @@
+"""The sequence layout: tokens split over the devices, weights gathered per layer, heads swapped for
+tokens around attention. Same frames as diffusers' PyTorch WanPipeline on the (2, 4), (1, 8) and (1, 1)
+CPU meshes, and its choice, inputs and errors."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIDEO, pack_module
+
+pipeline_mod = pack_module("pipeline")
+sharding = pack_module("sharding")
+memory_plan = pack_module("memory_plan")
+env_manager = pack_module("env_manager")
+
+WAN_14B = memory_plan.WAN21_CONFIGS["14B"]
+WAN_1_3B = memory_plan.WAN21_CONFIGS["1.3B"]
+
+
+@pytest.fixture(scope="module")
+def sequence_pipelines(tiny_model_dir, manager):
+    """One fp32 pipeline per mesh, all in the sequence layout (they share the manager's cache by mesh)."""
+    manager.release()
+    manager.set_attention_backend(None)
+    made = {}
+
+    def get(dp, tp):
+        if (dp, tp) not in made:
+            made[dp, tp] = pipeline_mod.WanTPUPipeline(tiny_model_dir, precision="fp32", dp=dp, tp=tp,
+                                                       layout="sequence")
+        return made[dp, tp]
+
+    yield get
+    manager.release()
+
+
+def test_the_sequence_step_splits_the_blocks_by_token_and_gathers_the_weights(sequence_pipelines):
+    """What the traced step asks of XLA on (2, 4) with CFG: every block input [2, S, D] split as
+    (dp, tp, -), and the tp-split weights constrained whole (gathered where the layer uses them)."""
+    pipe = sequence_pipelines(2, 4)
+    pipe.generate("a cat", "blurry", num_inference_steps=1, guidance_scale=5.0, seed=0, flow_shift=3.0, **TINY_VIDEO)
+    transformer = pipe.transformer()
+    sample = np.zeros(pipeline_mod.latent_shape(32, 48, 5), np.float32)
+    lowered = transformer.step_fns[(True, None, "sequence")].lower(
+        transformer.weights, (sample,) * 4, np.zeros((2, 512, 32), np.float32), np.zeros(9, np.float32),
+        np.float32(999.0), np.float32(5.0),
+    ).as_text()
+    constraints = [line for line in lowered.splitlines() if "sharding_constraint" in line]
+    blocks = [line for line in constraints if "tensor<2x12x32xf32>" in line.split("->")[-1]]
+    assert len(blocks) >= 2 and all('[{"dp"}, {"tp"}, {}]' in line for line in blocks), blocks
+    split_weights = sum(bool(spec) for spec in transformer.plan.specs.values())
+    assert split_weights >= 12
+    whole = [line for line in constraints if "[{}, {}]" in line and "tensor<32x32xf32>" in line]
+    assert len(whole) >= 8  # q, k, v, out of both attentions in each of the two blocks, at least
+
+
+def test_a_second_layout_compiles_its_own_step_and_keeps_the_weights(sequence_pipelines, manager):
+    pipe = sequence_pipelines(2, 4)
+    run = dict(num_inference_steps=2, guidance_scale=5.0, seed=3, flow_shift=3.0, **TINY_VIDEO)
+    sequence = pipe.generate("a boat", "blurry", **run)
+    weights = pipe.transformer().weights
+    tensor = pipe.generate("a boat", "blurry", layout="tensor", **run)
+    assert pipe.last_run["layout"] == "tensor"
+    assert pipe.transformer().weights is weights  # switching layout reloads nothing
+    assert np.abs(sequence.numpy() - tensor.numpy()).max() <= 1e-4
+    before = manager.compile_count()
+    pipe.generate("another boat", "static", **run)  # the sequence step again: cached
+    assert manager.compile_count() == before
+
+
+# ------------------------------------------------------------------ choice and errors (no compiling)
+def test_auto_picks_sequence_where_it_moves_fewer_bytes_and_tensor_on_one_device():
+    tokens_720p = memory_plan.transformer_tokens(WAN_14B, 720, 1280, 81)
+    layout, why = sharding.choose_layout(WAN_14B, tokens_720p, {"dp": 2, "tp": 4}, batch=2)
+    assert layout == "sequence" and "tensor layout" in why
+    moved = sharding.layer_collective_bytes(WAN_14B, tokens_720p, {"dp": 2, "tp": 4}, batch=2)
+    assert sum(moved["tensor"].values()) > 3 * sum(moved["sequence"].values())
+    # Without CFG the tensor layout runs the same work on both dp halves; the sequence layout splits it.
+    assert sharding.parallel_devices("tensor", {"dp": 2, "tp": 4}, 1) == 4
+    assert sharding.parallel_devices("sequence", {"dp": 2, "tp": 4}, 1) == 8
+    tokens_480p = memory_plan.transformer_tokens(WAN_1_3B, 480, 832, 81)
+    assert sharding.choose_layout(WAN_1_3B, tokens_480p, {"dp": 2, "tp": 4}, batch=1)[0] == "sequence"
+    assert sharding.choose_layout(WAN_14B, tokens_720p, {"dp": 1, "tp": 1}, batch=2)[0] == "tensor"
+    # A handful of tokens: gathering a 14B layer's weights costs more than summing its outputs.
+    assert sharding.choose_layout(WAN_14B, 64, {"dp": 2, "tp": 4}, batch=2)[0] == "tensor"
+
+
+def test_the_token_split_follows_the_cfg_pair_and_the_mesh():
+    assert sharding.token_split({"dp": 2, "tp": 4}, 2).spec() == ("dp", "tp", None)
+    assert sharding.token_split({"dp": 2, "tp": 4}, 1).spec() == (None, ("dp", "tp"), None)
+    assert sharding.token_split({"dp": 1, "tp": 8}, 2).spec() == (None, "tp", None)
+    assert sharding.token_split({"dp": 2, "tp": 4}, 2).spec(token_dim=2, ndim=4) == ("dp", None, "tp", None)
+
+
+def test_an_unknown_layout_is_refused_before_anything_loads(tiny_model_dir, monkeypatch, manager):
+    with pytest.raises(ValueError, match=r"layout='diagonal' is unknown: use one of \('auto', 'tensor', 'sequence'\)"):
+        pipeline_mod.WanTPUPipeline(tiny_model_dir, layout="diagonal")
+    monkeypatch.setenv(sharding.ENV_LAYOUT, "Sequence")
+    assert pipeline_mod.WanTPUPipeline(tiny_model_dir).layout == "sequence"
+    monkeypatch.setenv(sharding.ENV_LAYOUT, "rows")
+    with pytest.raises(ValueError, match="WAN_TPU_LAYOUT"):
+        pipeline_mod.WanTPUPipeline(tiny_model_dir)
+    monkeypatch.delenv(sharding.ENV_LAYOUT)
+    pipe = pipeline_mod.WanTPUPipeline(tiny_model_dir)
+    loaded = manager.cached_keys()
+    embeddings = pipeline_mod.WanEmbeddings(torch.zeros(1, 512, 32), torch.zeros(1, 512, 32), tiny_model_dir)
+    with pytest.raises(ValueError, match="layout='columns'"):
+        pipe.denoise(embeddings, layout="columns", **TINY_VIDEO)
+    assert manager.cached_keys() == loaded  # refused before loading
+
+
+# Last: the (1, 1) case replaces the (2, 4) components the tests above share.
+@pytest.mark.parametrize("mesh, guidance_scale", [((2, 4), 5.0), ((2, 4), 1.0), ((1, 8), 5.0), ((1, 1), 5.0)])
+def test_sequence_layout_end_to_end_matches_diffusers(sequence_pipelines, diffusers_frames, manager, monkeypatch,
+                                                      mesh, guidance_scale):
+    """CFG splits over dp and tokens over tp; without CFG (one video) the tokens split over dp x tp;
+    on (1, 8) the 4 heads do not divide over 8 devices and the 12 tokens do not either; (1, 1) is one
+    device of the eight (a single-chip VM), where the layout splits nothing."""
+    import jax
+
+    if mesh == (1, 1):
+        one_device = env_manager.build_mesh(jax.devices()[:1], 1, 1)
+        monkeypatch.setattr(manager, "mesh", lambda dp=None, tp=None: one_device)
+    prompt, negative = "a red fox running through snow", "blurry"
+    expected = diffusers_frames(prompt, negative, 0, guidance_scale, 4)
+    pipe = sequence_pipelines(*mesh)
+    frames = pipe.generate(prompt, negative, num_inference_steps=4, guidance_scale=guidance_scale, seed=0,
+                           flow_shift=3.0, **TINY_VIDEO)
+    assert pipe.last_run["layout"] == "sequence"
+    assert dict(pipe.transformer().mesh.shape) == {"dp": mesh[0], "tp": mesh[1]}
+    assert np.abs(frames.numpy() - expected).max() <= 1e-3
+
+
+def test_the_sampler_nodes_take_the_layout_after_their_other_widgets():
+    nodes = pack_module("nodes")
+    for node in (nodes.Wan21TPUSampler, nodes.Wan21TPUPipeline):
+        optional = list(node.INPUT_TYPES()["optional"])
+        assert optional.index("layout") > optional.index("guidance_scale_2")
+        choices, options = node.INPUT_TYPES()["optional"]["layout"]
+        assert choices == ["auto", "tensor", "sequence"] and options["default"] == "auto"
+    assert nodes.step_options(layout="sequence")["layout"] == "sequence"
+    assert nodes.step_options(layout="auto")["layout"] is None  # the pipeline's: WAN_TPU_LAYOUT, else auto
