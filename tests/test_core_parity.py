@@ -134,10 +134,11 @@ def test_second_run_at_the_same_shape_compiles_nothing(core, manager):
 
 
 def test_cfg_pair_is_one_batch_split_over_dp(core):
-    core.generate("a cat", "blurry", num_inference_steps=1, guidance_scale=5.0, seed=0, flow_shift=3.0, **TINY_VIDEO)
+    core.generate("a cat", "blurry", num_inference_steps=1, guidance_scale=5.0, seed=0, flow_shift=3.0, layout="tensor",
+                  **TINY_VIDEO)
     transformer = core.transformer()
     sample = np.zeros(pipeline_mod.latent_shape(32, 48, 5), np.float32)
-    lowered = transformer.step_fns[(True, None)].lower(
+    lowered = transformer.step_fns[(True, None, "tensor")].lower(
         transformer.weights, (sample,) * 4, np.zeros((2, 512, 32), np.float32), np.zeros(9, np.float32),
         np.float32(999.0), np.float32(5.0),
     ).as_text()
