@@ -2,8 +2,9 @@
 # The test suite on CPU, with 8 fake devices standing in for a TPU v6e-8.
 # Sets up .venv (transformers 5.x) and runs everything there, then sets up
 # .venv-transformers4 (transformers 4.x and huggingface-hub 0.x, the other
-# generation a ComfyUI venv may hold) and runs the parity, node and loading
-# tests (and Wan 2.1 I2V, whose CLIP differs between the two) again there.
+# generation a ComfyUI venv may hold) and runs again there what transformers
+# and the hub touch: the text encoder, two end-to-end runs, the node chain,
+# loading and its errors, and Wan 2.1 I2V (whose CLIP differs between the two).
 # Extra arguments go to both pytest runs.
 # Tests run in WAN_TPU_TEST_WORKERS processes (default 2, pytest-xdist), a file per process at a time:
 # most of the time is single-threaded tracing and compiling. 1 runs them in this process.
@@ -15,5 +16,9 @@ parallel=()
 bash scripts/setup_venv.sh
 "${WAN_TPU_VENV:-.venv}/bin/python" -m pytest "${parallel[@]}" tests "$@"
 WAN_TPU_VENV=.venv-transformers4 WAN_TPU_REQUIREMENTS=requirements-test-transformers4.txt bash scripts/setup_venv.sh
-exec .venv-transformers4/bin/python -m pytest "${parallel[@]}" tests/test_core_parity.py tests/test_nodes.py \
-    tests/test_loading_errors.py "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" "$@"
+# Few tests: in one process (a second would build every shared fixture again).
+exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py::test_text_encoder_matches_diffusers_encode_prompt \
+    "tests/test_core_parity.py::test_end_to_end_matches_diffusers_wan_pipeline[5.0-0]" \
+    "tests/test_core_parity.py::test_end_to_end_matches_diffusers_wan_pipeline[1.0-7]" \
+    tests/test_nodes.py::test_three_node_chain_matches_diffusers tests/test_loading_errors.py \
+    "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" "$@"

@@ -104,7 +104,15 @@ def pytest_configure(config):
     )
 
 
+# The longest files first, so that with pytest-xdist (scripts/test.sh: a file per worker at a time) no
+# worker is left running a long file alone at the end. The order within a file is kept.
+LONGEST_FILES_FIRST = ("test_tpu_compile.py", "test_image_to_video.py", "test_cli.py", "test_nodes.py",
+                       "test_sequence_layout.py", "test_sharded_vae.py", "test_families.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
     if "slow_tpu_compile" in (config.getoption("markexpr") or ""):
         return
     deselected = [item for item in items if item.get_closest_marker("slow_tpu_compile")]
