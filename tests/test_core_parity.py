@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIDEO, pack_module
+from conftest import TINY_VIDEO, lowered_tiny_cfg_step, pack_module
 
 pipeline_mod = pack_module("pipeline")
 sharding = pack_module("sharding")
@@ -134,14 +134,8 @@ def test_second_run_at_the_same_shape_compiles_nothing(core, manager):
 
 
 def test_cfg_pair_is_one_batch_split_over_dp(core):
-    core.generate("a cat", "blurry", num_inference_steps=1, guidance_scale=5.0, seed=0, flow_shift=3.0, layout="tensor",
-                  **TINY_VIDEO)
+    lowered = lowered_tiny_cfg_step(core, "tensor")
     transformer = core.transformer()
-    sample = np.zeros(pipeline_mod.latent_shape(32, 48, 5), np.float32)
-    lowered = transformer.step_fns[(True, None, "tensor")].lower(
-        transformer.weights, (sample,) * 4, np.zeros((2, 512, 32), np.float32), np.zeros(9, np.float32),
-        np.float32(999.0), np.float32(5.0),
-    ).as_text()
     # The transformer's input is the (cond, uncond) batch of 2, constrained to split over dp.
     constraints = [line for line in lowered.splitlines() if "sharding_constraint" in line and "tensor<2x16x" in line]
     assert constraints and all('[{"dp"}, {}, {}, {}, {}]' in line for line in constraints)

@@ -5,7 +5,7 @@ CPU meshes, and its choice, inputs and errors."""
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIDEO, pack_module
+from conftest import TINY_VIDEO, lowered_tiny_cfg_step, pack_module
 
 pipeline_mod = pack_module("pipeline")
 sharding = pack_module("sharding")
@@ -37,13 +37,8 @@ def test_the_sequence_step_splits_the_blocks_by_token_and_gathers_the_weights(se
     """What the traced step asks of XLA on (2, 4) with CFG: every block input [2, S, D] split as
     (dp, tp, -), and the tp-split weights constrained whole (gathered where the layer uses them)."""
     pipe = sequence_pipelines(2, 4)
-    pipe.generate("a cat", "blurry", num_inference_steps=1, guidance_scale=5.0, seed=0, flow_shift=3.0, **TINY_VIDEO)
+    lowered = lowered_tiny_cfg_step(pipe, "sequence")
     transformer = pipe.transformer()
-    sample = np.zeros(pipeline_mod.latent_shape(32, 48, 5), np.float32)
-    lowered = transformer.step_fns[(True, None, "sequence")].lower(
-        transformer.weights, (sample,) * 4, np.zeros((2, 512, 32), np.float32), np.zeros(9, np.float32),
-        np.float32(999.0), np.float32(5.0),
-    ).as_text()
     constraints = [line for line in lowered.splitlines() if "sharding_constraint" in line]
     blocks = [line for line in constraints if "tensor<2x12x32xf32>" in line.split("->")[-1]]
     assert len(blocks) >= 2 and all('[{"dp"}, {"tp"}, {}]' in line for line in blocks), blocks
