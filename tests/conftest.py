@@ -3,13 +3,8 @@ and one tiny Wan 2.1 model (plus diffusers' own outputs on it) per session."""
 
 import os
 
-# Before anything imports jax: 8 CPU devices stand in for a v6e-8. LLVM's optimisation of the CPU
-# programs costs more time than it saves on tiny models (the suite runs ~1.4x faster without it);
-# XLA's own passes, which decide the arithmetic, are unchanged, and so are the parity bounds.
-_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-if "--xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = _flags.strip()
+# Before anything imports jax: 8 CPU devices stand in for a v6e-8.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WAN_TPU_COMPILE_CACHE", "0")  # tests count compilations; a test opts in
 
