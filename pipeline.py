@@ -17,8 +17,8 @@ flow_shift are traced values, so changing them compiles nothing.
 from __future__ import annotations
 
 import contextlib
-import os
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -509,6 +509,17 @@ def unique_arrays(weights: dict) -> list:
     return list({id(array): array for array in weights.values()}.values())
 
 
+def gather_split_weights(manager: TorchaxEnvManager, weights: dict, plan_specs: dict, mesh) -> dict:
+    """The sequence layout's weights, inside ``jax.jit``: every split one (but ``sharding.SEQUENCE_KEEP_SPLIT``)
+    constrained whole, so XLA gathers each where its layer uses it (FSDP-style), layer by layer."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    whole = NamedSharding(mesh, PartitionSpec())
+    gathered = sharding.sequence_gathered_weights(plan_specs)
+    constrain = manager.jax.lax.with_sharding_constraint
+    return {name: constrain(value, whole) if name in gathered else value for name, value in weights.items()}
+
+
 def _activation_sharding(mesh, batch: int, layout: str):
     """[batch, tokens, dim]: split over dp like the batch, and in the sequence layout by token too."""
     if layout != "sequence":
@@ -592,7 +603,8 @@ class WanTPUPipeline:
                  tp: int | None = None, manager: TorchaxEnvManager | None = None, layout: str | None = None):
         if precision not in loading.PRECISIONS:
             raise ValueError(f"precision={precision!r}: use one of {loading.PRECISIONS}")
-        self.layout = sharding.check_layout(layout if layout else os.environ.get(sharding.ENV_LAYOUT))
+        self.layout = (sharding.check_layout(layout) if layout else
+                       sharding.check_layout(os.environ.get(sharding.ENV_LAYOUT), given_as=sharding.ENV_LAYOUT))
         self.source = loading.resolve_model_source(model_id)
         self.precision = precision
         self.dp, self.tp = dp, tp
@@ -816,9 +828,6 @@ class WanTPUPipeline:
         batch_sharding = _batch_sharding(mesh, batch)
         residual_sharding = _activation_sharding(mesh, batch, layout)
         split = sharding.token_split(dict(mesh.shape), batch) if layout == "sequence" else None
-        # The sequence layout gathers the split weights whole where their layer uses them (FSDP-style);
-        # XLA schedules the gathers, layer by layer.
-        gathered = sharding.sequence_gathered_weights(transformer.plan.specs) if split else set()
         jax_dtype = jnp.bfloat16 if "bfloat16" in str(dtype) else jnp.float32
         if expand_timesteps is None:  # TI2V: a timestep per token (the compile command says it explicitly)
             expand_timesteps = self.family.expand_timesteps
@@ -826,9 +835,8 @@ class WanTPUPipeline:
         def step(weights, state, context, coefficients, timestep, guidance_scale, block_residual=None,
                  conditioning=None):
             sample, last_sample, m1, m2 = state
-            if gathered:
-                weights = {name: jax.lax.with_sharding_constraint(value, replicated) if name in gathered else value
-                           for name, value in weights.items()}
+            if split is not None:
+                weights = gather_split_weights(manager, weights, transformer.plan.specs, mesh)
             model_input = sample
             if cfg:  # cond and uncond as one batch of 2, split over dp
                 model_input = jnp.concatenate([model_input, model_input])
@@ -1113,7 +1121,7 @@ class WanTPUPipeline:
             guidance = np.asarray(guidance_of_step, np.float32)  # per step: the two experts may differ
             coefficients, timesteps = schedule.coefficients, schedule.timesteps  # host arrays: data, not code
             step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance[0])
-            layout = self.step_layout(transformer, height, width, num_frames, batch, layout)
+            layout = self.step_layout(transformer, height, width, num_frames, batch, layout)  # resolves "auto"
             residual = self._block_residual_spec(transformer, sample.shape, batch, layout)
             # The optional trailing arguments: MagCache's residual (the "reuse" step), then the image.
             def extra(mode, residual):

@@ -200,11 +200,12 @@ def sequence_gathered_weights(specs: dict[str, tuple]) -> set[str]:
             if spec and not any(re.fullmatch(pattern, name) for pattern in SEQUENCE_KEEP_SPLIT)}
 
 
-def check_layout(layout) -> str:
-    """'auto', 'tensor' or 'sequence'; None or '' means 'auto'."""
+def check_layout(layout, given_as: str = "layout") -> str:
+    """'auto', 'tensor' or 'sequence'; None or '' means 'auto'. ``given_as`` names where the value came
+    from in the error (the argument, or ``ENV_LAYOUT``)."""
     layout = (layout or "auto").strip().lower() if isinstance(layout, str) or layout is None else layout
     if layout not in ("auto",) + LAYOUTS:
-        raise ValueError(f"layout={layout!r} is unknown: use one of {('auto',) + LAYOUTS} "
+        raise ValueError(f"{given_as}={layout!r} is unknown: use one of {('auto',) + LAYOUTS} "
                          f"(the node input 'layout', {ENV_LAYOUT}, or --layout)")
     return layout
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import importlib
 import importlib.util
 import json
@@ -132,7 +131,7 @@ def layout_projection(module, config: dict, height: int, width: int, frames: int
     tpu_compile = _tpu_compile()
     sharding = module("sharding")
     chip = tpu_compile.parse_chip(chip_name)
-    devices = chip.chips * chip.spec.cores_per_chip // (2 if chip.spec.three_d else 1)  # jax devices
+    devices = chip.chips  # one jax device per chip (a v5p or v4 chip's two cores are one device)
     mesh = dict(zip(("dp", "tp"), module("env_manager").default_mesh_shape(devices)))
     batch = 2 if cfg else 1
     tokens = module("memory_plan").transformer_tokens(config, height, width, frames)
@@ -149,15 +148,12 @@ def layout_projection(module, config: dict, height: int, width: int, frames: int
 
 
 def _tpu_compile():
-    spec = importlib.util.spec_from_file_location("tpu_compile", os.path.join(REPO, "benchmarks", "tpu_compile.py"))
-    return sys.modules.get("tpu_compile") or _load(spec)
-
-
-def _load(spec):
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/tpu_compile.py (its chip table and MFU), imported once."""
+    if "tpu_compile" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("tpu_compile", os.path.join(REPO, "benchmarks", "tpu_compile.py"))
+        sys.modules["tpu_compile"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["tpu_compile"])
+    return sys.modules["tpu_compile"]
 
 
 # ------------------------------------------------------------------ the peer
@@ -246,7 +242,7 @@ class OurSide:
         return times
 
     def transformer_only_seconds(self, args, repeats: int = 3) -> float:
-        """Median time of the transformer call alone, on the step's own inputs and mesh."""
+        """Median time of the transformer call alone, on the step's own inputs, mesh and layout."""
         import numpy as np
 
         pipeline = self.module("pipeline")
@@ -262,8 +258,16 @@ class OurSide:
         context = jax.device_put(np.zeros((batch, 512, transformer.config["text_dim"]), np.float32), sharding).astype(dtype)
         timestep = jax.numpy.full((batch,), 500.0)
 
-        forward = jax.jit(functools.partial(pipeline.call_transformer, manager, transformer.module,
-                                            mesh=transformer.mesh))
+        split = None
+        if self.pipe.last_run["layout"] == "sequence":
+            split = self.module("sharding").token_split(dict(transformer.mesh.shape), batch)
+
+        @jax.jit
+        def forward(weights, hidden, timesteps, context):
+            if split is not None:
+                weights = pipeline.gather_split_weights(manager, weights, transformer.plan.specs, transformer.mesh)
+            return pipeline.call_transformer(manager, transformer.module, weights, transformer.mesh, hidden,
+                                             timesteps, context, split=split)
 
         forward(transformer.weights, hidden=hidden, timesteps=timestep, context=context).block_until_ready()
         samples = []

@@ -104,10 +104,12 @@ def projected_step_seconds(record: dict, chip: "Chip", mfu: float = MFU_ORIGINAL
     with no overlap (their sum: what a step whose collectives sit on the critical path costs) and with
     full overlap (the larger of the two)."""
     devices_per_chip = record["devices"] / chip.chips
-    n = max(2, record["mesh"]["tp"])  # weights split over tp: the all-reduces and the weight gathers
-    # The sequence layout's all-to-alls run over the devices the tokens split over (dp x tp without CFG).
+    dp, tp = record["mesh"]["dp"], record["mesh"]["tp"]
+    n = max(2, tp)  # weights split over tp: the all-reduces and the weight gathers
+    # The sequence layout's all-to-alls run over the devices the tokens split over: tp when dp takes the
+    # CFG pair, dp x tp for one video (sharding.token_split).
     batch = 2 if record.get("name", "step_cfg") == "step_cfg" else 1
-    tokens_over = record["mesh"]["tp"] * (record["mesh"]["dp"] if batch % record["mesh"]["dp"] else 1)
+    tokens_over = tp if batch % dp == 0 else dp * tp
     m = max(2, tokens_over) if record.get("layout") == "sequence" else n
     ring = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": (n - 1) / n,
             "all-to-all": (m - 1) / m, "collective-permute": 1.0}

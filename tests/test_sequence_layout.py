@@ -92,7 +92,7 @@ def test_an_unknown_layout_is_refused_before_anything_loads(tiny_model_dir, monk
     monkeypatch.setenv(sharding.ENV_LAYOUT, "Sequence")
     assert pipeline_mod.WanTPUPipeline(tiny_model_dir).layout == "sequence"
     monkeypatch.setenv(sharding.ENV_LAYOUT, "rows")
-    with pytest.raises(ValueError, match="WAN_TPU_LAYOUT"):
+    with pytest.raises(ValueError, match="WAN_TPU_LAYOUT='rows' is unknown: use one of"):
         pipeline_mod.WanTPUPipeline(tiny_model_dir)
     monkeypatch.delenv(sharding.ENV_LAYOUT)
     pipe = pipeline_mod.WanTPUPipeline(tiny_model_dir)
