@@ -398,6 +398,7 @@ class Config:
     dp: int | None = None
     tp: int | None = None
     layout: str = "auto"  # the step's: tensor, sequence, auto (the cost model's) or both
+    probe_blocks: tuple[int, int] | None = None  # compile the step at these depths and extrapolate (extrapolate_depth)
 
 
 def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: int) -> dict:
@@ -499,10 +500,11 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                 elif name == "image_encoder":
                     program_list = [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)]
                 else:
-                    program_list = [(*programs.step(transformer_config, cfg_run.height, cfg_run.width,
-                                                    cfg_run.frames, cfg, layout=record["layout"]), 1)]
-                record.update(compile_programs(programs, program_list,
-                                               matmul_precision=name not in ("vae_decode", "vae_encode")))
+                    program_list = None
+                    record.update(compile_step(programs, cfg_run, transformer_config, cfg, record["layout"]))
+                if program_list is not None:
+                    record.update(compile_programs(programs, program_list,
+                                                   matmul_precision=name not in ("vae_decode", "vae_encode")))
             except Exception as error:  # the compiler's refusal is a result
                 record.update(compiled=False, error=f"{type(error).__name__}: {error}"[:4000])
                 logger.debug("%s", traceback.format_exc())
@@ -528,6 +530,23 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
         records.append(record)
         _report(record, on_stage)
     return records
+
+
+def compile_step(programs: Programs, cfg_run: Config, transformer_config: dict, cfg: bool, layout: str) -> dict:
+    """The denoising step's compiled facts: the whole model's step, or with ``cfg_run.probe_blocks`` two
+    shallower copies of it (same widths, fewer blocks) compiled and extrapolated to the model's depth."""
+
+    def facts(config):
+        step = programs.step(config, cfg_run.height, cfg_run.width, cfg_run.frames, cfg, layout=layout)
+        return compile_programs(programs, [(*step, 1)], matmul_precision=True)
+
+    blocks = transformer_config["num_layers"]
+    if not cfg_run.probe_blocks or max(cfg_run.probe_blocks) >= blocks:
+        return facts(transformer_config)
+    low, high = cfg_run.probe_blocks
+    shallow = facts(dict(transformer_config, num_layers=low))
+    deep = facts(dict(transformer_config, num_layers=high))
+    return extrapolate_depth(shallow, deep, (low, high), blocks)
 
 
 def abstract_bytes_per_device(weights: dict) -> int:
@@ -567,6 +586,49 @@ def compile_programs(programs: Programs, program_list, matmul_precision: bool) -
     return dict(facts, compiled=True, lower_seconds=round(lower_total, 1), compile_seconds=round(compile_total, 1),
                 flops_per_device=flops, bytes_accessed_per_device=accessed, collectives=merged,
                 mosaic_kernels=kernels, programs=len(program_list))
+
+
+# Fields of compile_programs that grow with the number of transformer blocks (linearly: every block is
+# the same program on the same shapes).
+_DEPTH_LINEAR_FIELDS = ("argument_bytes_per_device", "output_bytes_per_device", "temp_bytes_per_device",
+                        "alias_bytes_per_device", "generated_code_bytes_per_device", "peak_bytes_per_device",
+                        "flops_per_device", "bytes_accessed_per_device", "mosaic_kernels")
+
+
+def extrapolate_depth(shallow: dict, deep: dict, depths: tuple[int, int], blocks: int) -> dict:
+    """The facts of a ``blocks``-deep step from the compiled facts of the same step ``depths[0]`` and
+    ``depths[1]`` blocks deep: each figure is a + (b - a) / (depths[1] - depths[0]) x (blocks - depths[0]).
+
+    Every transformer block is the same program on the same shapes, so what a block adds (its weights,
+    FLOPs, collectives, kernels) is the difference of the two compiles, and what does not grow (the
+    activations' peak, the embeddings, the head) is in both. The compiles are real; their sum is the
+    record's compile time, and ``depth_probe`` says the figures are extrapolated from them."""
+    low, high = depths
+    if not 0 < low < high:
+        raise ValueError(f"probe depths {depths}: give two block counts, the second larger, e.g. (2, 4)")
+    scale = (blocks - low) / (high - low)
+
+    def grow(a, b):
+        return a + (b - a) * scale
+
+    facts = dict(deep)
+    for field in _DEPTH_LINEAR_FIELDS:
+        value = grow(shallow[field], deep[field])
+        facts[field] = value if field.endswith("flops_per_device") or field == "bytes_accessed_per_device" \
+            else int(round(value))
+    merged = {}
+    for kind in sorted(set(shallow["collectives"]) | set(deep["collectives"])):
+        a = shallow["collectives"].get(kind, {"count": 0, "bytes_per_device": 0})
+        b = deep["collectives"].get(kind, {"count": 0, "bytes_per_device": 0})
+        merged[kind] = {"count": int(round(grow(a["count"], b["count"]))),
+                        "bytes_per_device": int(round(grow(a["bytes_per_device"], b["bytes_per_device"])))}
+    facts["collectives"] = merged
+    facts["lower_seconds"] = round(shallow["lower_seconds"] + deep["lower_seconds"], 1)
+    facts["compile_seconds"] = round(shallow["compile_seconds"] + deep["compile_seconds"], 1)
+    facts["depth_probe"] = {"blocks": blocks, "compiled_blocks": [low, high],
+                            "peak_bytes_per_device": [shallow["peak_bytes_per_device"], deep["peak_bytes_per_device"]],
+                            "compile_seconds": [shallow["compile_seconds"], deep["compile_seconds"]]}
+    return facts
 
 
 _COMPILER_FIELDS = (
@@ -676,21 +738,30 @@ def markdown(stages: list[dict]) -> str:
         if not record["compiled"]:
             return "**compiler error**"
         return (f"{record['peak_bytes_per_device'] / GiB:.1f} (plan {record['plan_bytes_per_device'] / GiB:.1f}) "
-                f"of {record['hbm_bytes_per_device'] / GiB:.0f}; {record['compile_seconds']:.0f} s")
+                f"of {record['hbm_bytes_per_device'] / GiB:.0f}; {record['compile_seconds']:.0f} s{probed(record)}")
+
+    def probed(record):  # a step extrapolated from shallower compiles (--probe-blocks) is marked
+        return "†" if record.get("depth_probe") else ""
+
+    def peak(record):
+        if record is None or not record["compiled"]:
+            return {"not compiled yet": "not yet", "refused by the HBM plan": "refused"}.get(cell(record), cell(record))
+        return f"{record['peak_bytes_per_device'] / GiB:.1f}{probed(record)}"
 
     def sequence_cell(record):
         if record is None or not record["compiled"]:
             return cell(record)
         moved = record["projection"]["at_38pct_mfu"]
         return (f"{record['peak_bytes_per_device'] / GiB:.1f} of {record['hbm_bytes_per_device'] / GiB:.0f}; "
-                f"{record['compile_seconds']:.0f} s; ICI {moved['ici_bytes_moved_per_device'] / GiB:.0f} GiB, "
-                f"{moved['seconds_no_overlap']:.2f} s/step")
+                f"{record['compile_seconds']:.0f} s{probed(record)}; ICI {moved['ici_bytes_moved_per_device'] / GiB:.0f} "
+                f"GiB, {moved['seconds_no_overlap']:.2f} s/step")
 
     lines = ["| model | size | chip | step with CFG (tensor layout): peak GiB/device (plan) of HBM; compile s "
              "| TFLOP/step/device | s/step at peak | at 38% MFU | step with CFG (sequence layout): peak GiB of HBM; "
              "compile s; ICI GiB/step; projected s/step at 38% MFU, no overlap "
+             "| step without CFG: peak GiB, tensor / sequence layout "
              "| VAE decode: peak GiB (plan) of HBM; compile s | text encoder: peak GiB (plan); compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in TABLE_MODELS:
         for height, width in TABLE_SIZES:
             for chip in TABLE_CHIPS:
@@ -701,6 +772,7 @@ def markdown(stages: list[dict]) -> str:
                          f"{step['seconds_per_step_at_38pct_mfu']:.2f}") if compiled else "- | - | -"
                 lines.append(f"| {model} | {width}x{height} | {chip} | {cell(step)} | {flops} | "
                              f"{sequence_cell(get('step_cfg', 'sequence'))} | "
+                             f"{peak(get('step', 'tensor'))} / {peak(get('step', 'sequence'))} | "
                              f"{cell(get('vae_decode'))} | {cell(get('text_encoder'))} |")
     return "\n".join(lines)
 
@@ -737,6 +809,12 @@ def main(argv=None) -> int:
                         help="the denoising step's layout: tensor (weights split, all-reduces), sequence (tokens "
                              "split, weights gathered per layer, all-to-alls around attention), auto (the one "
                              "sharding.choose_layout picks, as the pipeline does) or both")
+    parser.add_argument("--probe-blocks", default=None, metavar="A,B",
+                        help="compile the denoising step with A and with B of the model's transformer blocks "
+                             "(e.g. 2,4) and extrapolate its memory, FLOPs and collectives linearly to all of them: "
+                             "every block is the same program on the same shapes, and a 2-core machine compiles "
+                             "the two in about a sixth of the whole step's time. The JSON marks such records "
+                             "(depth_probe); default: compile the whole step")
     parser.add_argument("--ignore-plan", action="store_true",
                         help="compile stages the HBM plan refuses too (records the plan's verdict beside them)")
     parser.add_argument("--table", action="store_true",
@@ -744,6 +822,8 @@ def main(argv=None) -> int:
                              f"{', '.join(f'{w}x{h}' for h, w in TABLE_SIZES)} x {', '.join(TABLE_CHIPS)}, "
                              f"{TABLE_FRAMES} frames; skips cells already in --json (resumable)")
     parser.add_argument("--chips", default=",".join(TABLE_CHIPS), help="with --table: the chips, in order")
+    parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for h, w in TABLE_SIZES),
+                        help="with --table: the sizes (WIDTHxHEIGHT), in order")
     parser.add_argument("--markdown", action="store_true", help="print the README table from --json and exit")
     parser.add_argument("--replan", action="store_true",
                         help="with --markdown: recompute the HBM plan's figures with the current memory_plan")
@@ -760,6 +840,20 @@ def main(argv=None) -> int:
             records = json.load(handle)["stages"]
         print(markdown(replan(load_pack(), records) if args.replan else records))
         return 0
+    probe = None
+    if args.probe_blocks:
+        try:
+            probe = tuple(int(part) for part in args.probe_blocks.split(","))
+            if len(probe) != 2 or not 0 < probe[0] < probe[1]:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--probe-blocks {args.probe_blocks}: give two block counts, the second larger, e.g. 2,4")
+    try:
+        sizes = [tuple(int(side) for side in size.lower().split("x")) for size in args.sizes.split(",")]
+        if any(len(size) != 2 for size in sizes):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--sizes {args.sizes}: give WIDTHxHEIGHT sizes separated by commas, e.g. 832x480,1280x720")
     stages = [s.strip() for s in (args.stages or ",".join(default_stages(args.model))).split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES + IMAGE_STAGES))
     if unknown:
@@ -781,12 +875,12 @@ def main(argv=None) -> int:
 
     layouts = ["tensor", "sequence"] if args.layout == "both" else [args.layout]
     if args.table:
-        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp, layout)
-                   for chip in args.chips.split(",") for height_width in [TABLE_SIZES] for (h, w) in height_width
+        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp, layout, probe)
+                   for chip in args.chips.split(",") for (w, h) in sizes
                    for model in TABLE_MODELS for layout in layouts]
     else:
         configs = [Config(args.model, args.height, args.width, args.frames, args.chip, args.precision, args.dp,
-                          args.tp, layout) for layout in layouts]
+                          args.tp, layout, probe) for layout in layouts]
     print(HEADER, flush=True)
     programs_by_chip, shared_by_chip = {}, {}
     for record in done:  # reuse what an earlier (interrupted) table run compiled

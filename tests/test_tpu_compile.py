@@ -13,6 +13,7 @@ The whole real-size step (1.3B at 480P, ~5 minutes on 2 cores) is marked
 tests compile two real-width blocks instead.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -306,3 +307,52 @@ def test_the_step_projection_adds_collective_time_from_the_published_ici_bandwid
     record_v5p = dict(record, devices=4, mesh={"dp": 2, "tp": 2}, peak_flops_per_device=459e12)
     assert tpu_compile.projected_step_seconds(record_v5p, v5p, 1.0)["communication_seconds"] == pytest.approx(
         1.0 * 120 * 774e6 / 600e9, abs=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["tensor", "sequence"])
+def test_a_depth_probe_predicts_the_deeper_step_the_compiler_builds(tiny_model_dir, manager, v6e_8, layout):
+    """``--probe-blocks``: the step compiled 1 and 2 blocks deep, extrapolated to 3 blocks, against the
+    3-block step compiled whole. Every block is the same program, so the FLOPs, the Splash calls and the
+    collectives are exact and the peak bytes close."""
+    transformer, _, _ = _tiny_configs(tiny_model_dir)
+    transformer = dict(transformer, num_layers=3)
+    run = tpu_compile.Config("tiny", 32, 48, 5, "v6e-8", layout=layout, probe_blocks=(1, 2))
+    probed = tpu_compile.compile_step(v6e_8, run, transformer, cfg=True, layout=layout)
+    whole = tpu_compile.compile_step(v6e_8, dataclasses.replace(run, probe_blocks=None), transformer, cfg=True,
+                                     layout=layout)
+    assert probed["depth_probe"]["blocks"] == 3 and probed["depth_probe"]["compiled_blocks"] == [1, 2]
+    assert "depth_probe" not in whole
+    assert probed["flops_per_device"] == pytest.approx(whole["flops_per_device"], rel=1e-3)
+    assert probed["mosaic_kernels"] == whole["mosaic_kernels"]
+    assert {kind: entry["count"] for kind, entry in probed["collectives"].items() if entry["count"]} == {
+        kind: entry["count"] for kind, entry in whole["collectives"].items() if entry["count"]}, (probed, whole)
+    for kind, entry in whole["collectives"].items():
+        assert probed["collectives"][kind]["bytes_per_device"] == pytest.approx(entry["bytes_per_device"], rel=0.01)
+    assert probed["argument_bytes_per_device"] == whole["argument_bytes_per_device"]
+    assert probed["peak_bytes_per_device"] == pytest.approx(whole["peak_bytes_per_device"], rel=0.05)
+
+
+def test_depth_extrapolation_is_linear_in_the_blocks_and_refuses_bad_depths():
+    def facts(blocks):
+        return {**{field: 100 * blocks + 7 for field in tpu_compile._DEPTH_LINEAR_FIELDS},
+                "collectives": {"all-reduce": {"count": 3 * blocks, "bytes_per_device": 1000 * blocks}},
+                "lower_seconds": 1.0, "compile_seconds": 10.0 * blocks, "compiled": True}
+
+    whole = tpu_compile.extrapolate_depth(facts(2), facts(4), (2, 4), 40)
+    assert whole["peak_bytes_per_device"] == 4007 and whole["flops_per_device"] == 4007
+    assert whole["collectives"] == {"all-reduce": {"count": 120, "bytes_per_device": 40000}}
+    assert whole["compile_seconds"] == 60.0  # what was really compiled, not the whole step's time
+    with pytest.raises(ValueError, match="second larger"):
+        tpu_compile.extrapolate_depth(facts(4), facts(2), (4, 2), 40)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--probe-blocks", "4,2"], "--probe-blocks 4,2: give two block counts, the second larger"),
+    (["--probe-blocks", "two"], "--probe-blocks two: give two block counts"),
+    (["--sizes", "832by480"], "--sizes 832by480: give WIDTHxHEIGHT sizes"),
+])
+def test_the_compile_command_names_a_bad_probe_or_size_and_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tpu_compile.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
