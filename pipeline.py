@@ -876,7 +876,8 @@ class WanTPUPipeline:
             return layout
         config = transformer.config
         tokens = memory_plan.transformer_tokens(config, height, width, num_frames)
-        layout, why = sharding.choose_layout(config, tokens, dict(transformer.mesh.shape), batch)
+        device_kind = transformer.mesh.devices.flat[0].device_kind
+        layout, why = sharding.choose_layout(config, tokens, dict(transformer.mesh.shape), batch, device_kind)
         logger.info("layout %s (auto): %s", layout, why)
         return layout
 

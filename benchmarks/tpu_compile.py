@@ -434,7 +434,7 @@ def step_layout(programs: Programs, cfg_run: Config, transformer_config: dict, b
     sharding, memory_plan = programs.pack("sharding"), programs.pack("memory_plan")
     tokens = memory_plan.transformer_tokens(transformer_config, cfg_run.height, cfg_run.width, cfg_run.frames)
     mesh = {"dp": programs.mesh_shape[0], "tp": programs.mesh_shape[1]}
-    return sharding.choose_layout(transformer_config, tokens, mesh, batch)[0]
+    return sharding.choose_layout(transformer_config, tokens, mesh, batch, programs.devices[0].device_kind)[0]
 
 
 def default_stages(model: str) -> tuple[str, ...]:

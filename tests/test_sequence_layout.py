@@ -77,6 +77,12 @@ def test_auto_picks_sequence_where_it_moves_fewer_bytes_and_tensor_on_one_device
     assert sharding.choose_layout(WAN_14B, tokens_720p, {"dp": 1, "tp": 1}, batch=2)[0] == "tensor"
     # A handful of tokens: gathering a 14B layer's weights costs more than summing its outputs.
     assert sharding.choose_layout(WAN_14B, 64, {"dp": 2, "tp": 4}, batch=2)[0] == "tensor"
+    # v5e, where the compiled sequence step gathers ~3x the bytes and peaks higher (TENSOR_LAYOUT_CHIPS);
+    # v6e and v5p ("TPU v5") keep the cost model's choice.
+    layout, why = sharding.choose_layout(WAN_14B, tokens_720p, {"dp": 2, "tp": 4}, 2, device_kind="TPU v5 lite")
+    assert layout == "tensor" and "TPU v5 lite" in why
+    for kind in ("TPU v6 lite", "TPU v5", "cpu", None):
+        assert sharding.choose_layout(WAN_14B, tokens_720p, {"dp": 2, "tp": 4}, 2, device_kind=kind)[0] == "sequence"
 
 
 def test_the_token_split_follows_the_cfg_pair_and_the_mesh():
