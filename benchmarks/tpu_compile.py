@@ -489,20 +489,17 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
             record["reused_from"] = shared[key]["model"]
         else:
             try:
-                if name == "text_encoder":
-                    program_list = [(*programs.text_encoder(dict(memory_plan.UMT5_XXL_CONFIG)), 1)]
-                elif name == "vae_decode":
-                    program_list = programs.vae_decode(memory_plan.vae_config_for(transformer_config), cfg_run.height,
-                                                       cfg_run.width, cfg_run.frames)
-                elif name == "vae_encode":
-                    program_list = programs.vae_encode(memory_plan.vae_config_for(transformer_config), cfg_run.height,
-                                                       cfg_run.width, cfg_run.frames)
-                elif name == "image_encoder":
-                    program_list = [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)]
-                else:
-                    program_list = None
+                if name.startswith("step"):
                     record.update(compile_step(programs, cfg_run, transformer_config, cfg, record["layout"]))
-                if program_list is not None:
+                else:
+                    vae_config = memory_plan.vae_config_for(transformer_config)
+                    video = (cfg_run.height, cfg_run.width, cfg_run.frames)
+                    program_list = {
+                        "text_encoder": lambda: [(*programs.text_encoder(dict(memory_plan.UMT5_XXL_CONFIG)), 1)],
+                        "vae_decode": lambda: programs.vae_decode(vae_config, *video),
+                        "vae_encode": lambda: programs.vae_encode(vae_config, *video),
+                        "image_encoder": lambda: [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)],
+                    }[name]()
                     record.update(compile_programs(programs, program_list,
                                                    matmul_precision=name not in ("vae_decode", "vae_encode")))
             except Exception as error:  # the compiler's refusal is a result
@@ -593,6 +590,7 @@ def compile_programs(programs: Programs, program_list, matmul_precision: bool) -
 _DEPTH_LINEAR_FIELDS = ("argument_bytes_per_device", "output_bytes_per_device", "temp_bytes_per_device",
                         "alias_bytes_per_device", "generated_code_bytes_per_device", "peak_bytes_per_device",
                         "flops_per_device", "bytes_accessed_per_device", "mosaic_kernels")
+_FLOAT_FIELDS = ("flops_per_device", "bytes_accessed_per_device")  # cost_analysis() floats; the rest are counts
 
 
 def extrapolate_depth(shallow: dict, deep: dict, depths: tuple[int, int], blocks: int) -> dict:
@@ -614,8 +612,7 @@ def extrapolate_depth(shallow: dict, deep: dict, depths: tuple[int, int], blocks
     facts = dict(deep)
     for field in _DEPTH_LINEAR_FIELDS:
         value = grow(shallow[field], deep[field])
-        facts[field] = value if field.endswith("flops_per_device") or field == "bytes_accessed_per_device" \
-            else int(round(value))
+        facts[field] = value if field in _FLOAT_FIELDS else int(round(value))
     merged = {}
     for kind in sorted(set(shallow["collectives"]) | set(deep["collectives"])):
         a = shallow["collectives"].get(kind, {"count": 0, "bytes_per_device": 0})
@@ -812,8 +809,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-blocks", default=None, metavar="A,B",
                         help="compile the denoising step with A and with B of the model's transformer blocks "
                              "(e.g. 2,4) and extrapolate its memory, FLOPs and collectives linearly to all of them: "
-                             "every block is the same program on the same shapes, and a 2-core machine compiles "
-                             "the two in about a sixth of the whole step's time. The JSON marks such records "
+                             "every block is the same program on the same shapes, and on 2 cores the two compile "
+                             "in a third to a half of the whole step's time. The JSON marks such records "
                              "(depth_probe); default: compile the whole step")
     parser.add_argument("--ignore-plan", action="store_true",
                         help="compile stages the HBM plan refuses too (records the plan's verdict beside them)")
