@@ -125,6 +125,16 @@ HBM_GIB_BY_DEVICE_KIND: tuple[tuple[str, float], ...] = (
 # adds padding to (8, 128) tiles, layout copies (e.g. [B, S, H, D] <-> [B, H, S, D]
 # around the attention kernel), collective buffers and scratch we do not model.
 TRANSFORMER_ACTIVATION_SAFETY = 1.1  # fitted to the compiled step (see transformer_activation_bytes)
+# The sequence layout gathers each block's large matrices whole where the block runs. XLA starts the next
+# block's gathers while the current one computes, so two blocks' gathered weights are live at the peak.
+# On v5e ("TPU v5 lite") its schedule holds more: the compiled sequence steps there peak 3.3-5.7 GiB above
+# v6e's for 14B (0.56 GiB a block) and 0.3-0.7 GiB for 1.3B (0.08 GiB a block), about 8 blocks' worth.
+SEQUENCE_GATHERED_BLOCKS = 2
+SEQUENCE_GATHERED_BLOCKS_BY_CHIP = (("v5 lite", 8), ("v5e", 8))  # jax device_kind substrings
+# One video without CFG in the tensor layout runs the same on both dp halves. XLA spreads part of that
+# work over the two (the compiled steps gather over dp twice per block), so their activations are
+# 0.6-1.0x the CFG step's (1.3B 0.6, 14B 1.0-1.1 on (2, 4) meshes); the plan takes this share.
+TENSOR_REPEATED_BATCH_SHARE = 0.7
 VAE_ACTIVATION_SAFETY = 1.7  # fitted to the compiled chunk programs: 14B/any at 1280x720 on v6e-8, 24.0 GiB peak
 # Split over space: per device, the whole's share times this (halos, the cache passed in and out, pieces
 # XLA keeps whole). Fitted to the compiled chunk programs, 14B/any at 1280x720 on v6e-8 split 8 ways:
@@ -300,7 +310,8 @@ def transformer_tokens(config: Mapping, height: int, width: int, num_frames: int
 
 
 def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width: int, num_frames: int,
-                                 precision: str = "bf16", cfg: bool = True) -> int:
+                                 precision: str = "bf16", cfg: bool = True, layout: str = "tensor",
+                                 device_kind: str | None = None) -> int:
     """Estimated peak activation bytes per device of one denoising step (an estimate, not a measurement).
 
     B = local batch (2 with CFG, split over dp when dp divides it), S tokens,
@@ -318,7 +329,8 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
           the residual and the normalised input (a each), then
           attention:  D_t * 6a   q, k, v; q and k after RoPE; the output. A
                       flash kernel (Splash on TPU) is assumed: no S x S scores;
-          FFN:        F_t * 2a   up-projection output and its GELU
+          FFN:        F_t * a    the up-projection's output (XLA fuses its
+                                 GELU into the down-projection's input)
 
       step = safety * (B * S * per_token + fixed)
 
@@ -327,25 +339,52 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
     values (2 * B * 512 * D_t * a), and the scheduler state (six fp32 latents,
     replicated) with the model's input and output (B latents in a, fp32).
 
-    Checked against the compiler (``benchmarks/tpu_compile.py``, libtpu for
-    v6e-8): the compiled step's activations are 10-11 x B x S x D bytes in
-    bf16 for 1.3B and 14B at 480P and 720P, the norms' term; the safety factor
-    (1.1) covers the rest, and tests/test_tpu_compile.py holds the plan
-    within 25% of the compiled peak.
+    ``layout`` (``sharding.LAYOUTS``): in the sequence layout ("auto" is
+    resolved by the caller) each device holds its share of the tokens,
+    ``sharding.token_split``: B and S above become the local batch and
+    ceil(S / n); the heads and FFN columns are whole per token (D_t = D,
+    F_t = F; between the all-to-alls q, k and v are [S, D / n], the same
+    bytes), and ``SEQUENCE_GATHERED_BLOCKS`` blocks' gathered weights (by
+    ``device_kind``) are live beside them. In the tensor layout one video
+    without CFG on dp > 1 counts ``TENSOR_REPEATED_BATCH_SHARE`` of its
+    token term.
+
+    Checked against the compiler (``benchmarks/tpu_compile.py``, libtpu
+    0.0.42.1): 1.3B and 14B at 848x480, 832x480 and 1280x720 on v5e-8, v6e-8
+    and v5p-8, with and without CFG, in both layouts (72 compiled steps), the
+    plan's step peak is 0.79-1.21x the compiled one; tests/test_memory_plan.py
+    holds it within 25% of those compiled peaks.
     """
+    if layout not in sharding.LAYOUTS:
+        raise ValueError(f"layout={layout!r}: use one of {sharding.LAYOUTS} (resolve 'auto' first)")
     a = 2 if precision == "bf16" else 4
     mesh = _mesh_dict(mesh_shape)
-    batch = _local_batch(2 if cfg else 1, mesh["dp"])
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     width_d = heads * head_dim
-    width_t = width_d // mesh["tp"] if heads % mesh["tp"] == 0 else width_d
-    ffn_t = _split(config["ffn_dim"], mesh["tp"])
     tokens = transformer_tokens(config, height, width, num_frames)
+    gathered = 0
+    if layout == "sequence":
+        split = sharding.token_split(mesh, 2 if cfg else 1)
+        batch = (2 if cfg else 1) // sharding._axis_size(split.batch_axes, mesh)
+        tokens = math.ceil(tokens / sharding._axis_size(split.token_axes, mesh))
+        width_t, ffn_t = width_d, config["ffn_dim"]
+        if mesh["tp"] > 1 or split.token_axes:
+            kind = (device_kind or "").lower()
+            blocks = next((count for needle, count in SEQUENCE_GATHERED_BLOCKS_BY_CHIP if needle in kind),
+                          SEQUENCE_GATHERED_BLOCKS)
+            gathered = blocks * (6 * width_d * width_d + 2 * width_d * ffn_t) * a
+    else:
+        batch = _local_batch(2 if cfg else 1, mesh["dp"])
+        width_t = width_d // mesh["tp"] if heads % mesh["tp"] == 0 else width_d
+        ffn_t = _split(config["ffn_dim"], mesh["tp"])
 
     norms = width_d * (a + 8)
     attention = width_t * 6 * a
-    ffn = ffn_t * 2 * a
+    ffn = ffn_t * a
     per_token = max(norms, width_d * 2 * a + max(attention, ffn))
+    token_term = batch * tokens * per_token
+    if layout == "tensor" and not cfg and mesh["dp"] > 1:
+        token_term *= TENSOR_REPEATED_BATCH_SHARE
 
     latent = config.get("in_channels", 16) * ((num_frames - 1) // 4 + 1) * (height // 8) * (width // 8)
     fixed = (
@@ -354,7 +393,7 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
         + 2 * batch * TEXT_SEQUENCE_LENGTH * width_t * a
         + 6 * latent * 4 + batch * latent * (a + 4)
     )
-    return int(TRANSFORMER_ACTIVATION_SAFETY * (batch * tokens * per_token + fixed))
+    return int(TRANSFORMER_ACTIVATION_SAFETY * (token_term + fixed) + gathered)
 
 
 def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, num_frames: int,
@@ -539,6 +578,7 @@ class MemoryPlan:
     suggestions: list[str] = field(default_factory=list)
     # Wan 2.2 A14B keeps a second (low-noise) transformer expert resident beside the first.
     second_expert_weights_bytes: int = 0
+    layout: str = "tensor"  # the denoising step's (sharding.LAYOUTS)
 
     @property
     def weights_bytes(self) -> int:
@@ -584,7 +624,8 @@ class MemoryPlan:
     def _describe(self) -> str:
         dp, tp = self.mesh_shape
         return (f"Wan {self.model} at {self.width}x{self.height}, {self.num_frames} frames "
-                f"({self.precision}, {'CFG' if self.cfg else 'no CFG'}) on mesh dp={dp} x tp={tp}")
+                f"({self.precision}, {'CFG' if self.cfg else 'no CFG'}) on mesh dp={dp} x tp={tp}, "
+                f"{self.layout} layout")
 
     def summary(self) -> str:
         """One line: per-device weights, activations, peak and HBM, in GiB."""
@@ -703,16 +744,28 @@ def _check_video(height: int, width: int, num_frames: int) -> None:
         raise ValueError(f"num_frames={num_frames}: Wan needs 4n+1 frames")
 
 
+def step_plan_layout(layout: str | None, config: Mapping, mesh, height: int, width: int, num_frames: int,
+                     cfg: bool, device_kind: str | None = None) -> str:
+    """The step's layout to plan for: ``layout``, or for "auto" (and None) the one the pipeline will choose
+    (``sharding.choose_layout``, as ``WanTPUPipeline.step_layout`` does)."""
+    layout = sharding.check_layout(layout)
+    if layout != "auto":
+        return layout
+    tokens = transformer_tokens(config, height, width, num_frames)
+    return sharding.choose_layout(dict(config), tokens, _mesh_dict(mesh), 2 if cfg else 1, device_kind)[0]
+
+
 def _plan(label, config, te_config, vae_config, mesh, height, width, num_frames, precision, cfg,
-          hbm, hbm_source) -> MemoryPlan:
+          hbm, hbm_source, layout="tensor", device_kind=None) -> MemoryPlan:
+    layout = step_plan_layout(layout, config, mesh, height, width, num_frames, cfg, device_kind)
     return MemoryPlan(
         model=label, mesh_shape=(mesh["dp"], mesh["tp"]), height=height, width=width, num_frames=num_frames,
-        precision=precision, cfg=cfg,
+        precision=precision, cfg=cfg, layout=layout,
         text_encoder_weights_bytes=weights_bytes_per_device("text_encoder", te_config, mesh, precision),
         transformer_weights_bytes=weights_bytes_per_device("transformer", config, mesh, precision),
         vae_weights_bytes=weights_bytes_per_device("vae", vae_config, mesh, "fp32"),
         transformer_activation_bytes=transformer_activation_bytes(
-            config, mesh, height, width, num_frames, precision, cfg
+            config, mesh, height, width, num_frames, precision, cfg, layout, device_kind
         ),
         vae_activation_bytes=vae_decode_activation_bytes(vae_config, height, width, num_frames, mesh),
         text_encoder_activation_bytes=text_encoder_activation_bytes(te_config, mesh),
@@ -793,7 +846,8 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
                 num_frames: int = 81, precision: str = "bf16", cfg: bool = True, *,
                 text_encoder_config: Mapping | None = None, vae_config: Mapping | None = None,
                 hbm_bytes: int | None = None, device_kind: str | None = None, device=None,
-                environ: Mapping | None = None, experts: int | None = None) -> MemoryPlan:
+                environ: Mapping | None = None, experts: int | None = None,
+                layout: str | None = None) -> MemoryPlan:
     """The per-device HBM plan of a Wan 2.1 run, from configs alone (nothing is loaded).
 
     ``model``: "14B", "1.3B", a known repo id, or a transformer config dict
@@ -803,7 +857,8 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     (or jax's first device when no ``device_kind`` is given), else the table
     by ``device_kind``. Call ``.check()`` on the result to refuse early.
     ``experts``: 2 for Wan 2.2 A14B, whose two transformers are both resident (default: 2 for "A14B" and
-    "A14B-I2V", else 1).
+    "A14B-I2V", else 1). ``layout``: the denoising step's, "tensor", "sequence", or "auto" (or None) for the
+    one the pipeline will choose on these devices (``device_kind``, else ``device``'s).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
@@ -813,8 +868,9 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     vae_config = _clean_config(vae_config or vae_config_for(config))
     mesh = _mesh_dict(mesh_shape)
     hbm, source = hbm_bytes_per_device(device, device_kind, hbm_bytes, environ)
+    kind = device_kind or getattr(device, "device_kind", None)
     args = dict(height=height, width=width, num_frames=num_frames, precision=precision, cfg=bool(cfg),
-                hbm=hbm, hbm_source=source)
+                hbm=hbm, hbm_source=source, layout=layout, device_kind=kind)
     plan = _plan(label, config, te_config, vae_config, mesh, **args)
     experts = MODEL_EXPERTS.get(label, 1) if experts is None else int(experts)
     plan.second_expert_weights_bytes = plan.transformer_weights_bytes * (experts - 1)

@@ -733,16 +733,18 @@ class WanTPUPipeline:
 
         return self._cached("image_encoder", build)
 
-    def memory_plan(self, height: int, width: int, num_frames: int, guidance_scale: float) -> "memory_plan.MemoryPlan":
+    def memory_plan(self, height: int, width: int, num_frames: int, guidance_scale: float,
+                    layout: str | None = None) -> "memory_plan.MemoryPlan":
         """Per-device HBM this run will need, from the configs alone; logged, and raised
-        (``HBMPlanError``) before anything loads when it will not fit."""
+        (``HBMPlanError``) before anything loads when it will not fit. ``layout``: the step's (None: the
+        pipeline's; "auto" plans the one ``step_layout`` will choose)."""
         configs = {name: loading.load_json_config(self.source, name) for name in ("transformer", "text_encoder", "vae")}
         mesh = self.mesh
         plan = memory_plan.plan_memory(
             configs["transformer"], dict(mesh.shape), height, width, num_frames, self.precision,
             cfg=guidance_scale > 1.0, text_encoder_config=configs["text_encoder"], vae_config=configs["vae"],
             experts=len(self.family.experts),
-            device=mesh.devices.flat[0],
+            device=mesh.devices.flat[0], layout=layout or self.layout,
         )
         logger.info("HBM plan: %s", plan.summary())
         return plan.check()
@@ -1055,7 +1057,7 @@ class WanTPUPipeline:
         if family.image_conditioning and magcache is not None and magcache.mag_ratios is None:
             raise ValueError(f"{family.name}: MagCache has published magnitude ratios for Wan 2.1 T2V only; give "
                              f"mag_ratios calibrated for this model, or turn MagCache off")
-        self.memory_plan(height, width, num_frames, guidance_scale)
+        self.memory_plan(height, width, num_frames, guidance_scale, layout)
         experts = self.experts(on_status)
         transformer = experts[0]
         if embeddings.text_dim != transformer.config["text_dim"]:

@@ -138,8 +138,7 @@ def layout_projection(module, config: dict, height: int, width: int, frames: int
     moved = sharding.layer_collective_bytes(config, tokens, mesh, batch)
     peak = chip.spec.peak_flops * chip.chips / devices
     ici = chip.spec.ici_gbps * 1e9 / 8 * chip.chips / devices
-    # jax's device_kind for the generation ("TPU v5 lite" is v5e), which choose_layout matches on
-    kind = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite"}.get(chip.generation, f"TPU {chip.generation}")
+    kind = chip.spec.device_kind  # "TPU v5 lite" is v5e: choose_layout matches on it
     report = {"chip": chip.name, "mesh": mesh, "auto": sharding.choose_layout(config, tokens, mesh, batch, kind)[0]}
     for layout in sharding.LAYOUTS:
         compute = step_flops(config, height, width, frames, cfg) / sharding.parallel_devices(layout, mesh, batch) / peak

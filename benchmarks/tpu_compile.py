@@ -82,15 +82,16 @@ class Generation:
     cores_per_chip: int  # the "-N" of a slice name counts cores (v4, v5p) or chips (v5e, v6e)
     three_d: bool  # topology names are AxBxC (v4, v5p) or AxB (v5e, v6e)
     ici_gbps: float  # inter-chip interconnect bandwidth per chip, Gbit/s, all links together
+    device_kind: str  # jax's name for its devices, which the pack's layout rule and HBM plan match on
 
 
 # Google Cloud's published per-chip figures (cloud.google.com/tpu/docs/v5e, /v6e, /v5p, /v4): peak bf16
 # FLOP/s, HBM and ICI bandwidth (v5e 1,600 Gbps, v6e 3,584 Gbps, v5p 4,800 Gbps, v4 2,400 Gbps).
 GENERATIONS = {
-    "v5e": Generation(197e12, 16, 1, False, 1600),
-    "v6e": Generation(918e12, 32, 1, False, 3584),
-    "v5p": Generation(459e12, 95, 2, True, 4800),
-    "v4": Generation(275e12, 32, 2, True, 2400),
+    "v5e": Generation(197e12, 16, 1, False, 1600, "TPU v5 lite"),
+    "v6e": Generation(918e12, 32, 1, False, 3584, "TPU v6 lite"),
+    "v5p": Generation(459e12, 95, 2, True, 4800, "TPU v5"),
+    "v4": Generation(275e12, 32, 2, True, 2400, "TPU v4"),
 }
 
 
@@ -416,10 +417,13 @@ def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: in
     }
 
 
-def _plan_for(memory_plan, cfg_run: Config, mesh_shape, hbm_bytes: int, cfg: bool):
-    # Two-expert models (A14B) are planned with both experts resident, as the pipeline keeps them.
+def _plan_for(memory_plan, cfg_run: Config, mesh_shape, hbm_bytes: int, cfg: bool, layout: str | None,
+              chip: "Chip"):
+    # Two-expert models (A14B) are planned with both experts resident, as the pipeline keeps them. The step's
+    # layout as compiled (None: the one "auto" picks on this chip).
     return memory_plan.plan_memory(cfg_run.model, mesh_shape, cfg_run.height, cfg_run.width, cfg_run.frames,
-                                   cfg_run.precision, cfg, hbm_bytes=hbm_bytes)
+                                   cfg_run.precision, cfg, hbm_bytes=hbm_bytes, layout=layout,
+                                   device_kind=chip.spec.device_kind)
 
 
 PLAN_COMPONENT = {"text_encoder": "text_encoder", "step_cfg": "transformer", "step": "transformer",
@@ -463,7 +467,8 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
         cfg = name == "step_cfg"
         if name.startswith("step"):
             record["layout"] = step_layout(programs, cfg_run, transformer_config, batch=2 if cfg else 1)
-        plan = _plan_for(memory_plan, cfg_run, mesh_shape, record["hbm_bytes_per_device"], cfg)
+        plan = _plan_for(memory_plan, cfg_run, mesh_shape, record["hbm_bytes_per_device"], cfg,
+                         record["layout"] or cfg_run.layout, chip)
         component = PLAN_COMPONENT[name]
         record["plan_bytes_per_device"] = plan.stage_peak_bytes(component) if component else None
         record["plan_run_peak_bytes_per_device"] = plan.peak_bytes
@@ -705,7 +710,8 @@ def replan(pack, records: list[dict]) -> list[dict]:
         config = Config(record["model"], record["height"], record["width"], record["frames"], record["chip"],
                         record["precision"])
         mesh = (record["mesh"]["dp"], record["mesh"]["tp"])
-        plan = _plan_for(memory_plan, config, mesh, record["hbm_bytes_per_device"], record["name"] == "step_cfg")
+        plan = _plan_for(memory_plan, config, mesh, record["hbm_bytes_per_device"], record["name"] == "step_cfg",
+                         record.get("layout"), parse_chip(record["chip"]))
         record.update(plan_bytes_per_device=plan.stage_peak_bytes(PLAN_COMPONENT[record["name"]]),
                       plan_run_peak_bytes_per_device=plan.peak_bytes, plan_fits=plan.fits, plan_summary=plan.summary())
         try:
@@ -743,20 +749,21 @@ def markdown(stages: list[dict]) -> str:
     def peak(record):
         if record is None or not record["compiled"]:
             return {"not compiled yet": "not yet", "refused by the HBM plan": "refused"}.get(cell(record), cell(record))
-        return f"{record['peak_bytes_per_device'] / GiB:.1f}{probed(record)}"
+        return (f"{record['peak_bytes_per_device'] / GiB:.1f} (plan {record['plan_bytes_per_device'] / GiB:.1f})"
+                f"{probed(record)}")
 
     def sequence_cell(record):
         if record is None or not record["compiled"]:
             return cell(record)
         moved = record["projection"]["at_38pct_mfu"]
-        return (f"{record['peak_bytes_per_device'] / GiB:.1f} of {record['hbm_bytes_per_device'] / GiB:.0f}; "
-                f"{record['compile_seconds']:.0f} s{probed(record)}; ICI {moved['ici_bytes_moved_per_device'] / GiB:.0f} "
+        return (f"{record['peak_bytes_per_device'] / GiB:.1f} (plan {record['plan_bytes_per_device'] / GiB:.1f}) "
+                f"of {record['hbm_bytes_per_device'] / GiB:.0f}; {record['compile_seconds']:.0f} s{probed(record)}; ICI {moved['ici_bytes_moved_per_device'] / GiB:.0f} "
                 f"GiB, {moved['seconds_no_overlap']:.2f} s/step")
 
     lines = ["| model | size | chip | step with CFG (tensor layout): peak GiB/device (plan) of HBM; compile s "
-             "| TFLOP/step/device | s/step at peak | at 38% MFU | step with CFG (sequence layout): peak GiB of HBM; "
+             "| TFLOP/step/device | s/step at peak | at 38% MFU | step with CFG (sequence layout): peak GiB (plan) of HBM; "
              "compile s; ICI GiB/step; projected s/step at 38% MFU, no overlap "
-             "| step without CFG: peak GiB, tensor / sequence layout "
+             "| step without CFG: peak GiB (plan), tensor / sequence layout "
              "| VAE decode: peak GiB (plan) of HBM; compile s | text encoder: peak GiB (plan); compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in TABLE_MODELS:
@@ -772,6 +779,23 @@ def markdown(stages: list[dict]) -> str:
                              f"{peak(get('step', 'tensor'))} / {peak(get('step', 'sequence'))} | "
                              f"{cell(get('vae_decode'))} | {cell(get('text_encoder'))} |")
     return "\n".join(lines)
+
+
+# What tests/test_memory_plan.py holds the HBM plan against: each compiled program's peak and what it was.
+PEAK_FIELDS = ("name", "model", "height", "width", "frames", "chip", "mesh", "precision", "layout",
+               "hbm_bytes_per_device", "peak_bytes_per_device", "depth_probe")
+
+
+def compiled_peaks(records: list[dict]) -> list[dict]:
+    """The compiled programs' peaks, per stage and configuration (``--export-peaks``): compiler facts only,
+    so the plan can be checked against them in CI without compiling again."""
+    peaks = []
+    for record in records:
+        if record["compiled"] and record.get("peak_bytes_per_device"):
+            entry = {name: record.get(name) for name in PEAK_FIELDS}
+            entry["depth_probe"] = bool(entry["depth_probe"])
+            peaks.append(entry)
+    return sorted(peaks, key=lambda entry: [str(entry[name]) for name in PEAK_FIELDS[:9]])
 
 
 # ------------------------------------------------------------------ main
@@ -822,6 +846,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for h, w in TABLE_SIZES),
                         help="with --table: the sizes (WIDTHxHEIGHT), in order")
     parser.add_argument("--markdown", action="store_true", help="print the README table from --json and exit")
+    parser.add_argument("--export-peaks", default=None, metavar="PATH",
+                        help="write the compiled peaks of --json to PATH (tests/data/compiled_peaks.json, which CI "
+                             "holds the HBM plan against) and exit")
     parser.add_argument("--replan", action="store_true",
                         help="with --markdown: recompute the HBM plan's figures with the current memory_plan")
     parser.add_argument("--json", default=None, help="write the results here (default with --table: "
@@ -830,11 +857,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if (args.table or args.markdown) and args.json is None:
+    if (args.table or args.markdown or args.export_peaks) and args.json is None:
         args.json = os.path.join(REPO, "benchmarks", "results", "tpu_compile_table.json")
-    if args.markdown:
+    if args.markdown or args.export_peaks:
         with open(args.json) as handle:
-            records = json.load(handle)["stages"]
+            table = json.load(handle)
+        records = table["stages"]
+        if args.export_peaks:  # one program a line, with the machine and libtpu that compiled them
+            with open(args.export_peaks, "w") as handle:
+                handle.write('{"compiled_on": ' + json.dumps(table.get("machine")) + ',\n "peaks": [\n')
+                handle.write(",\n".join(json.dumps(entry) for entry in compiled_peaks(records)) + "\n]}\n")
+            return 0
         print(markdown(replan(load_pack(), records) if args.replan else records))
         return 0
     probe = None

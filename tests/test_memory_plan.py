@@ -135,8 +135,9 @@ def test_sequence_length_and_activation_scaling():
     big = memory_plan.transformer_activation_bytes(config, (2, 4), 720, 1280, 81)
     small = memory_plan.transformer_activation_bytes(config, (2, 4), 480, 832, 81)
     assert 2.0 < big / small < 2.6  # ~linear in tokens: no S x S term (flash attention)
-    # CFG's batch of 2 splits over dp=2; without CFG the one video is replicated over dp.
-    assert memory_plan.transformer_activation_bytes(config, (2, 4), 720, 1280, 81, cfg=False) == big
+    # CFG's batch of 2 splits over dp=2; without CFG the one video repeats on both dp halves, and XLA spreads
+    # part of that work over them (TENSOR_REPEATED_BATCH_SHARE of the token term).
+    assert 0.65 < memory_plan.transformer_activation_bytes(config, (2, 4), 720, 1280, 81, cfg=False) / big < 0.75
     one_dp = memory_plan.transformer_activation_bytes(config, (1, 4), 720, 1280, 81)
     assert 1.8 < one_dp / big < 2.05
     assert memory_plan.transformer_activation_bytes(config, (2, 8), 720, 1280, 81) < big
@@ -284,3 +285,49 @@ def test_the_pipeline_compiles_once_per_shape_and_checks_before_each_run(monkeyp
     monkeypatch.setattr(memory_plan, "check_compiled_memory", refuse)
     with pytest.raises(memory_plan.HBMPlanError, match="The denoising step needs more. Lower"):
         pipeline.compiled_program(cache, ("k",), jitted, args, None, "the denoising step")
+
+
+# ----------------------------------------------------------------- the plan against the compiler
+COMPILED_PEAKS = os.path.join(os.path.dirname(__file__), "data", "compiled_peaks.json")
+DEVICE_KINDS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite", "v5p": "TPU v5", "v4": "TPU v4"}
+STAGE_COMPONENT = {"step_cfg": "transformer", "step": "transformer", "vae_decode": "vae",
+                   "text_encoder": "text_encoder"}
+
+
+def test_the_plan_is_within_25_percent_of_every_compiled_peak():
+    """The peaks libtpu compiled for every cell of the README table (benchmarks/tpu_compile.py --table
+    --layout both, written by --export-peaks): every stage, both layouts, with and without CFG."""
+    with open(COMPILED_PEAKS) as handle:
+        peaks = json.load(handle)["peaks"]
+    cells = {(p["model"], p["width"], p["height"], p["chip"]) for p in peaks}
+    assert len(cells) == 18 and len(peaks) == 108  # 1.3B, 14B x 3 sizes x v5e-8, v6e-8, v5p-8; 6 programs each
+    ratios = {}
+    for entry in peaks:
+        mesh = (entry["mesh"]["dp"], entry["mesh"]["tp"])
+        planned = memory_plan.plan_memory(
+            entry["model"], mesh, entry["height"], entry["width"], entry["frames"], entry["precision"],
+            cfg=entry["name"] != "step", hbm_bytes=entry["hbm_bytes_per_device"], layout=entry["layout"] or "auto",
+            device_kind=DEVICE_KINDS[entry["chip"].split("-")[0]])
+        assert planned.layout == (entry["layout"] or planned.layout)
+        key = (entry["name"], entry["model"], f"{entry['width']}x{entry['height']}", entry["chip"], entry["layout"])
+        ratios[key] = planned.stage_peak_bytes(STAGE_COMPONENT[entry["name"]]) / entry["peak_bytes_per_device"]
+    outside = {key: round(ratio, 2) for key, ratio in ratios.items() if not 0.75 <= ratio <= 1.25}
+    assert not outside, outside
+
+
+def test_the_plan_follows_the_layout_and_the_chip():
+    tensor = plan("14B", layout="tensor")
+    sequence = plan("14B", layout="sequence")
+    assert (tensor.layout, sequence.layout) == ("tensor", "sequence")
+    assert "sequence layout" in sequence.summary()
+    # Tokens split 4 ways (the CFG pair over dp): fewer activations, plus two blocks' gathered weights.
+    assert sequence.transformer_activation_bytes < 0.8 * tensor.transformer_activation_bytes
+    # v5e's schedule holds about 8 gathered blocks (0.56 GiB each for 14B) where v6e holds 2.
+    on_v5e = plan("14B", layout="sequence", device_kind=V5E, hbm_bytes=16 * GiB)
+    extra = on_v5e.transformer_activation_bytes - sequence.transformer_activation_bytes
+    assert 3.0 * GiB < extra < 3.6 * GiB
+    # "auto" (and None) plan the layout the pipeline will choose on that chip.
+    assert plan("14B", layout="auto").layout == plan("14B", layout=None).layout == "sequence"
+    assert plan("14B", layout="auto", device_kind=V5E, hbm_bytes=16 * GiB).layout == "tensor"
+    with pytest.raises(ValueError, match="layout='ring'.*auto"):
+        plan("14B", layout="ring")

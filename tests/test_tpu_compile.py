@@ -201,7 +201,8 @@ def test_real_width_step_compiles_with_splash_and_one_all_reduce_per_sublayer(ma
     assert found["collective-permute"]["bytes_per_device"] < 0.01 * all_reduce["bytes_per_device"], found
     # The HBM plan's estimate for the step agrees with the compiler (+-25%).
     peak = tpu_compile.memory_facts(compiled)["peak_bytes_per_device"]
-    plan = memory_plan.plan_memory(config, (2, 4), height, width, frames, "bf16", cfg=True, hbm_bytes=32 * GiB)
+    plan = memory_plan.plan_memory(config, (2, 4), height, width, frames, "bf16", cfg=True, hbm_bytes=32 * GiB,
+                                   layout="tensor", device_kind="TPU v6 lite")
     assert 0.75 <= plan.stage_peak_bytes("transformer") / peak <= 1.25, (plan.stage_peak_bytes("transformer"), peak)
 
 
