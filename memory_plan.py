@@ -135,6 +135,10 @@ SEQUENCE_GATHERED_BLOCKS_BY_CHIP = (("v5 lite", 8), ("v5e", 8))  # jax device_ki
 # work over the two (the compiled steps gather over dp twice per block), so their activations are
 # 0.6-1.0x the CFG step's (1.3B 0.6, 14B 1.0-1.1 on (2, 4) meshes); the plan takes this share.
 TENSOR_REPEATED_BATCH_SHARE = 0.7
+# Whole weights: the sequence layout can instead copy the weights it gathers whole onto every device once per
+# run (freed when the run ends), so that no step gathers them. Planned where the run's peak with the copies
+# stays within this share of HBM: every 1.3B run, 14B on v5p; never 14B on a 32-GiB v6e (22 GiB of copies).
+WHOLE_WEIGHTS_HBM_SHARE = 0.8
 VAE_ACTIVATION_SAFETY = 1.7  # fitted to the compiled chunk programs: 14B/any at 1280x720 on v6e-8, 24.0 GiB peak
 # Split over space: per device, the whole's share times this (halos, the cache passed in and out, pieces
 # XLA keeps whole). Fitted to the compiled chunk programs, 14B/any at 1280x720 on v6e-8 split 8 ways:
@@ -269,6 +273,17 @@ def parameter_count(component: str, config: Mapping) -> int:
     return sum(math.prod(shape) for shape in unique.values())
 
 
+def whole_copies_bytes(config: Mapping, mesh_shape, precision: str = "bf16") -> int:
+    """Bytes of whole copies of the transformer weights the sequence layout gathers
+    (``sharding.sequence_gathered_weights``): what each device holds beside its shards when the run keeps
+    them whole instead of gathering them every step."""
+    mesh = _mesh_dict(mesh_shape)
+    shapes, itemsizes = abstract_weights("transformer", config, precision)
+    plan = sharding.plan_shardings(shapes, sharding.TRANSFORMER_RULES, mesh)
+    gathered = sharding.sequence_gathered_weights(plan.specs)
+    return sum(math.prod(shapes[name]) * itemsizes[name] for name in gathered)
+
+
 def weights_bytes_per_device(component: str, config: Mapping, mesh_shape, precision: str = "bf16") -> int:
     """Bytes of ``component``'s weights on each device of a ``mesh_shape`` mesh, by ``sharding.RULES``."""
     mesh = _mesh_dict(mesh_shape)
@@ -311,7 +326,7 @@ def transformer_tokens(config: Mapping, height: int, width: int, num_frames: int
 
 def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width: int, num_frames: int,
                                  precision: str = "bf16", cfg: bool = True, layout: str = "tensor",
-                                 device_kind: str | None = None) -> int:
+                                 device_kind: str | None = None, whole_weights: bool = False) -> int:
     """Estimated peak activation bytes per device of one denoising step (an estimate, not a measurement).
 
     B = local batch (2 with CFG, split over dp when dp divides it), S tokens,
@@ -345,7 +360,8 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
     ceil(S / n); the heads and FFN columns are whole per token (D_t = D,
     F_t = F; between the all-to-alls q, k and v are [S, D / n], the same
     bytes), and ``SEQUENCE_GATHERED_BLOCKS`` blocks' gathered weights (by
-    ``device_kind``) are live beside them. In the tensor layout one video
+    ``device_kind``) are live beside them; with ``whole_weights``, their
+    whole copies instead (``whole_copies_bytes``). In the tensor layout one video
     without CFG on dp > 1 counts ``TENSOR_REPEATED_BATCH_SHARE`` of its
     token term.
 
@@ -368,7 +384,9 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
         batch = (2 if cfg else 1) // sharding._axis_size(split.batch_axes, mesh)
         tokens = math.ceil(tokens / sharding._axis_size(split.token_axes, mesh))
         width_t, ffn_t = width_d, config["ffn_dim"]
-        if mesh["tp"] > 1 or split.token_axes:
+        if whole_weights:
+            gathered = whole_copies_bytes(config, mesh, precision)
+        elif mesh["tp"] > 1 or split.token_axes:
             kind = (device_kind or "").lower()
             blocks = next((count for needle, count in SEQUENCE_GATHERED_BLOCKS_BY_CHIP if needle in kind),
                           SEQUENCE_GATHERED_BLOCKS)
@@ -579,6 +597,8 @@ class MemoryPlan:
     # Wan 2.2 A14B keeps a second (low-noise) transformer expert resident beside the first.
     second_expert_weights_bytes: int = 0
     layout: str = "tensor"  # the denoising step's (sharding.LAYOUTS)
+    # The sequence layout's gathered weights held whole for the run (counted in the step's activations).
+    whole_weights: bool = False
 
     @property
     def weights_bytes(self) -> int:
@@ -625,7 +645,7 @@ class MemoryPlan:
         dp, tp = self.mesh_shape
         return (f"Wan {self.model} at {self.width}x{self.height}, {self.num_frames} frames "
                 f"({self.precision}, {'CFG' if self.cfg else 'no CFG'}) on mesh dp={dp} x tp={tp}, "
-                f"{self.layout} layout")
+                f"{self.layout} layout{' with whole weights' if self.whole_weights else ''}")
 
     def summary(self) -> str:
         """One line: per-device weights, activations, peak and HBM, in GiB."""
@@ -842,12 +862,26 @@ def _suggestions(plan: MemoryPlan, config, te_config, vae_config, args: dict) ->
     return out
 
 
+def _plan_whole_weights(plan: MemoryPlan, config: Mapping, mesh: dict, device_kind: str | None,
+                        forced: bool = False) -> None:
+    """Keep the sequence layout's gathered weights whole for the run where the peak with them stays within
+    ``WHOLE_WEIGHTS_HBM_SHARE`` of a known HBM (one expert only: two would double the copies), or ``forced``."""
+    whole = transformer_activation_bytes(config, mesh, plan.height, plan.width, plan.num_frames, plan.precision,
+                                         plan.cfg, "sequence", device_kind, whole_weights=True)
+    gathering = plan.transformer_activation_bytes
+    plan.transformer_activation_bytes = whole
+    if forced or (plan.hbm_bytes and plan.peak_bytes <= WHOLE_WEIGHTS_HBM_SHARE * plan.hbm_bytes):
+        plan.whole_weights = True
+    else:
+        plan.transformer_activation_bytes = gathering
+
+
 def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 720, width: int = 1280,
                 num_frames: int = 81, precision: str = "bf16", cfg: bool = True, *,
                 text_encoder_config: Mapping | None = None, vae_config: Mapping | None = None,
                 hbm_bytes: int | None = None, device_kind: str | None = None, device=None,
                 environ: Mapping | None = None, experts: int | None = None,
-                layout: str | None = None) -> MemoryPlan:
+                layout: str | None = None, whole_weights: bool | None = None) -> MemoryPlan:
     """The per-device HBM plan of a Wan 2.1 run, from configs alone (nothing is loaded).
 
     ``model``: "14B", "1.3B", a known repo id, or a transformer config dict
@@ -858,7 +892,9 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     by ``device_kind``. Call ``.check()`` on the result to refuse early.
     ``experts``: 2 for Wan 2.2 A14B, whose two transformers are both resident (default: 2 for "A14B" and
     "A14B-I2V", else 1). ``layout``: the denoising step's, "tensor", "sequence", or "auto" (or None) for the
-    one the pipeline will choose on these devices (``device_kind``, else ``device``'s).
+    one the pipeline will choose on these devices (``device_kind``, else ``device``'s). ``whole_weights``: in the
+    sequence layout, hold the gathered weights whole for the run (True), never (False), or where they fit
+    within ``WHOLE_WEIGHTS_HBM_SHARE`` of a known HBM (None, what the pipeline does).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
@@ -874,6 +910,8 @@ def plan_memory(model: str | Mapping = "14B", mesh_shape=(2, 4), height: int = 7
     plan = _plan(label, config, te_config, vae_config, mesh, **args)
     experts = MODEL_EXPERTS.get(label, 1) if experts is None else int(experts)
     plan.second_expert_weights_bytes = plan.transformer_weights_bytes * (experts - 1)
+    if plan.layout == "sequence" and experts == 1 and mesh["tp"] > 1 and whole_weights is not False:
+        _plan_whole_weights(plan, config, mesh, kind, forced=bool(whole_weights))
     if not plan.fits:
         plan.suggestions = _suggestions(plan, config, te_config, vae_config, args)
     logger.debug("%s", plan.summary())

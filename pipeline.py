@@ -520,6 +520,24 @@ def gather_split_weights(manager: TorchaxEnvManager, weights: dict, plan_specs: 
     return {name: constrain(value, whole) if name in gathered else value for name, value in weights.items()}
 
 
+def whole_weight_copies(manager: TorchaxEnvManager, weights: dict, plan_specs: dict, mesh) -> tuple[dict, list]:
+    """The sequence layout with whole weights: ``weights`` with every weight it would gather per layer
+    (``sharding.sequence_gathered_weights``) replaced by a whole copy on every device, made once for a run
+    so that no step gathers them. Returns (the weights for the step, the copies: delete them after the run)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    whole = NamedSharding(mesh, PartitionSpec())
+    copies = {}
+    try:
+        for name in sorted(sharding.sequence_gathered_weights(plan_specs)):
+            copies[name] = manager.jax.device_put(weights[name], whole)
+    except BaseException:
+        for array in copies.values():
+            array.delete()
+        raise
+    return {**weights, **copies}, list(copies.values())
+
+
 def _activation_sharding(mesh, batch: int, layout: str):
     """[batch, tokens, dim]: split over dp like the batch, and in the sequence layout by token too."""
     if layout != "sequence":
@@ -1057,7 +1075,7 @@ class WanTPUPipeline:
         if family.image_conditioning and magcache is not None and magcache.mag_ratios is None:
             raise ValueError(f"{family.name}: MagCache has published magnitude ratios for Wan 2.1 T2V only; give "
                              f"mag_ratios calibrated for this model, or turn MagCache off")
-        self.memory_plan(height, width, num_frames, guidance_scale, layout)
+        plan = self.memory_plan(height, width, num_frames, guidance_scale, layout)
         experts = self.experts(on_status)
         transformer = experts[0]
         if embeddings.text_dim != transformer.config["text_dim"]:
@@ -1097,7 +1115,9 @@ class WanTPUPipeline:
         context = [embeddings.prompt_embeds] + ([embeddings.negative_prompt_embeds] if cfg else [])
         context = torch.cat(context).to(torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
-        with self.timer("denoise"):
+        whole_copies = []  # the sequence layout's whole weights, made for this run: deleted when it ends
+        with self.timer("denoise"), contextlib.ExitStack() as run_scope:
+            run_scope.callback(lambda: [array.delete() for array in whole_copies])
             sample = jax.device_put(noise.numpy(), replicated)
             # The state is donated to each step, so each slot needs a buffer of its own.
             state = (sample, *(jnp.zeros(sample.shape, jnp.float32, device=replicated) for _ in range(3)))
@@ -1123,8 +1143,17 @@ class WanTPUPipeline:
                 conditioning = (condition, image_embeds)
             guidance = np.asarray(guidance_of_step, np.float32)  # per step: the two experts may differ
             coefficients, timesteps = schedule.coefficients, schedule.timesteps  # host arrays: data, not code
-            step_args = (transformer.weights, state, context, coefficients[0], timesteps[0], guidance[0])
             layout = self.step_layout(transformer, height, width, num_frames, batch, layout)  # resolves "auto"
+            # Where the HBM plan holds them, whole copies of the weights the sequence layout would gather every step.
+            step_weights = [expert.weights for expert in experts]
+            whole = layout == "sequence" == plan.layout and plan.whole_weights and len(experts) == 1
+            if whole:
+                if on_status is not None:
+                    on_status("copying the weights whole onto every device")
+                with device_errors("copying the weights whole", "Use layout='tensor', or more devices."):
+                    step_weights[0], whole_copies = whole_weight_copies(self.manager, transformer.weights,
+                                                                        transformer.plan.specs, mesh)
+            step_args = (step_weights[0], state, context, coefficients[0], timesteps[0], guidance[0])
             residual = self._block_residual_spec(transformer, sample.shape, batch, layout)
             # The optional trailing arguments: MagCache's residual (the "reuse" step), then the image.
             def extra(mode, residual):
@@ -1141,7 +1170,7 @@ class WanTPUPipeline:
                         transformer.step_fns[key] = self._make_step_fn(transformer, cfg, mode, layout=layout)
                     args = step_args + extra(mode, residual)
                     what = "the denoising step" + {None: "", "record": " (MagCache, full)", "reuse": " (MagCache, skip)"}[mode]
-                    programs[mode] = compiled_program(transformer.compiled_steps, key + (_shape_key(args[1:]),),
+                    programs[mode] = compiled_program(transformer.compiled_steps, key + (_shape_key(args[1:]), whole),
                                                       transformer.step_fns[key], args, on_status, what,
                                                       device=mesh.devices.flat[0])
             self.last_step_seconds = []
@@ -1150,8 +1179,7 @@ class WanTPUPipeline:
             for i, mode in enumerate(modes):
                 started = time.perf_counter()
                 # The experts have the same shapes and shardings: one compiled step runs either's weights.
-                weights = experts[expert_of_step[i]].weights
-                args = (weights, state, context, coefficients[i], timesteps[i], guidance[i])
+                args = (step_weights[expert_of_step[i]], state, context, coefficients[i], timesteps[i], guidance[i])
                 with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):
                     if mode == "record":
                         state, residual = programs[mode](*args, *extra(mode, residual))
@@ -1168,7 +1196,7 @@ class WanTPUPipeline:
         evaluations = sum(mode != "reuse" for mode in modes)
         self.last_run = {"steps": total, "transformer_evaluations": evaluations, "skipped_steps": total - evaluations,
                          "sampler": sampler, "magcache": magcache is not None,
-                         "low_noise_expert_steps": sum(expert_of_step), "layout": layout}
+                         "low_noise_expert_steps": sum(expert_of_step), "layout": layout, "whole_weights": whole}
         if magcache is not None:
             logger.info("MagCache: %d of %d steps ran the transformer", evaluations, total)
         mean, std = self.vae_latent_stats()

@@ -303,9 +303,16 @@ class Programs:
         ids = self._abstract((2, TEXT_LENGTH), "int32", batch)
         return self.pipeline._make_encode_fn(module, self.mesh), (weights, ids, ids)
 
-    def step(self, config: dict, height: int, width: int, frames: int, cfg: bool, layout: str = "tensor"):
+    def step(self, config: dict, height: int, width: int, frames: int, cfg: bool, layout: str = "tensor",
+             whole_weights: bool = False):
+        """The denoising step and its abstract arguments. ``whole_weights`` (sequence layout): the weights it
+        would gather per layer come whole on every device, as ``pipeline.whole_weight_copies`` makes them."""
         pipeline = self.pack("pipeline")
         module, weights, plan = self.component("transformer", config)
+        if whole_weights:
+            gathered = self.pack("sharding").sequence_gathered_weights(plan.specs)
+            weights = {name: self._abstract(w.shape, w.dtype, self._sharding()) if name in gathered else w
+                       for name, w in weights.items()}
         transformer = pipeline.TransformerComponent(module, weights, plan, self.mesh, dict(module.config), {},
                                                     module.dtype)
         memory_plan = self.pack("memory_plan")
@@ -400,6 +407,7 @@ class Config:
     tp: int | None = None
     layout: str = "auto"  # the step's: tensor, sequence, auto (the cost model's) or both
     probe_blocks: tuple[int, int] | None = None  # compile the step at these depths and extrapolate (extrapolate_depth)
+    whole_weights: str = "auto"  # the sequence step's gathered weights whole where the HBM plan holds them, or "never"
 
 
 def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: int) -> dict:
@@ -418,12 +426,15 @@ def stage_record(name: str, cfg_run: Config, chip: Chip, mesh_shape, devices: in
 
 
 def _plan_for(memory_plan, cfg_run: Config, mesh_shape, hbm_bytes: int, cfg: bool, layout: str | None,
-              chip: "Chip"):
+              chip: "Chip", whole_weights: bool | None = None):
     # Two-expert models (A14B) are planned with both experts resident, as the pipeline keeps them. The step's
-    # layout as compiled (None: the one "auto" picks on this chip).
+    # layout as compiled (None: the one "auto" picks on this chip); whole weights as compiled (None: where the
+    # plan holds them, as the pipeline does; --whole-weights never: False).
+    if cfg_run.whole_weights == "never":
+        whole_weights = False
     return memory_plan.plan_memory(cfg_run.model, mesh_shape, cfg_run.height, cfg_run.width, cfg_run.frames,
                                    cfg_run.precision, cfg, hbm_bytes=hbm_bytes, layout=layout,
-                                   device_kind=chip.spec.device_kind)
+                                   device_kind=chip.spec.device_kind, whole_weights=whole_weights)
 
 
 PLAN_COMPONENT = {"text_encoder": "text_encoder", "step_cfg": "transformer", "step": "transformer",
@@ -470,6 +481,7 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
         plan = _plan_for(memory_plan, cfg_run, mesh_shape, record["hbm_bytes_per_device"], cfg,
                          record["layout"] or cfg_run.layout, chip)
         component = PLAN_COMPONENT[name]
+        record["whole_weights"] = bool(name.startswith("step") and plan.whole_weights)
         record["plan_bytes_per_device"] = plan.stage_peak_bytes(component) if component else None
         record["plan_run_peak_bytes_per_device"] = plan.peak_bytes
         record["plan_fits"] = plan.fits
@@ -495,7 +507,8 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
         else:
             try:
                 if name.startswith("step"):
-                    record.update(compile_step(programs, cfg_run, transformer_config, cfg, record["layout"]))
+                    record.update(compile_step(programs, cfg_run, transformer_config, cfg, record["layout"],
+                                               record["whole_weights"]))
                 else:
                     vae_config = memory_plan.vae_config_for(transformer_config)
                     video = (cfg_run.height, cfg_run.width, cfg_run.frames)
@@ -534,12 +547,14 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
     return records
 
 
-def compile_step(programs: Programs, cfg_run: Config, transformer_config: dict, cfg: bool, layout: str) -> dict:
+def compile_step(programs: Programs, cfg_run: Config, transformer_config: dict, cfg: bool, layout: str,
+                 whole_weights: bool = False) -> dict:
     """The denoising step's compiled facts: the whole model's step, or with ``cfg_run.probe_blocks`` two
     shallower copies of it (same widths, fewer blocks) compiled and extrapolated to the model's depth."""
 
     def facts(config):
-        step = programs.step(config, cfg_run.height, cfg_run.width, cfg_run.frames, cfg, layout=layout)
+        step = programs.step(config, cfg_run.height, cfg_run.width, cfg_run.frames, cfg, layout=layout,
+                             whole_weights=whole_weights)
         return compile_programs(programs, [(*step, 1)], matmul_precision=True)
 
     blocks = transformer_config["num_layers"]
@@ -711,7 +726,7 @@ def replan(pack, records: list[dict]) -> list[dict]:
                         record["precision"])
         mesh = (record["mesh"]["dp"], record["mesh"]["tp"])
         plan = _plan_for(memory_plan, config, mesh, record["hbm_bytes_per_device"], record["name"] == "step_cfg",
-                         record.get("layout"), parse_chip(record["chip"]))
+                         record.get("layout"), parse_chip(record["chip"]), record.get("whole_weights", False))
         record.update(plan_bytes_per_device=plan.stage_peak_bytes(PLAN_COMPONENT[record["name"]]),
                       plan_run_peak_bytes_per_device=plan.peak_bytes, plan_fits=plan.fits, plan_summary=plan.summary())
         try:
@@ -783,7 +798,7 @@ def markdown(stages: list[dict]) -> str:
 
 # What tests/test_memory_plan.py holds the HBM plan against: each compiled program's peak and what it was.
 PEAK_FIELDS = ("name", "model", "height", "width", "frames", "chip", "mesh", "precision", "layout",
-               "hbm_bytes_per_device", "peak_bytes_per_device", "depth_probe")
+               "whole_weights", "hbm_bytes_per_device", "peak_bytes_per_device", "depth_probe")
 
 
 def compiled_peaks(records: list[dict]) -> list[dict]:
@@ -794,8 +809,9 @@ def compiled_peaks(records: list[dict]) -> list[dict]:
         if record["compiled"] and record.get("peak_bytes_per_device"):
             entry = {name: record.get(name) for name in PEAK_FIELDS}
             entry["depth_probe"] = bool(entry["depth_probe"])
+            entry["whole_weights"] = bool(entry["whole_weights"])  # records from before whole weights: gathered
             peaks.append(entry)
-    return sorted(peaks, key=lambda entry: [str(entry[name]) for name in PEAK_FIELDS[:9]])
+    return sorted(peaks, key=lambda entry: [str(entry[name]) for name in PEAK_FIELDS[:10]])
 
 
 # ------------------------------------------------------------------ main
@@ -830,6 +846,9 @@ def main(argv=None) -> int:
                         help="the denoising step's layout: tensor (weights split, all-reduces), sequence (tokens "
                              "split, weights gathered per layer, all-to-alls around attention), auto (the one "
                              "sharding.choose_layout picks, as the pipeline does) or both")
+    parser.add_argument("--whole-weights", default="auto", choices=("auto", "never"),
+                        help="the sequence layout's step: its gathered weights whole on every device where the "
+                             "HBM plan holds them, as the pipeline does (auto), or gathered per layer (never)")
     parser.add_argument("--probe-blocks", default=None, metavar="A,B",
                         help="compile the denoising step with A and with B of the model's transformer blocks "
                              "(e.g. 2,4) and extrapolate its memory, FLOPs and collectives linearly to all of them: "
@@ -905,12 +924,13 @@ def main(argv=None) -> int:
 
     layouts = ["tensor", "sequence"] if args.layout == "both" else [args.layout]
     if args.table:
-        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp, layout, probe)
+        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp, layout, probe,
+                          args.whole_weights)
                    for chip in args.chips.split(",") for (w, h) in sizes
                    for model in TABLE_MODELS for layout in layouts]
     else:
         configs = [Config(args.model, args.height, args.width, args.frames, args.chip, args.precision, args.dp,
-                          args.tp, layout, probe) for layout in layouts]
+                          args.tp, layout, probe, args.whole_weights) for layout in layouts]
     print(HEADER, flush=True)
     programs_by_chip, shared_by_chip = {}, {}
     for record in done:  # reuse what an earlier (interrupted) table run compiled

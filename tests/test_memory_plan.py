@@ -307,7 +307,8 @@ def test_the_plan_is_within_25_percent_of_every_compiled_peak():
         planned = memory_plan.plan_memory(
             entry["model"], mesh, entry["height"], entry["width"], entry["frames"], entry["precision"],
             cfg=entry["name"] != "step", hbm_bytes=entry["hbm_bytes_per_device"], layout=entry["layout"] or "auto",
-            device_kind=DEVICE_KINDS[entry["chip"].split("-")[0]])
+            device_kind=DEVICE_KINDS[entry["chip"].split("-")[0]], whole_weights=entry["whole_weights"])
+        assert planned.whole_weights == entry["whole_weights"]
         assert planned.layout == (entry["layout"] or planned.layout)
         key = (entry["name"], entry["model"], f"{entry['width']}x{entry['height']}", entry["chip"], entry["layout"])
         ratios[key] = planned.stage_peak_bytes(STAGE_COMPONENT[entry["name"]]) / entry["peak_bytes_per_device"]
@@ -331,3 +332,24 @@ def test_the_plan_follows_the_layout_and_the_chip():
     assert plan("14B", layout="auto", device_kind=V5E, hbm_bytes=16 * GiB).layout == "tensor"
     with pytest.raises(ValueError, match="layout='ring'.*auto"):
         plan("14B", layout="ring")
+
+
+def test_whole_weights_where_the_plan_holds_them():
+    """The sequence layout copies its gathered weights whole for a run where the run's peak with them stays
+    within WHOLE_WEIGHTS_HBM_SHARE of HBM: 1.3B anywhere, 14B on v5p, never 14B on a 32-GiB v6e."""
+    small = plan("1.3B", (2, 4), 480, 832, layout="sequence", hbm_bytes=32 * GiB)
+    copies = memory_plan.whole_copies_bytes(memory_plan.WAN21_CONFIGS["1.3B"], (2, 4))
+    assert 2.2 * GiB < copies < 2.4 * GiB  # 30 blocks of q, k, v, out, cross q, out and the FFN, bf16
+    assert small.whole_weights and "with whole weights" in small.summary()
+    gathered = plan("1.3B", (2, 4), 480, 832, layout="sequence", hbm_bytes=32 * GiB, whole_weights=False)
+    assert not gathered.whole_weights
+    # The step holds the copies instead of two gathered blocks.
+    grown = small.transformer_activation_bytes - gathered.transformer_activation_bytes
+    block = 6 * 1536 * 1536 + 2 * 1536 * 8960
+    assert grown == copies - 2 * block * 2
+    assert not plan("14B", (2, 4), 720, 1280, layout="sequence", hbm_bytes=32 * GiB).whole_weights
+    assert plan("14B", (2, 2), 720, 1280, layout="sequence", hbm_bytes=95 * GiB, device_kind="TPU v5").whole_weights
+    assert not plan("14B", (2, 4), 720, 1280, layout="tensor", hbm_bytes=95 * GiB).whole_weights
+    assert not plan("A14B", (2, 4), 480, 832, layout="sequence", hbm_bytes=95 * GiB).whole_weights  # two experts
+    assert not plan("1.3B", (2, 4), 480, 832, layout="sequence", device_kind="cpu").whole_weights  # HBM unknown
+    assert plan("1.3B", (2, 4), 480, 832, layout="sequence", device_kind="cpu", whole_weights=True).whole_weights

@@ -109,6 +109,31 @@ def test_an_unknown_layout_is_refused_before_anything_loads(tiny_model_dir, monk
     assert manager.cached_keys() == loaded  # refused before loading
 
 
+@pytest.mark.parametrize("mesh, guidance_scale", [((2, 4), 5.0), ((1, 8), 1.0)])
+def test_whole_weights_where_the_plan_holds_them_match_diffusers_and_are_freed(
+        sequence_pipelines, diffusers_frames, manager, monkeypatch, mesh, guidance_scale):
+    """With the devices' memory known (here WAN_TPU_HBM_GIB) the HBM plan keeps the tiny model's gathered
+    weights whole for the run: copied onto every device once, no step gathers them, the same frames, and
+    the copies deleted when the run ends."""
+    monkeypatch.setenv(memory_plan.ENV_HBM_GIB, "16")
+    made = []
+    copy = pipeline_mod.whole_weight_copies
+    monkeypatch.setattr(pipeline_mod, "whole_weight_copies", lambda *args: made.append(copy(*args)) or made[-1])
+    prompt, negative = "a red fox running through snow", "blurry"
+    expected = diffusers_frames(prompt, negative, 0, guidance_scale, 4)
+    pipe = sequence_pipelines(*mesh)
+    frames = pipe.generate(prompt, negative, num_inference_steps=4, guidance_scale=guidance_scale, seed=0,
+                           flow_shift=3.0, **TINY_VIDEO)
+    assert pipe.last_run["whole_weights"] is True and len(made) == 1
+    weights, copies = made[0]
+    gathered = sharding.sequence_gathered_weights(pipe.transformer().plan.specs)
+    assert len(copies) == len(gathered) >= 12
+    assert all(weights[name].sharding.is_fully_replicated for name in gathered)
+    assert all(array.is_deleted() for array in copies)  # the run's copies, not the cached shards
+    assert not any(array.is_deleted() for array in pipe.transformer().weights.values())
+    assert np.abs(frames.numpy() - expected).max() <= 1e-3
+
+
 # Last: the (1, 1) case replaces the (2, 4) components the tests above share.
 @pytest.mark.parametrize("mesh, guidance_scale", [((2, 4), 5.0), ((2, 4), 1.0), ((1, 8), 5.0), ((1, 1), 5.0)])
 def test_sequence_layout_end_to_end_matches_diffusers(sequence_pipelines, diffusers_frames, manager, monkeypatch,
@@ -127,6 +152,7 @@ def test_sequence_layout_end_to_end_matches_diffusers(sequence_pipelines, diffus
     frames = pipe.generate(prompt, negative, num_inference_steps=4, guidance_scale=guidance_scale, seed=0,
                            flow_shift=3.0, **TINY_VIDEO)
     assert pipe.last_run["layout"] == "sequence"
+    assert pipe.last_run["whole_weights"] is False  # the CPU's memory is unknown: the weights are gathered per layer
     assert dict(pipe.transformer().mesh.shape) == {"dp": mesh[0], "tp": mesh[1]}
     assert np.abs(frames.numpy() - expected).max() <= 1e-3
 

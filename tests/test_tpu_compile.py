@@ -155,22 +155,30 @@ def test_the_tiny_models_three_stages_compile_for_v6e_8(tiny_model_dir, manager,
 def test_the_tiny_models_sequence_parallel_step_compiles_for_v6e_8(tiny_model_dir, manager, v6e_8):
     """The sequence layout with CFG on (2, 4): the pair over dp, the 12 tokens over tp. Heads and tokens
     swap with all-to-alls around attention (two per block at least), the split weights are gathered, and
-    the blocks' outputs are not all-reduced as in the tensor layout."""
+    the blocks' outputs are not all-reduced as in the tensor layout. With whole weights no weight is gathered."""
     transformer, _, _ = _tiny_configs(tiny_model_dir)
     video = dict(height=32, width=48, frames=5)
-    found = {}
-    for layout in ("tensor", "sequence"):
-        jitted, args = v6e_8.step(transformer, cfg=True, layout=layout, **video)
+    found, arguments = {}, {}
+    for layout, whole in (("tensor", False), ("sequence", False), ("sequence", True)):
+        jitted, args = v6e_8.step(transformer, cfg=True, layout=layout, whole_weights=whole, **video)
         compiled, _, _ = v6e_8.compile(jitted, args)
         assert [o.shape for o in compiled.out_info] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
-        assert tpu_compile.memory_facts(compiled)["peak_bytes_per_device"] > 0
-        found[layout] = tpu_compile.collectives(compiled.as_text())
-    tensor, sequence = found["tensor"], found["sequence"]
+        memory = tpu_compile.memory_facts(compiled)
+        assert memory["peak_bytes_per_device"] > 0
+        found[layout, whole] = tpu_compile.collectives(compiled.as_text())
+        arguments[layout, whole] = memory["argument_bytes_per_device"]
+    tensor, sequence, whole = found["tensor", False], found["sequence", False], found["sequence", True]
+    weight = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    # Whole weights (pipeline.whole_weight_copies): the step gathers no weight; the copies are its arguments.
+    weights_gathered = 6 * transformer["num_layers"] * weight * weight * 2  # bf16: see below
+    assert whole["all-gather"]["bytes_per_device"] <= sequence["all-gather"]["bytes_per_device"] - weights_gathered
+    assert whole["all-gather"]["bytes_per_device"] < weight * weight * 4, found  # what is left: the tokens' output
+    assert whole["all-to-all"]["count"] == sequence["all-to-all"]["count"], found
+    assert arguments["sequence", True] > arguments["sequence", False] == arguments["tensor", False]
     assert tensor["all-to-all"]["count"] == tensor["all-gather"]["count"] == 0, tensor
     assert sequence["all-to-all"]["count"] >= 2 * transformer["num_layers"], sequence
-    weight = transformer["num_attention_heads"] * transformer["attention_head_dim"]
     # bf16 (the command compiles what the default precision runs): q, k, v, out, cross q and out per block
-    assert sequence["all-gather"]["bytes_per_device"] >= 6 * transformer["num_layers"] * weight * weight * 2, sequence
+    assert sequence["all-gather"]["bytes_per_device"] >= weights_gathered, sequence
     assert sequence["all-reduce"]["bytes_per_device"] < tensor["all-reduce"]["bytes_per_device"], found
 
 
