@@ -533,9 +533,17 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                 _, weights, _ = programs.component("transformer", transformer_config)
                 record["resident_experts"] = experts
                 record["resident_peak_bytes_per_device"] = peak + (experts - 1) * abstract_bytes_per_device(weights)
+            compared = peak
+            if record.get("whole_weights"):
+                # The step takes whole copies of the weights it would gather; their shards stay cached beside
+                # them (the pipeline makes the copies for a run), and the plan counts both.
+                _, weights, plan_specs = programs.component("transformer", transformer_config)
+                gathered = programs.pack("sharding").sequence_gathered_weights(plan_specs.specs)
+                shards = abstract_bytes_per_device({n: w for n, w in weights.items() if n in gathered})
+                record["resident_peak_bytes_per_device"] = compared = peak + shards
             record["fits_hbm"] = record.get("resident_peak_bytes_per_device", peak) <= record["hbm_bytes_per_device"]
             planned = record["plan_bytes_per_device"]
-            record["plan_ratio"] = round(planned / peak, 3) if peak and planned else None
+            record["plan_ratio"] = round(planned / compared, 3) if compared and planned else None
             if name.startswith("step"):
                 ideal = record["flops_per_device"] / record["peak_flops_per_device"]
                 record["seconds_per_step_at_peak"] = round(ideal, 3)
@@ -736,8 +744,10 @@ def replan(pack, records: list[dict]) -> list[dict]:
                 record.update(refused=False, error=None)  # the plan now admits it: compile it again
         except memory_plan.HBMPlanError as error:
             record.update(plan_error=str(error), refused=True, error=str(error))
-        if record.get("peak_bytes_per_device"):
-            record["plan_ratio"] = round(record["plan_bytes_per_device"] / record["peak_bytes_per_device"], 3)
+        compared = record.get("resident_peak_bytes_per_device") if record.get("whole_weights") else None
+        compared = compared or record.get("peak_bytes_per_device")
+        if compared:
+            record["plan_ratio"] = round(record["plan_bytes_per_device"] / compared, 3)
     return records
 
 
@@ -745,6 +755,8 @@ def markdown(stages: list[dict]) -> str:
     """The README table: one row per (model, size, chip): the step with CFG, the VAE decode, the text encoder."""
     by = {}
     for record in stages:  # step records from before the sequence layout existed are the tensor layout's
+        if record.get("whole_weights"):
+            continue  # the table's sequence cells gather their weights (--whole-weights never)
         layout = record.get("layout") or ("tensor" if record["name"].startswith("step") else None)
         by[(record["model"], record["width"], record["height"], record["chip"], record["name"], layout)] = record
 
@@ -810,6 +822,8 @@ def compiled_peaks(records: list[dict]) -> list[dict]:
             entry = {name: record.get(name) for name in PEAK_FIELDS}
             entry["depth_probe"] = bool(entry["depth_probe"])
             entry["whole_weights"] = bool(entry["whole_weights"])  # records from before whole weights: gathered
+            if entry["whole_weights"]:  # with the cached shards the copies were made from (the plan counts both)
+                entry["peak_bytes_per_device"] = record["resident_peak_bytes_per_device"]
             peaks.append(entry)
     return sorted(peaks, key=lambda entry: [str(entry[name]) for name in PEAK_FIELDS[:10]])
 
@@ -817,7 +831,8 @@ def compiled_peaks(records: list[dict]) -> list[dict]:
 # ------------------------------------------------------------------ main
 def _key(record) -> tuple:
     return (record["name"], record["model"], record["height"], record["width"], record["frames"], record["chip"],
-            record["precision"], record.get("layout") or ("tensor" if record["name"].startswith("step") else None))
+            record["precision"], record.get("layout") or ("tensor" if record["name"].startswith("step") else None),
+            bool(record.get("whole_weights")))
 
 
 def main(argv=None) -> int:
@@ -952,8 +967,17 @@ def main(argv=None) -> int:
                 return None
             return step_layout(programs_by_chip[chip.name], config, transformer_config, 2 if stage == "step_cfg" else 1)
 
+        def whole_of(stage):  # as run_config decides it: the HBM plan's, unless --whole-weights never
+            layout = layout_of(stage)
+            if layout != "sequence" or config.whole_weights == "never":
+                return False
+            programs = programs_by_chip[chip.name]
+            hbm = stage_record(stage, config, chip, programs.mesh_shape, len(programs.devices))["hbm_bytes_per_device"]
+            return _plan_for(memory_plan, config, programs.mesh_shape, hbm, stage == "step_cfg", layout,
+                             chip).whole_weights
+
         key_of = lambda stage: (stage, config.model, config.height, config.width, config.frames, chip.name,  # noqa: E731
-                                config.precision, layout_of(stage))
+                                config.precision, layout_of(stage), whole_of(stage))
         todo = [stage for stage in stages if key_of(stage) not in finished]
         finished |= {key_of(stage) for stage in todo}  # a second layout compiles only its steps
         if not todo:

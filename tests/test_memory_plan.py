@@ -299,8 +299,10 @@ def test_the_plan_is_within_25_percent_of_every_compiled_peak():
     --layout both, written by --export-peaks): every stage, both layouts, with and without CFG."""
     with open(COMPILED_PEAKS) as handle:
         peaks = json.load(handle)["peaks"]
-    cells = {(p["model"], p["width"], p["height"], p["chip"]) for p in peaks}
-    assert len(cells) == 18 and len(peaks) == 108  # 1.3B, 14B x 3 sizes x v5e-8, v6e-8, v5p-8; 6 programs each
+    gathered = [p for p in peaks if not p["whole_weights"]]
+    cells = {(p["model"], p["width"], p["height"], p["chip"]) for p in gathered}
+    assert len(cells) == 18 and len(gathered) == 108  # 1.3B, 14B x 3 sizes x v5e-8, v6e-8, v5p-8; 6 programs each
+    assert len(peaks) - len(gathered) >= 3  # sequence steps on whole weights (their peak counts the cached shards)
     ratios = {}
     for entry in peaks:
         mesh = (entry["mesh"]["dp"], entry["mesh"]["tp"])
