@@ -381,8 +381,9 @@ def transformer_activation_bytes(config: Mapping, mesh_shape, height: int, width
     gathered = 0
     if layout == "sequence":
         split = sharding.token_split(mesh, 2 if cfg else 1)
-        batch = (2 if cfg else 1) // sharding._axis_size(split.batch_axes, mesh)
-        tokens = math.ceil(tokens / sharding._axis_size(split.token_axes, mesh))
+        batch_devices, token_devices = split.sizes(mesh)
+        batch = (2 if cfg else 1) // batch_devices
+        tokens = math.ceil(tokens / token_devices)
         width_t, ffn_t = width_d, config["ffn_dim"]
         if whole_weights:
             gathered = whole_copies_bytes(config, mesh, precision)
@@ -764,20 +765,21 @@ def _check_video(height: int, width: int, num_frames: int) -> None:
         raise ValueError(f"num_frames={num_frames}: Wan needs 4n+1 frames")
 
 
-def step_plan_layout(layout: str | None, config: Mapping, mesh, height: int, width: int, num_frames: int,
-                     cfg: bool, device_kind: str | None = None) -> str:
-    """The step's layout to plan for: ``layout``, or for "auto" (and None) the one the pipeline will choose
-    (``sharding.choose_layout``, as ``WanTPUPipeline.step_layout`` does)."""
+def resolve_layout(layout: str | None, config: Mapping, mesh, height: int, width: int, num_frames: int,
+                   cfg: bool, device_kind: str | None = None) -> tuple[str, str | None]:
+    """(layout, why) of a run's step: ``layout``, or for "auto" (and None) the cost model's choice for this
+    model, size, mesh and chip (``sharding.choose_layout``, and its reason; None when not "auto"). The one
+    rule the HBM plan, the pipeline (``WanTPUPipeline.step_layout``) and the compile command share."""
     layout = sharding.check_layout(layout)
     if layout != "auto":
-        return layout
+        return layout, None
     tokens = transformer_tokens(config, height, width, num_frames)
-    return sharding.choose_layout(dict(config), tokens, _mesh_dict(mesh), 2 if cfg else 1, device_kind)[0]
+    return sharding.choose_layout(dict(config), tokens, _mesh_dict(mesh), 2 if cfg else 1, device_kind)
 
 
 def _plan(label, config, te_config, vae_config, mesh, height, width, num_frames, precision, cfg,
           hbm, hbm_source, layout="tensor", device_kind=None) -> MemoryPlan:
-    layout = step_plan_layout(layout, config, mesh, height, width, num_frames, cfg, device_kind)
+    layout = resolve_layout(layout, config, mesh, height, width, num_frames, cfg, device_kind)[0]
     return MemoryPlan(
         model=label, mesh_shape=(mesh["dp"], mesh["tp"]), height=height, width=width, num_frames=num_frames,
         precision=precision, cfg=cfg, layout=layout,

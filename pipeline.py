@@ -891,14 +891,11 @@ class WanTPUPipeline:
     def step_layout(self, transformer: TransformerComponent, height: int, width: int, num_frames: int,
                     batch: int, layout: str | None = None) -> str:
         """The layout this run's step uses: ``layout`` (else the pipeline's), or for "auto" the cost model's."""
-        layout = sharding.check_layout(layout or self.layout)
-        if layout != "auto":
-            return layout
-        config = transformer.config
-        tokens = memory_plan.transformer_tokens(config, height, width, num_frames)
-        device_kind = transformer.mesh.devices.flat[0].device_kind
-        layout, why = sharding.choose_layout(config, tokens, dict(transformer.mesh.shape), batch, device_kind)
-        logger.info("layout %s (auto): %s", layout, why)
+        mesh = transformer.mesh
+        layout, why = memory_plan.resolve_layout(layout or self.layout, transformer.config, dict(mesh.shape), height,
+                                                 width, num_frames, batch == 2, mesh.devices.flat[0].device_kind)
+        if why is not None:
+            logger.info("layout %s (auto): %s", layout, why)
         return layout
 
     # --------------------------------------------------------------- stages
@@ -1150,7 +1147,8 @@ class WanTPUPipeline:
             if whole:
                 if on_status is not None:
                     on_status("copying the weights whole onto every device")
-                with device_errors("copying the weights whole", "Use layout='tensor', or more devices."):
+                with device_errors("copying the weights whole onto every device",
+                                   "Use layout='tensor' (its weights stay split, as loaded)."):
                     step_weights[0], whole_copies = whole_weight_copies(self.manager, transformer.weights,
                                                                         transformer.plan.specs, mesh)
             step_args = (step_weights[0], state, context, coefficients[0], timesteps[0], guidance[0])

@@ -226,6 +226,10 @@ class TokenSplit:
         spec[0], spec[token_dim] = entry(self.batch_axes), entry(self.token_axes)
         return tuple(spec)
 
+    def sizes(self, mesh_shape: dict[str, int]) -> tuple[int, int]:
+        """(devices the batch splits over, devices the tokens split over) on a ``mesh_shape`` mesh."""
+        return _axis_size(self.batch_axes, mesh_shape), _axis_size(self.token_axes, mesh_shape)
+
 
 def token_split(mesh_shape: dict[str, int], batch: int) -> TokenSplit:
     """The CFG pair over dp (as in the tensor layout); the tokens over every other axis of size > 1."""
@@ -251,7 +255,7 @@ def layer_collective_bytes(config: dict, tokens: int, mesh_shape: dict[str, int]
     tensor = {}
     if tp > 1:  # three row-parallel outputs [b, S, D] per block
         tensor["all-reduce"] = 3 * 2 * (tp - 1) / tp * local_batch * tokens * dim * itemsize
-    n = _axis_size(split.token_axes, mesh_shape)
+    n = split.sizes(mesh_shape)[1]
     sequence = {}
     if n > 1:
         shard = local_batch * math.ceil(tokens / n) * dim * itemsize  # one [b, S/n, D] activation
@@ -276,7 +280,7 @@ def parallel_devices(layout: str, mesh_shape: dict[str, int], batch: int) -> int
     if layout == "tensor":
         return tp * (dp if batch % dp == 0 else 1)
     split = token_split(mesh_shape, batch)
-    return _axis_size(split.batch_axes, mesh_shape) * _axis_size(split.token_axes, mesh_shape)
+    return math.prod(split.sizes(mesh_shape))
 
 
 # Chips (jax device_kind substrings, matched case-insensitively) where "auto" keeps the tensor layout, from

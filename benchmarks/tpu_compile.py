@@ -444,12 +444,10 @@ PLAN_COMPONENT = {"text_encoder": "text_encoder", "step_cfg": "transformer", "st
 def step_layout(programs: Programs, cfg_run: Config, transformer_config: dict, batch: int) -> str:
     """The step's layout: the one asked for, or for "auto" the one the pipeline would choose
     (``sharding.choose_layout``)."""
-    if cfg_run.layout != "auto":
-        return cfg_run.layout
-    sharding, memory_plan = programs.pack("sharding"), programs.pack("memory_plan")
-    tokens = memory_plan.transformer_tokens(transformer_config, cfg_run.height, cfg_run.width, cfg_run.frames)
     mesh = {"dp": programs.mesh_shape[0], "tp": programs.mesh_shape[1]}
-    return sharding.choose_layout(transformer_config, tokens, mesh, batch, programs.devices[0].device_kind)[0]
+    return programs.pack("memory_plan").resolve_layout(
+        cfg_run.layout, transformer_config, mesh, cfg_run.height, cfg_run.width, cfg_run.frames, batch == 2,
+        programs.devices[0].device_kind)[0]
 
 
 def default_stages(model: str) -> tuple[str, ...]:
@@ -784,11 +782,13 @@ def markdown(stages: list[dict]) -> str:
             return cell(record)
         moved = record["projection"]["at_38pct_mfu"]
         return (f"{record['peak_bytes_per_device'] / GiB:.1f} (plan {record['plan_bytes_per_device'] / GiB:.1f}) "
-                f"of {record['hbm_bytes_per_device'] / GiB:.0f}; {record['compile_seconds']:.0f} s{probed(record)}; ICI {moved['ici_bytes_moved_per_device'] / GiB:.0f} "
+                f"of {record['hbm_bytes_per_device'] / GiB:.0f}; {record['compile_seconds']:.0f} s{probed(record)}; "
+                f"ICI {moved['ici_bytes_moved_per_device'] / GiB:.0f} "
                 f"GiB, {moved['seconds_no_overlap']:.2f} s/step")
 
     lines = ["| model | size | chip | step with CFG (tensor layout): peak GiB/device (plan) of HBM; compile s "
-             "| TFLOP/step/device | s/step at peak | at 38% MFU | step with CFG (sequence layout): peak GiB (plan) of HBM; "
+             "| TFLOP/step/device | s/step at peak | at 38% MFU "
+             "| step with CFG (sequence layout): peak GiB (plan) of HBM; "
              "compile s; ICI GiB/step; projected s/step at 38% MFU, no overlap "
              "| step without CFG: peak GiB (plan), tensor / sequence layout "
              "| VAE decode: peak GiB (plan) of HBM; compile s | text encoder: peak GiB (plan); compile s |",

@@ -134,6 +134,47 @@ def test_whole_weights_where_the_plan_holds_them_match_diffusers_and_are_freed(
     assert np.abs(frames.numpy() - expected).max() <= 1e-3
 
 
+def test_whole_weights_that_run_out_of_memory_say_so_free_their_copies_and_leave_the_cache_usable(
+        sequence_pipelines, manager, monkeypatch):
+    """A copy that does not fit (here the third one fails as XLA fails) is refused naming what ran out and
+    the fix; the copies made before it are deleted, and the cached weights still run the next run."""
+    utils = pack_module("utils")
+    monkeypatch.setenv(memory_plan.ENV_HBM_GIB, "16")
+    pipe = sequence_pipelines(2, 4)
+    pipe.transformer()  # loaded before the fault, as a run before this one would have
+    jax, made, calls = manager.jax, [], []
+    real_device_put = jax.device_put
+
+    def failing_device_put(value, sharding=None, **kwargs):
+        calls.append(value)
+        if len(calls) == 3:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.50GiB.")
+        made.append(real_device_put(value, sharding, **kwargs))
+        return made[-1]
+
+    copy = pipeline_mod.whole_weight_copies
+
+    def copy_with_fault(*args):
+        monkeypatch.setattr(jax, "device_put", failing_device_put)
+        try:
+            return copy(*args)
+        finally:
+            monkeypatch.setattr(jax, "device_put", real_device_put)
+
+    monkeypatch.setattr(pipeline_mod, "whole_weight_copies", copy_with_fault)
+    run = dict(num_inference_steps=2, guidance_scale=5.0, seed=3, flow_shift=3.0, **TINY_VIDEO)
+    with pytest.raises(utils.DeviceMemoryError, match=r"copying the weights whole onto every device ran out of "
+                                                      r"device memory \(XLA asked for 2.50 GiB\)\. Use layout='tensor'"):
+        pipe.generate("a boat", "blurry", **run)
+    assert len(made) == 2 and all(array.is_deleted() for array in made)
+    weights = pipe.transformer().weights
+    assert not any(array.is_deleted() for array in weights.values())
+    monkeypatch.setattr(pipeline_mod, "whole_weight_copies", copy)
+    frames = pipe.generate("a boat", "blurry", **run)  # the cache as it was: the next run loads nothing
+    assert pipe.transformer().weights is weights and pipe.last_run["whole_weights"] is True
+    assert frames.shape[0] == TINY_VIDEO["num_frames"]
+
+
 # Last: the (1, 1) case replaces the (2, 4) components the tests above share.
 @pytest.mark.parametrize("mesh, guidance_scale", [((2, 4), 5.0), ((2, 4), 1.0), ((1, 8), 5.0), ((1, 1), 5.0)])
 def test_sequence_layout_end_to_end_matches_diffusers(sequence_pipelines, diffusers_frames, manager, monkeypatch,
