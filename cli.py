@@ -58,12 +58,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="unipc (Wan's default) or euler (flow-matching Euler, for step-distilled LoRAs)")
     parser.add_argument("--timesteps", default="",
                         help="explicit Euler timesteps, e.g. 1000,750,500,250 (sets the step count)")
-    parser.add_argument("--magcache", action="store_true", help="skip steps with MagCache (published Wan 2.1 ratios)")
+    parser.add_argument("--magcache", action="store_true",
+                        help="skip steps with MagCache (ratios: this model's calibration, else the published ones)")
+    parser.add_argument("--magcache-calibrate", action="store_true",
+                        help="run every step in full and save this model's MagCache ratios for later --magcache runs")
     parser.add_argument("--magcache-threshold", type=float, default=0.06)
     parser.add_argument("--magcache-max-skip", type=int, default=3, help="most consecutive skipped steps")
     parser.add_argument("--magcache-retention", type=float, default=0.2, help="fraction of first steps never skipped")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH:STRENGTH",
-                        help="a .safetensors Wan LoRA and its strength (default 1.0); repeat to stack")
+                        help="a .safetensors Wan LoRA and its strength (default 1.0), into every transformer; "
+                             "repeat to stack")
+    parser.add_argument("--lora-high", action="append", default=[], metavar="PATH:STRENGTH",
+                        help="Wan 2.2 A14B: a LoRA for the high-noise expert only (e.g. a Lightning pair's high file)")
+    parser.add_argument("--lora-low", action="append", default=[], metavar="PATH:STRENGTH",
+                        help="Wan 2.2 A14B: a LoRA for the low-noise expert only")
     parser.add_argument("--output", help="MP4 path (default output/wan_<time>.mp4)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -76,21 +84,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .scheduler import parse_timesteps
 
     args.timesteps = parse_timesteps(args.timesteps)
-    args.lora = [parse_lora(text) for text in args.lora]
+    args.lora = ([parse_lora(text) for text in args.lora] + [parse_lora(text, "high_noise") for text in args.lora_high]
+                 + [parse_lora(text, "low_noise") for text in args.lora_low])
     if args.timesteps:
         args.steps = len(args.timesteps)
     return args
 
 
-def parse_lora(text: str):
-    """'path/to/lora.safetensors:0.8' -> LoraSpec(path, 0.8); no ':<number>' means strength 1.0."""
+def parse_lora(text: str, expert: str = "both"):
+    """'path/to/lora.safetensors:0.8' -> LoraSpec(path, 0.8, expert); no ':<number>' means strength 1.0."""
     from .lora import LoraSpec
 
     path, _, strength = text.rpartition(":")
     try:
-        return LoraSpec(path, float(strength)) if path else LoraSpec(text, 1.0)
+        return LoraSpec(path, float(strength), expert) if path else LoraSpec(text, 1.0, expert)
     except ValueError:
-        return LoraSpec(text, 1.0)  # a ':' inside the path, no strength given
+        return LoraSpec(text, 1.0, expert)  # a ':' inside the path, no strength given
 
 
 def load_image(path: str):
@@ -142,8 +151,10 @@ def main(argv=None) -> str:
             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
             flow_shift=args.flow_shift, on_step=report, on_status=logger.info, sampler=args.sampler,
             timesteps=args.timesteps, magcache=magcache, loras=args.lora, guidance_scale_2=args.guidance_2,
-            image=image,
+            image=image, magcache_calibrate=args.magcache_calibrate,
         )
+        if args.magcache_calibrate:
+            logger.info("MagCache ratios saved to %s", pipe.last_run["magcache_calibration"])
         frames = pipe.decode(latents)
     output = args.output or os.path.join("output", time.strftime("wan_%Y%m%d_%H%M%S.mp4"))
     write_mp4(frames.numpy(), output, fps=args.fps)

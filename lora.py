@@ -74,14 +74,24 @@ _TRANSFORMER_PARAMETER = [re.compile(pattern) for pattern, _ in sharding.TRANSFO
 _READ_CACHE_SIZE = 4  # LoRA files kept in host memory (a rank-32 LoRA of Wan 14B is ~0.6 GB as float32)
 
 
+# Which transformer a LoRA goes into. Wan 2.2 A14B's step-distillation and style LoRAs ship as a
+# pair, one file per expert; Wan 2.1 and TI2V 5B have one transformer, so only "both" fits them.
+EXPERTS = ("both", "high_noise", "low_noise")
+EXPERT_INDEX = {"high_noise": 0, "low_noise": 1}
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA file and the strength it is applied at (diffusers' ``lora_scale``)."""
+    """A LoRA file, the strength it is applied at (diffusers' ``lora_scale``) and the expert it goes into."""
 
     path: str
     strength: float = 1.0
+    expert: str = "both"
 
     def __post_init__(self):
+        if self.expert not in EXPERTS:
+            raise ValueError(f"LoRA expert={self.expert!r}: use one of {', '.join(EXPERTS)} (high_noise and "
+                             f"low_noise are Wan 2.2 A14B's two transformers)")
         if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
             raise ValueError(f"LoRA path={self.path!r} is empty: give a .safetensors file")
         try:
@@ -385,8 +395,7 @@ class DeviceLoras:
             if state == self._state:
                 return weights
             started = time.perf_counter()
-            files = [(spec, read_lora(spec.path)) for spec in active]
-            plan = self._plan(weights, files)
+            plan = self.check(weights, active)
             restore = sorted(self._changed - set(plan))
             try:
                 for name, parts in plan.items():
@@ -404,6 +413,11 @@ class DeviceLoras:
                 self.host_bytes / 2**20,
             )
             return weights
+
+    def check(self, weights: dict, loras: list[LoraSpec]) -> dict[str, list]:
+        """Read ``loras`` and check each fits ``weights``, changing nothing; returns the update plan
+        (name -> [(down, up, strength), ...]). Raises ValueError naming the LoRA that does not fit."""
+        return self._plan(weights, [(spec, read_lora(spec.path)) for spec in loras if spec.strength != 0.0])
 
     # ---------------------------------------------------------- internals
     def _check_ownership(self, weights: dict) -> None:

@@ -15,10 +15,12 @@ simply absent, so the nodes run in plain Python too.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from . import loading
 from .env_manager import TorchaxEnvManager
+from .lora import EXPERTS as LORA_EXPERTS
 
 logger = logging.getLogger("wan_tpu")
 
@@ -60,8 +62,10 @@ STEP_INPUTS = {
     "timesteps": ("STRING", {"default": "", "tooltip": "Euler only, optional: explicit timesteps such as "
                   "1000,750,500,250; their count must equal num_inference_steps. Empty: evenly spaced."}),
     "magcache": ("BOOLEAN", {"default": False, "tooltip": "MagCache: skip the transformer on steps whose output "
-                 "the published Wan 2.1 magnitude ratios predict, reusing the last residual (about 1.5-2x fewer "
-                 "evaluations at 50 steps; small changes to the video)."}),
+                 "the model's magnitude ratios predict, reusing the last residual (about 1.5-2x fewer evaluations "
+                 "at 40-50 steps; small changes to the video). Ratios: a calibration saved for this model "
+                 "(magcache_calibrate), else the published ones (Wan 2.1 T2V/I2V, Wan 2.2 A14B T2V/I2V, TI2V 5B). "
+                 "Two experts: each expert skips within its own steps."}),
     "magcache_threshold": ("FLOAT", {"default": 0.06, "min": 0.0, "max": 1.0, "step": 0.01,
                            "tooltip": "MagCache error budget; higher skips more. 0.06 is MagCache's default."}),
     "magcache_max_skip_steps": ("INT", {"default": 3, "min": 0, "max": 50,
@@ -76,6 +80,10 @@ STEP_INPUTS = {
                "original's). sequence: each device holds a share of the tokens and gathers each layer's weights; "
                "far less traffic between chips at 480P and 720P. auto: the one the cost model says moves fewer "
                "bytes (WAN_TPU_LAYOUT overrides auto). The frames are the same either way."}),
+    "magcache_calibrate": ("BOOLEAN", {"default": False, "tooltip": "Run every step in full and record this "
+                           "model's MagCache magnitude ratios, saved in ComfyUI's user folder (wan_tpu_magcache/); "
+                           "later runs with magcache on use them. Calibrate once at the settings you run (e.g. 50 "
+                           "UniPC steps); the video is the same as without MagCache."}),
 }
 
 
@@ -83,11 +91,12 @@ IMAGE_CONDITIONING_INPUT = ("WAN_TPU_IMAGE", {"tooltip": "Image-to-video models 
                                                        "the start image, from 'Wan TPU Image to Video' (made for "
                                                        "the same width, height and frames)."})
 LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoRA' nodes, fused into the "
-                                          "transformer's weights on the device. Not connected: no LoRA."})
+                                          "transformers' weights on the device (each into the expert it names). "
+                                          "Not connected: no LoRA."})
 
 
 def step_options(sampler="unipc", timesteps="", magcache=False, magcache_threshold=0.06, magcache_max_skip_steps=3,
-                 magcache_retention_ratio=0.2, guidance_scale_2=-1.0, layout="auto") -> dict:
+                 magcache_retention_ratio=0.2, guidance_scale_2=-1.0, layout="auto", magcache_calibrate=False) -> dict:
     """The node's step inputs as ``WanTPUPipeline.denoise`` keywords."""
     from .magcache import MagCacheSettings
     from .scheduler import parse_timesteps
@@ -96,7 +105,8 @@ def step_options(sampler="unipc", timesteps="", magcache=False, magcache_thresho
     second = None if guidance_scale_2 is None or guidance_scale_2 < 0 else float(guidance_scale_2)
     # "auto" defers to the pipeline, where WAN_TPU_LAYOUT may name one.
     return {"sampler": sampler, "timesteps": parse_timesteps(timesteps), "magcache": settings,
-            "guidance_scale_2": second, "layout": None if layout in (None, "", "auto") else layout}
+            "guidance_scale_2": second, "layout": None if layout in (None, "", "auto") else layout,
+            "magcache_calibrate": bool(magcache_calibrate)}
 
 
 VIDEO_INPUTS = {
@@ -250,7 +260,10 @@ def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, lora=None, 
     latents = pipe.denoise(embeddings, num_inference_steps=num_inference_steps, on_step=progress,
                            on_status=progress.status, **video, **options)
     run = pipe.last_run
-    if run["magcache"]:
+    if "magcache_calibration" in run:
+        progress.status(f"MagCache: calibrated {run['steps']} ratios, saved to {os.path.basename(run['magcache_calibration'])}; "
+                        f"runs with magcache on now use them")
+    elif run["magcache"]:
         progress.status(f"MagCache: {run['transformer_evaluations']} of {run['steps']} steps ran the full transformer")
     return latents
 
@@ -485,10 +498,11 @@ def lora_file_choices() -> list[str] | None:
 
 class Wan21TPULoRA:
     DESCRIPTION = (
-        "Adds a Wan 2.1 LoRA (ComfyUI/kohya, diffusers/PEFT or musubi-tuner safetensors, from models/loras) to a "
+        "Adds a Wan LoRA (ComfyUI/kohya, diffusers/PEFT or musubi-tuner safetensors, from models/loras) to a "
         "chain for the TPU Sampler or Full Pipeline. The LoRA is fused into the sharded weights on the device: "
         "changing LoRAs or strengths compiles nothing and reloads nothing (the base weights they change are kept "
-        "in host memory, about 28 GB for Wan 14B in bf16)."
+        "in host memory, about 28 GB per 14B transformer in bf16: 56 GB for a Wan 2.2 A14B pair). For Wan 2.2 "
+        "A14B, expert picks the transformer: LoRAs shipped as a high/low pair take one node each."
     )
     CATEGORY = CATEGORY
     FUNCTION = "add"
@@ -508,7 +522,13 @@ class Wan21TPULoRA:
                 "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
                                        "tooltip": "LoRA strength, as diffusers' fuse_lora(lora_scale=...)."}),
             },
-            "optional": {"lora": ("WAN_TPU_LORA", {"tooltip": "Optional: a chain to add this LoRA to (they stack)."})},
+            "optional": {
+                "lora": ("WAN_TPU_LORA", {"tooltip": "Optional: a chain to add this LoRA to (they stack)."}),
+                "expert": (list(LORA_EXPERTS), {"default": "both", "tooltip": "Which transformer the LoRA goes "
+                           "into. both: every one (Wan 2.1, TI2V 5B: the only choice). Wan 2.2 A14B: high_noise "
+                           "(the first steps' expert) or low_noise, for LoRAs that ship as a high/low pair, such "
+                           "as lightx2v's Wan 2.2 Lightning."}),
+            },
         }
 
     @classmethod
@@ -523,10 +543,10 @@ class Wan21TPULoRA:
             return str(error)
         return True
 
-    def add(self, lora_name, strength, lora=None):
+    def add(self, lora_name, strength, lora=None, expert="both"):
         from .lora import LoraSpec, resolve_lora_path
 
-        return (tuple(lora or ()) + (LoraSpec(resolve_lora_path(str(lora_name)), float(strength)),),)
+        return (tuple(lora or ()) + (LoraSpec(resolve_lora_path(str(lora_name)), float(strength), str(expert)),),)
 
 
 class Wan21TPUUnload:

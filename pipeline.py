@@ -27,7 +27,7 @@ import numpy as np
 
 from . import families, loading, memory_plan, sharding
 from .env_manager import TorchaxEnvManager
-from .magcache import MagCacheSettings, ratios_for, skip_schedule
+from .magcache import MagCacheSettings, RatioSource, ratios_for, run_schedule, save_calibration
 from .scheduler import UniPCFlowSchedule, make_schedule, unipc_update
 from .utils import StageTimer, device_errors, torch_to_numpy
 
@@ -538,6 +538,24 @@ def whole_weight_copies(manager: TorchaxEnvManager, weights: dict, plan_specs: d
     return {**weights, **copies}, list(copies.values())
 
 
+_NORM_RATIO = {}
+
+
+def residual_norm_ratio(jax):
+    """MagCache's magnitude ratio per batch entry, jitted: the mean over tokens of |r| / (|r_prev| + 1e-8),
+    norms over channels in float32, as diffusers' calibration computes it. Only scalars leave the device."""
+    if "fn" not in _NORM_RATIO:
+        jnp = jax.numpy
+
+        def ratio(residual, previous):
+            current = jnp.linalg.norm(residual.astype(jnp.float32), axis=-1)
+            before = jnp.linalg.norm(previous.astype(jnp.float32), axis=-1)
+            return jnp.mean(current / (before + 1e-8), axis=-1)
+
+        _NORM_RATIO["fn"] = jax.jit(ratio)
+    return _NORM_RATIO["fn"]
+
+
 def _activation_sharding(mesh, batch: int, layout: str):
     """[batch, tokens, dim]: split over dp like the batch, and in the sequence layout by token too."""
     if layout != "sequence":
@@ -792,28 +810,43 @@ class WanTPUPipeline:
         return jax.jit(encode)
 
     def apply_loras(self, loras=(), on_status: Callable[[str], None] | None = None) -> None:
-        """Fuse ``loras`` (``lora.LoraSpec``s) into the cached transformer's weights on the device.
+        """Fuse ``loras`` (``lora.LoraSpec``s) into the cached transformers' weights on the device.
 
-        The weights change in place and keep their shapes and shardings, so
-        nothing recompiles; the bases of changed weights are kept on the host,
-        so another list (or none) restores them exactly without reading the
-        model again. The manager's release then frees the new arrays.
+        Each LoRA goes into the expert its ``expert`` names: "both" (every transformer), or Wan 2.2
+        A14B's "high_noise" (``transformer``) or "low_noise" (``transformer_2``) one. The weights
+        change in place and keep their shapes and shardings, so nothing recompiles; the bases of
+        changed weights are kept on the host, per expert, so another list (or none) restores them
+        exactly without reading the model again. Every LoRA is checked against its expert before
+        any weight changes. The manager's release then frees the new arrays.
         """
-        from .lora import DeviceLoras, LoraSpec
+        from .lora import EXPERT_INDEX, DeviceLoras, LoraSpec
 
         loras = [spec if isinstance(spec, LoraSpec) else LoraSpec(*spec) for spec in (loras or ())]
-        transformer = self.transformer()
-        if transformer.device_loras is None:
-            if not loras:
-                return
-            transformer.device_loras = DeviceLoras(self.manager, transformer.mesh)
-        before = transformer.device_loras.state
+        family = self.family
+        for spec in loras:
+            if spec.expert != "both" and not family.two_experts:
+                raise ValueError(f"LoRA {os.path.basename(spec.path)!r} is for the {spec.expert} expert, but "
+                                 f"{self.source.model_id!r} ({family.name}) has one transformer: set its expert "
+                                 f"to 'both'")
+        experts = self.experts(on_status)
+        wanted = [[spec for spec in loras if spec.expert == "both" or EXPERT_INDEX[spec.expert] == index]
+                  for index in range(len(experts))]
+        for transformer, specs in zip(experts, wanted):
+            if transformer.device_loras is None and specs:
+                transformer.device_loras = DeviceLoras(self.manager, transformer.mesh)
+        for transformer, specs in zip(experts, wanted):  # every LoRA read and checked before any weight changes
+            if transformer.device_loras is not None:
+                transformer.device_loras.check(transformer.weights, specs)
         if on_status is not None and loras:
             on_status(f"applying {len(loras)} LoRA(s)")
-        with device_errors("applying the LoRA", "Use fewer or lower-rank LoRAs, or more devices."):
-            transformer.device_loras.apply(transformer.weights, loras)
-        if transformer.device_loras.state != before:
-            self.manager.set_component_arrays(self._key("transformer"), unique_arrays(transformer.weights))
+        for name, transformer, specs in zip(family.experts, experts, wanted):
+            if transformer.device_loras is None:
+                continue
+            before = transformer.device_loras.state
+            with device_errors("applying the LoRA", "Use fewer or lower-rank LoRAs, or more devices."):
+                transformer.device_loras.apply(transformer.weights, specs)
+            if transformer.device_loras.state != before:
+                self.manager.set_component_arrays(self._key(name), unique_arrays(transformer.weights))
 
     def _block_residual_spec(self, transformer: TransformerComponent, sample_shape, batch: int,
                              layout: str = "tensor"):
@@ -1028,7 +1061,7 @@ class WanTPUPipeline:
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
                 sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=(),
                 guidance_scale_2: float | None = None, image: WanImageConditioning | None = None,
-                layout: str | None = None):
+                layout: str | None = None, magcache_calibrate: bool = False):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
 
         ``layout``: how the step splits the transformer over the mesh, "tensor", "sequence" or "auto";
@@ -1046,8 +1079,12 @@ class WanTPUPipeline:
         Euler with shift ``flow_shift`` and optional explicit ``timesteps``).
         ``magcache``: MagCache settings, or None for every step in full.
         ``self.last_run`` then says how many steps ran the transformer.
-        ``loras``: ``lora.LoraSpec``s fused into the transformer's weights on the
-        device for this run (and kept until another list is given; () undoes them).
+        ``magcache_calibrate``: run every step in full and record MagCache's magnitude ratios, saved
+        for this model (``magcache.save_calibration``): later MagCache runs of it use them.
+        ``self.last_run["magcache_ratios"]`` and ``["magcache_calibration"]`` (the file) say what was saved.
+        ``loras``: ``lora.LoraSpec``s fused into the transformers' weights on the
+        device for this run (and kept until another list is given; () undoes them);
+        each goes into the expert its ``expert`` names.
 
         Two-expert families (Wan 2.2 A14B): steps whose timestep is below the
         boundary run the low-noise expert, with ``guidance_scale_2`` (None: the
@@ -1066,12 +1103,6 @@ class WanTPUPipeline:
         if guidance_scale_2 is not None and not family.two_experts:
             raise ValueError(f"guidance_scale_2={guidance_scale_2} is for two-expert models (Wan 2.2 A14B); "
                              f"{self.source.model_id!r} is {family.name}: leave it unset")
-        if family.two_experts and (magcache is not None or loras):
-            raise ValueError(f"{family.name}: MagCache and LoRAs are not supported with two experts yet; "
-                             f"turn them off for this model")
-        if family.image_conditioning and magcache is not None and magcache.mag_ratios is None:
-            raise ValueError(f"{family.name}: MagCache has published magnitude ratios for Wan 2.1 T2V only; give "
-                             f"mag_ratios calibrated for this model, or turn MagCache off")
         plan = self.memory_plan(height, width, num_frames, guidance_scale, layout)
         experts = self.experts(on_status)
         transformer = experts[0]
@@ -1083,19 +1114,14 @@ class WanTPUPipeline:
             )
         self._check_image(image, transformer, height, width, num_frames)
         schedule = make_schedule(sampler, transformer.scheduler_config, num_inference_steps, flow_shift, timesteps)
-        self.apply_loras(loras, on_status)
         total = len(schedule.timesteps)
         train_steps = transformer.scheduler_config.get("num_train_timesteps", 1000)
         expert_of_step = [family.expert_for(float(t), train_steps) for t in schedule.timesteps]
         second_guidance = guidance_scale if guidance_scale_2 is None else float(guidance_scale_2)
         guidance_of_step = [guidance_scale if e == 0 else second_guidance for e in expert_of_step]
-        # Per step, which program runs: None (plain), or with MagCache "record" (a full step that
-        # keeps the blocks' residual) or "reuse" (the blocks skipped). Decided here, on the host.
-        if magcache is None:
-            modes = [None] * total
-        else:
-            compute = skip_schedule(total, ratios_for(transformer.config, magcache), magcache)
-            modes = ["record" if run else "reuse" for run in compute]
+        modes = self._step_modes(transformer, magcache, magcache_calibrate, expert_of_step, height, width, image)
+        self.apply_loras(loras, on_status)
+        calibration = []  # magcache_calibrate: per step, MagCache's magnitude ratio
         jax = self.manager.jax
         jnp = jax.numpy
         from jax.sharding import NamedSharding, PartitionSpec
@@ -1180,10 +1206,16 @@ class WanTPUPipeline:
                 args = (step_weights[expert_of_step[i]], state, context, coefficients[i], timesteps[i], guidance[i])
                 with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):
                     if mode == "record":
+                        previous = residual if magcache_calibrate else None  # only a calibration keeps two
                         state, residual = programs[mode](*args, *extra(mode, residual))
                     else:
                         state = programs[mode](*args, *extra(mode, residual))
                     state[0].block_until_ready()
+                    if magcache_calibrate:  # 1.0 where an expert starts: it has no residual of its own yet
+                        same_expert = i > 0 and expert_of_step[i] == expert_of_step[i - 1]
+                        calibration.append(float(residual_norm_ratio(jax)(residual, previous)[0])
+                                           if same_expert else 1.0)
+                        previous = None
                 self.last_step_seconds.append(time.perf_counter() - started)
                 if on_step is not None:
                     on_step(i + 1, total)
@@ -1195,10 +1227,36 @@ class WanTPUPipeline:
         self.last_run = {"steps": total, "transformer_evaluations": evaluations, "skipped_steps": total - evaluations,
                          "sampler": sampler, "magcache": magcache is not None,
                          "low_noise_expert_steps": sum(expert_of_step), "layout": layout, "whole_weights": whole}
-        if magcache is not None:
+        if magcache is not None and not magcache_calibrate:
             logger.info("MagCache: %d of %d steps ran the transformer", evaluations, total)
+        if magcache_calibrate:
+            self.last_run["magcache_ratios"] = calibration
+            self.last_run["magcache_calibration"] = save_calibration(
+                self._ratio_source(transformer, height, width, image), calibration,
+                {"steps": total, "sampler": sampler, "flow_shift": float(flow_shift), "guidance_scale": guidance_scale,
+                 "height": height, "width": width, "num_frames": num_frames})
         mean, std = self.vae_latent_stats()
         return torch.from_numpy(to_vae_latents(latents, mean, std))
+
+    def _step_modes(self, transformer: TransformerComponent, magcache: MagCacheSettings | None, calibrate: bool,
+                    expert_of_step: list, height: int, width: int, image) -> list:
+        """Per step, which program runs: None (plain), or with MagCache "record" (a full step that
+        keeps the blocks' residual) or "reuse" (the blocks skipped). Decided here, on the host,
+        before anything runs. A calibration records on every step."""
+        if calibrate:
+            if magcache is not None:
+                logger.info("MagCache: calibrating, so every step runs in full")
+            return ["record"] * len(expert_of_step)
+        if magcache is None:
+            return [None] * len(expert_of_step)
+        ratios, origin = ratios_for(self._ratio_source(transformer, height, width, image), magcache)
+        logger.info("MagCache ratios: %s", origin)
+        return ["record" if run else "reuse" for run in run_schedule(expert_of_step, ratios, magcache)]
+
+    def _ratio_source(self, transformer: TransformerComponent, height: int, width: int, image) -> RatioSource:
+        """What MagCache's ratios are looked up by: this model, its family and shape, and the video."""
+        model = os.path.realpath(self.source.location) if self.source.is_local else self.source.location
+        return RatioSource(model, self.family.name, transformer.config, height, width, image is not None)
 
     def decode(self, latents, on_status: Callable[[str], None] | None = None) -> Any:
         """Frames [F, H, W, 3] float32 in [0, 1] (CPU) from VAE latents [B, 16, T, h, w].

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 logger = logging.getLogger("wan_tpu")
 
@@ -75,6 +75,7 @@ SMALL = TinyWanConfig(
     num_heads=8, head_dim=64, ffn_dim=2048, num_layers=8, text_dim=256, text_layers=2,
     text_heads=8, text_ffn=512, vocab_size=512, vae_base_dim=32, vae_dim_mult=(1, 2, 2, 2),
 )
+SMALL_A14B = replace(SMALL, boundary_ratio=0.875)  # Wan 2.2 T2V A14B's switch, on the small sizes
 _UMT5_XXL = dict(text_dim=4096, text_layers=24, text_heads=64, text_ffn=10240, text_vocab_size=256384)
 _WAN_VAE = dict(vae_base_dim=96, vae_dim_mult=(1, 2, 4, 4))
 WAN_1_3B = TinyWanConfig(num_heads=12, head_dim=128, ffn_dim=8960, num_layers=30, dtype="bfloat16",

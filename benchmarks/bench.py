@@ -21,7 +21,13 @@ reports:
 - with --fewer-steps: three cases per side, each against the 50-step UniPC
   baseline at guidance 5.0: "MagCache at defaults" (threshold 0.06, 3 skips,
   retention 0.2, the published Wan 2.1 14B ratios, given to both sides) and
-  "4-step Euler, guidance 1" (shift 5). For each: transformer evaluations,
+  "4-step Euler, guidance 1" (shift 5). On a two-expert model (--config
+  tiny-a14b, small-a14b) the baseline is Wan 2.2's own: 40 UniPC steps at
+  guidance 4.0 / 3.0 and shift 12; "MagCache at defaults" uses the published
+  Wan 2.2 T2V A14B ratios (diffusers: a MagCacheConfig per transformer, the
+  ratios split at the switch), and "4-step Euler, LoRA pair" runs 4 Euler steps
+  at guidance 1 with a random high/low LoRA pair fused into the experts (as
+  lightx2v's Wan 2.2 Lightning pair is used). For each: transformer evaluations,
   warm denoising wall time, ours/diffusers, speed-up over the baseline, and
   the PSNR of the frames against the same side's baseline.
 
@@ -51,7 +57,9 @@ NEGATIVE = "blurry, low quality, static"
 # config -> (TinyWanConfig name in tiny_wan, default height, width, frames, steps)
 CONFIGS = {
     "tiny": ("TinyWanConfig", 32, 48, 5, 4),
+    "tiny-a14b": ("TINY_A14B", 32, 48, 5, 4),
     "small": ("SMALL", 256, 256, 33, 4),
+    "small-a14b": ("SMALL_A14B", 256, 256, 33, 4),
     "wan-1.3b": ("WAN_1_3B", 480, 848, 81, 10),
     "wan-14b": ("WAN_14B", 720, 1280, 81, 10),
 }
@@ -326,10 +334,17 @@ def first_step_only(args) -> None:
 
 
 # ------------------------------------------------------------------ fewer steps
-FEWER_STEP_CASES = {  # name -> (steps, guidance, sampler, shift, magcache)
-    "UniPC 50 steps (baseline)": (50, 5.0, "unipc", None, False),
-    "MagCache at defaults": (50, 5.0, "unipc", None, True),
-    "4-step Euler, guidance 1": (4, 1.0, "euler", 5.0, False),
+# name -> (steps, guidance, guidance_2, sampler, shift, magcache, lora pair)
+FEWER_STEP_CASES = {
+    "UniPC 50 steps (baseline)": (50, 5.0, None, "unipc", None, False, False),
+    "MagCache at defaults": (50, 5.0, None, "unipc", None, True, False),
+    "4-step Euler, guidance 1": (4, 1.0, None, "euler", 5.0, False, False),
+}
+# Wan 2.2 T2V A14B's own settings (40 steps, guidance 4.0 / 3.0, shift 12), and its 4-step LoRA pair.
+TWO_EXPERT_CASES = {
+    "UniPC 40 steps (baseline)": (40, 4.0, 3.0, "unipc", 12.0, False, False),
+    "MagCache at defaults": (40, 4.0, 3.0, "unipc", 12.0, True, False),
+    "4-step Euler, LoRA pair": (4, 1.0, 1.0, "euler", 5.0, False, True),
 }
 
 
@@ -340,24 +355,81 @@ def _psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-def _diffusers_case(peer, args, steps, guidance, sampler, shift, use_magcache, ratios):
+def write_lora_pair(folder: str, transformer_config: dict, rank: int = 32) -> dict:
+    """A random high/low LoRA pair in ComfyUI's format (lightx2v's Wan 2.2 Lightning layout: every
+    block's attention and FFN linears) for this architecture; {"high_noise": path, "low_noise": path}."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    dim = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    ffn = transformer_config["ffn_dim"]
+    shapes = {**{f"{attn}.{x}": (dim, dim) for attn in ("self_attn", "cross_attn") for x in "qkvo"},
+              "ffn.0": (ffn, dim), "ffn.2": (dim, ffn)}
+    paths = {}
+    for seed, expert in enumerate(("high_noise", "low_noise")):
+        generator = np.random.default_rng(seed)
+        tensors = {}
+        for block in range(transformer_config["num_layers"]):
+            for name, (out_dim, in_dim) in shapes.items():
+                key = f"diffusion_model.blocks.{block}.{name}"
+                tensors[f"{key}.lora_down.weight"] = torch.from_numpy(
+                    generator.normal(0, 0.02, (rank, in_dim)).astype(np.float32))
+                tensors[f"{key}.lora_up.weight"] = torch.from_numpy(
+                    generator.normal(0, 0.02, (out_dim, rank)).astype(np.float32))
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+        paths[expert] = os.path.join(folder, f"bench_lora_{expert}.safetensors")
+        save_file(tensors, paths[expert])
+    return paths
+
+
+def _expert_schedule(module, config: dict, steps: int, sampler: str, shift: float, boundary: float) -> list:
+    """Which expert runs each step, as both sides pick it."""
+    schedule = module("scheduler").make_schedule(sampler, config, steps, shift)
+    return [0 if t >= boundary * config.get("num_train_timesteps", 1000) else 1 for t in schedule.timesteps]
+
+
+def _diffusers_case(peer, args, module, case, ratios, loras):
     """(seconds denoising, transformer evaluations, frames) for diffusers doing the same thing."""
+    steps, guidance, guidance_2, sampler, shift, use_magcache, use_loras = case
     torch, pipe = peer.torch, peer.pipe
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.hooks import MagCacheConfig
 
+    transformers = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
     original = pipe.scheduler
     calls = []
-    hooks = [pipe.transformer.register_forward_pre_hook(lambda *_: calls.append(False)),
-             pipe.transformer.blocks[0].attn1.register_forward_hook(lambda *_: calls.__setitem__(-1, True))]
+    hooks = []
+    for transformer in transformers:
+        hooks.append(transformer.register_forward_pre_hook(lambda *_: calls.append(False)))
+        hooks.append(transformer.blocks[0].attn1.register_forward_hook(lambda *_: calls.__setitem__(-1, True)))
+    fused = []
     try:
+        shift = shift or (5.0 if args.height >= 720 else 3.0)
         if sampler == "euler":
             pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        else:
+            pipe.scheduler = pipe.scheduler.from_config(original.config, flow_shift=shift)
+        if use_loras:
+            for index, (expert, path) in enumerate(sorted(loras.items())):
+                component = "transformer" if expert == "high_noise" else "transformer_2"
+                pipe.load_lora_weights(path, adapter_name=expert, load_into_transformer_2=component == "transformer_2")
+                pipe.fuse_lora(components=[component], lora_scale=1.0, adapter_names=[expert])
+                fused.append(component)
         if use_magcache:
-            pipe.transformer.enable_cache(MagCacheConfig(num_inference_steps=steps, mag_ratios=list(ratios)))
-            # diffusers 0.39 keeps a stale list of hooked submodules once the transformer has run, and
-            # MagCache's hooks would then share one state between the CFG halves: refresh it.
-            pipe.transformer._diffusers_hook._child_registries_cache = None
+            if len(transformers) == 2:
+                experts = _expert_schedule(module, dict(pipe.scheduler.config), steps, sampler, shift,
+                                           pipe.config.boundary_ratio)
+                parts = module("magcache").expert_ratio_slices(experts, ratios)
+            else:
+                parts = [list(ratios)]
+            for transformer, part in zip(transformers, parts):
+                transformer.enable_cache(MagCacheConfig(num_inference_steps=len(part) if len(transformers) == 2
+                                                        else steps, mag_ratios=part))
+                # diffusers 0.39 keeps a stale list of hooked submodules once the transformer has run, and
+                # MagCache's hooks would then share one state between the CFG halves: refresh it.
+                transformer._diffusers_hook._child_registries_cache = None
+        extra = {} if guidance_2 is None else {"guidance_scale_2": guidance_2}
         with torch.no_grad():
             positive, negative = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=guidance > 1,
                                                     max_sequence_length=512, device=peer.device)
@@ -366,7 +438,7 @@ def _diffusers_case(peer, args, steps, guidance, sampler, shift, use_magcache, r
             latents = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, height=args.height,
                            width=args.width, num_frames=args.frames, num_inference_steps=steps,
                            guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(0),
-                           output_type="latent").frames
+                           output_type="latent", **extra).frames
             peer._sync()
             seconds = time.perf_counter() - started
             vae = pipe.vae
@@ -378,37 +450,51 @@ def _diffusers_case(peer, args, steps, guidance, sampler, shift, use_magcache, r
         for hook in hooks:
             hook.remove()
         if use_magcache:
-            pipe.transformer.disable_cache()
+            for transformer in transformers:
+                transformer.disable_cache()
+        if fused:
+            pipe.unfuse_lora(components=fused)
+            pipe.unload_lora_weights()
         pipe.scheduler = original
     per_call = 2 if guidance > 1 else 1
     return seconds, sum(calls) // per_call, frames
 
 
-def _our_case(ours, args, steps, guidance, sampler, shift, use_magcache, ratios):
+def _our_case(ours, args, case, ratios, loras):
+    steps, guidance, guidance_2, sampler, shift, use_magcache, use_loras = case
     module = ours.module
     settings = module("magcache").MagCacheSettings(mag_ratios=tuple(ratios)) if use_magcache else None
+    specs = [module("lora").LoraSpec(path, 1.0, expert) for expert, path in loras.items()] if use_loras else []
     embeddings = ours.pipe.encode(PROMPT, NEGATIVE)
     started = time.perf_counter()
     latents = ours.pipe.denoise(embeddings, height=args.height, width=args.width, num_frames=args.frames,
-                                num_inference_steps=steps, guidance_scale=guidance, seed=0, sampler=sampler,
-                                flow_shift=shift or (5.0 if args.height >= 720 else 3.0), magcache=settings)
+                                num_inference_steps=steps, guidance_scale=guidance, guidance_scale_2=guidance_2,
+                                seed=0, sampler=sampler, flow_shift=shift or (5.0 if args.height >= 720 else 3.0),
+                                magcache=settings, loras=specs)
     seconds = time.perf_counter() - started
     return seconds, ours.pipe.last_run["transformer_evaluations"], ours.pipe.decode(latents).numpy()
 
 
 def fewer_steps(args, module, peer, ours) -> dict:
-    """Each case twice per side (the first compiles), alternating; the second run is reported."""
-    ratios = module("magcache").PUBLISHED_RATIOS[(40, 40)]
+    """Each case twice per side (the first compiles), alternating; the second run is reported. The LoRA
+    case's time includes fusing the pair (ours: on the device; diffusers: load_lora_weights + fuse_lora
+    happen before its timer starts, so it is timed without them)."""
+    magcache = module("magcache")
+    two_experts = ours.pipe.family.two_experts
+    family = "Wan 2.2 T2V A14B" if two_experts else "Wan 2.1 T2V"
+    ratios = magcache.published_ratios(family, {"num_layers": 40, "num_attention_heads": 40}, 720, 1280,
+                                       False).ratios
+    cases = TWO_EXPERT_CASES if two_experts else FEWER_STEP_CASES
+    loras = write_lora_pair(args.models_dir, ours.pipe.transformer().config) if two_experts else {}
     results = {}
-    for name, (steps, guidance, sampler, shift, use_magcache) in FEWER_STEP_CASES.items():
-        case = (steps, guidance, sampler, shift, use_magcache, ratios)
+    for name, case in cases.items():
         for _ in range(2):
-            peer_result = _diffusers_case(peer, args, *case) if peer is not None else None
+            peer_result = _diffusers_case(peer, args, module, case, ratios, loras) if peer is not None else None
             before = ours.manager.compile_count()
-            ours_result = _our_case(ours, args, *case)
+            ours_result = _our_case(ours, args, case, ratios, loras)
         results[name] = {"ours": ours_result, "diffusers": peer_result,
                          "recompilations_in_warm_run": ours.manager.compile_count() - before}
-    baseline = results["UniPC 50 steps (baseline)"]
+    baseline = next(iter(results.values()))
     report = {}
     for name, result in results.items():
         entry = {"recompilations_in_warm_run": result["recompilations_in_warm_run"]}

@@ -53,6 +53,9 @@ def server(tmp_path_factory, tiny_model_dir):
     elif os.path.realpath(link) != os.path.realpath(PACK_DIR):
         pytest.fail(f"{link} exists and is not this checkout: remove it to run this test")
     work = tmp_path_factory.mktemp("comfyui")
+    # LoRAs for the examples' placeholder names go into a loras folder of our own, added as a user would.
+    (work / "loras").mkdir()
+    (work / "extra_model_paths.yaml").write_text(f"wan_tpu_test:\n    base_path: {work}\n    loras: loras\n")
     port = _free_port()
     log_path = work / "server.log"
     # The tiny model lives in pytest's temporary folder: allow it as a model root, as a server owner would.
@@ -62,7 +65,8 @@ def server(tmp_path_factory, tiny_model_dir):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--output-directory", str(work / "output")],
+             "--output-directory", str(work / "output"), "--extra-model-paths-config",
+             str(work / "extra_model_paths.yaml")],
             cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}"
@@ -76,7 +80,7 @@ def server(tmp_path_factory, tiny_model_dir):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"ComfyUI did not start:\n{log_path.read_text()[-4000:]}")
                 time.sleep(1)
-        yield {"url": url, "log": log_path, "output": work / "output"}
+        yield {"url": url, "log": log_path, "output": work / "output", "loras": work / "loras"}
     finally:
         process.terminate()
         try:
@@ -98,7 +102,7 @@ def test_examples_are_served_as_workflow_templates(server):
     templates = _get(server["url"] + "/api/workflow_templates")
     assert sorted(templates["ComfyUI-Wan-TPU"]) == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p",
                                                     "wan21_tpu_full_pipeline", "wan22_tpu_i2v_a14b_720p",
-                                                    "wan22_tpu_t2v_a14b_720p"]
+                                                    "wan22_tpu_t2v_a14b_4step_lora", "wan22_tpu_t2v_a14b_720p"]
     workflow = _get(server["url"] + "/api/workflow_templates/ComfyUI-Wan-TPU/wan21_tpu_720p.json")
     info = _get(server["url"] + "/object_info", timeout=60)
     assert {node["type"] for node in workflow["nodes"]} <= set(info)  # core nodes included
@@ -123,7 +127,8 @@ def test_api_example_makes_an_mp4_and_free_releases_the_device(server, tiny_mode
 
 
 @pytest.mark.parametrize("example, tiny_family", [("wan22_tpu_i2v_a14b_720p", "TINY_I2V_A14B"),
-                                                   ("wan22_tpu_t2v_a14b_720p", "TINY_A14B")])
+                                                   ("wan22_tpu_t2v_a14b_720p", "TINY_A14B"),
+                                                   ("wan22_tpu_t2v_a14b_4step_lora", "TINY_A14B")])
 def test_the_wan22_api_examples_make_an_mp4(server, tiny_model_dir, example, tiny_family):
     """The Wan 2.2 examples as shipped (core Load Image with ComfyUI's own example.png, Create Video, Save Video)
     on a tiny model of their family, built beside the tiny Wan 2.1 model (under the allowed root)."""
@@ -135,11 +140,27 @@ def test_the_wan22_api_examples_make_an_mp4(server, tiny_model_dir, example, tin
         tiny_wan.build_tiny_wan(folder, getattr(tiny_wan, tiny_family))
     with open(os.path.join(PACK_DIR, "examples", "api", f"{example}_api.json")) as handle:
         workflow = json.load(handle)
+    _write_example_loras(workflow, folder, server["loras"])
     queue = _load_queue_script()
-    queue.override_inputs(workflow, model_id=example, height=256, width=256, num_frames=17, num_inference_steps=2)
+    steps = workflow["2"]["inputs"]["num_inference_steps"] if "lora" in workflow["2"]["inputs"] else 2
+    queue.override_inputs(workflow, model_id=example, height=256, width=256, num_frames=17, num_inference_steps=steps)
     files = queue.queue_and_wait(server["url"], workflow, timeout=900)
     videos = [server["output"] / path for path in files if path.endswith(".mp4")]
     assert videos and all(video.stat().st_size > 0 for video in videos)
+
+
+def _write_example_loras(workflow, model_folder, loras_folder):
+    """Random LoRAs for the tiny model under the names the example's LoRA nodes pick, each for its expert."""
+    from conftest import pack_module
+    from test_lora import write_random_lora
+
+    loading = pack_module("loading")
+    for node in workflow.values():
+        if node["class_type"] != "Wan21TPULoRA":
+            continue
+        expert = "transformer_2" if node["inputs"].get("expert") == "low_noise" else "transformer"
+        module = loading.load_transformer(loading.resolve_model_source(model_folder), "fp32", expert)
+        write_random_lora(loras_folder / node["inputs"]["lora_name"], "comfyui", module, rank=4, alpha=2.0)
 
 
 def _load_queue_script():

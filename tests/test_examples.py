@@ -31,10 +31,10 @@ def expected_widgets(node_class):
     return widgets
 
 
-def test_there_are_six_ui_examples_and_their_api_twins():
+def test_there_are_seven_ui_examples_and_their_api_twins():
     names = [os.path.basename(path)[:-5] for path in UI_EXAMPLES]
     assert names == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p", "wan21_tpu_full_pipeline",
-                     "wan22_tpu_i2v_a14b_720p", "wan22_tpu_t2v_a14b_720p"]
+                     "wan22_tpu_i2v_a14b_720p", "wan22_tpu_t2v_a14b_4step_lora", "wan22_tpu_t2v_a14b_720p"]
     assert [os.path.basename(path) for path in API_EXAMPLES] == [f"{name}_api.json" for name in names]
 
 
@@ -159,3 +159,18 @@ def test_the_wan22_examples_name_their_family_and_the_i2v_one_starts_from_load_i
         t2v = json.load(handle)
     sampler = next(node for node in t2v.values() if node["class_type"] == "Wan21TPUSampler")["inputs"]
     assert sampler["model_id"] == "Wan-AI/Wan2.2-T2V-A14B-Diffusers" and sampler["guidance_scale_2"] == 3.0
+
+
+def test_the_wan22_lora_example_puts_a_pair_on_the_two_experts():
+    with open(os.path.join(PACK_DIR, "examples", "api", "wan22_tpu_t2v_a14b_4step_lora_api.json")) as handle:
+        workflow = json.load(handle)
+    sampler = workflow["2"]["inputs"]
+    assert sampler["num_inference_steps"] == 4 and sampler["sampler"] == "euler"
+    assert sampler["guidance_scale"] == sampler["guidance_scale_2"] == 1.0
+    chain, experts = sampler["lora"], []
+    while chain:
+        node = workflow[chain[0]]
+        assert node["class_type"] == "Wan21TPULoRA"
+        experts.append(node["inputs"]["expert"])
+        chain = node["inputs"].get("lora")
+    assert sorted(experts) == ["high_noise", "low_noise"]

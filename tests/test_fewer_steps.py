@@ -114,7 +114,9 @@ def test_skip_schedule_equals_diffusers_hook_decisions_on_the_published_ratios(s
     """Drive diffusers' own MagCache head hook step by step and compare its decisions with ours."""
     from diffusers.hooks.mag_cache import MagCacheConfig, MagCacheHeadHook, MagCacheState
 
-    ratios = magcache.PUBLISHED_RATIOS[{"14B": (40, 40), "1.3B": (30, 12)}[size]]
+    shape = {"14B": (40, 40), "1.3B": (30, 12)}[size]
+    ratios = magcache.published_ratios("Wan 2.1 T2V", {"num_layers": shape[0], "num_attention_heads": shape[1]},
+                                       720, 1280, False).ratios
     for threshold in (0.06, 0.12, 0.24):
         settings = magcache.MagCacheSettings(threshold=threshold)
         config = MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=ratios)
@@ -175,7 +177,7 @@ def test_magcache_needs_ratios_for_an_unknown_model(core):
 
 # ------------------------------------------------------------------ through the nodes
 def test_sampler_node_runs_four_step_euler_and_magcache_with_progress_text(monkeypatch, tiny_model_dir,
-                                                                            diffusers_frames):
+                                                                            diffusers_frames, tmp_path):
     from comfy_stubs import ComfyStubs
     from conftest import load_pack
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -195,7 +197,9 @@ def test_sampler_node_runs_four_step_euler_and_magcache_with_progress_text(monke
     assert np.abs(frames.numpy() - expected).max() <= 1e-3
 
     steps = len(STEADY_RATIOS)
-    monkeypatch.setitem(magcache.PUBLISHED_RATIOS, (2, 4), STEADY_RATIOS)  # the tiny model's "published" ratios
+    tiny = magcache.PublishedRatios("the tiny model", "Wan 2.1 T2V", (2, 4), STEADY_RATIOS)
+    monkeypatch.setattr(magcache, "PUBLISHED", magcache.PUBLISHED + [tiny])  # the tiny model's "published" ratios
+    monkeypatch.setenv("WAN_TPU_MAGCACHE_DIR", str(tmp_path))  # no calibration saved
     with torch.inference_mode():
         nodes.Wan21TPUSampler().sample(positive, negative, num_inference_steps=steps, guidance_scale=5.0, seed=3,
                                        model_id=tiny_model_dir, precision="fp32", magcache=True, unique_id="5",
@@ -215,3 +219,27 @@ def test_step_inputs_are_validated_before_anything_runs(inputs, message):
     for node in (nodes.Wan21TPUSampler, nodes.Wan21TPUPipeline):
         result = node.VALIDATE_INPUTS(**inputs)
         assert isinstance(result, str) and message in result
+
+
+def test_sampler_node_calibrates_and_magcache_then_uses_the_saved_ratios(monkeypatch, tiny_model_dir, tmp_path):
+    from comfy_stubs import ComfyStubs
+    from conftest import load_pack
+
+    stubs = ComfyStubs().install(monkeypatch)
+    monkeypatch.setenv("WAN_TPU_MAGCACHE_DIR", str(tmp_path))
+    load_pack()
+    nodes = pack_module("nodes")
+    inputs = dict(num_inference_steps=6, guidance_scale=5.0, seed=3, model_id=tiny_model_dir, precision="fp32",
+                  **TINY_VIDEO)
+    with torch.inference_mode():
+        positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, tiny_model_dir, precision="fp32")
+        nodes.Wan21TPUSampler().sample(positive, negative, magcache_calibrate=True, unique_id="6", **inputs)
+        (saved,) = list(tmp_path.iterdir())
+        assert saved.name.startswith("tiny-wan21-") and saved.suffix == ".json"
+        assert any(text.startswith(f"MagCache: calibrated 6 ratios, saved to {saved.name}") for text, _ in stubs.texts)
+        nodes.Wan21TPUSampler().sample(positive, negative, magcache=True, magcache_threshold=1.0, unique_id="7",
+                                       **inputs)
+    core = pipeline_mod.WanTPUPipeline(tiny_model_dir, precision="fp32")
+    recorded = magcache.load_calibration(core._ratio_source(core.transformer(), 32, 48, None))
+    ran = magcache.skip_schedule(6, recorded, magcache.MagCacheSettings(threshold=1.0)).count(True)
+    assert ran < 6 and (f"MagCache: {ran} of 6 steps ran the full transformer", "7") in stubs.texts

@@ -63,11 +63,11 @@ def i2v_a14b_diffusers(i2v_a14b_dir):
     return diffusers_i2v(i2v_a14b_dir)
 
 
-def run_core(path, image_seed, seed, prompt=PROMPT, **settings):
+def run_core(path, image_seed, seed, prompt=PROMPT, num_steps=4, **settings):
     core = pipeline_mod.WanTPUPipeline(path, precision="fp32")
     embeddings = core.encode(prompt, NEGATIVE)
     conditioning = core.encode_image(start_image(image_seed), **TINY_VIDEO)
-    latents = core.denoise(embeddings, num_inference_steps=4, seed=seed, flow_shift=3.0, image=conditioning,
+    latents = core.denoise(embeddings, num_inference_steps=num_steps, seed=seed, flow_shift=3.0, image=conditioning,
                            **TINY_VIDEO, **settings)
     return core, conditioning, core.decode(latents).numpy()
 
@@ -179,12 +179,32 @@ def test_an_image_made_for_another_size_or_model_is_refused(i2v_dir, i2v_a14b_di
         wan21.denoise(embeddings, num_inference_steps=2, image=start_image(0), **TINY_VIDEO)
 
 
-def test_magcache_without_i2v_ratios_is_refused(i2v_dir):
+@pytest.mark.parametrize("family", ["wan2.1-i2v", "wan2.2-i2v-a14b"])
+def test_magcache_on_image_to_video_skips_exactly_what_diffusers_skips(request, family):
+    """MagCache on I2V: the step that reuses the residual takes the image's conditioning too; with two
+    experts, each expert has its own MagCacheConfig over its own steps (diffusers: enable_cache on each)."""
+    from diffusers.hooks import MagCacheConfig
+    from diffusers_cache import block_runs, expert_caches, per_step
+
     magcache = pack_module("magcache")
-    core = pipeline_mod.WanTPUPipeline(i2v_dir, precision="fp32")
-    with pytest.raises(ValueError, match="Wan 2.1 I2V: MagCache has published magnitude ratios for Wan 2.1 T2V only"):
-        core.denoise(core.encode(PROMPT, NEGATIVE), num_inference_steps=2, magcache=magcache.MagCacheSettings(),
-                     **TINY_VIDEO)
+    path = request.getfixturevalue({"wan2.1-i2v": "i2v_dir", "wan2.2-i2v-a14b": "i2v_a14b_dir"}[family])
+    pipe = request.getfixturevalue({"wan2.1-i2v": "i2v_diffusers", "wan2.2-i2v-a14b": "i2v_a14b_diffusers"}[family]).pipe
+    steps, ratios = 8, [1.0] + [0.98] * 7
+    settings = magcache.MagCacheSettings(mag_ratios=tuple(ratios))
+    core, _, frames = run_core(path, 2, 4, magcache=settings, num_steps=steps)
+    transformer = core.transformer()
+    schedule = pack_module("scheduler").make_schedule("unipc", transformer.scheduler_config, steps, 3.0)
+    experts = [core.family.expert_for(float(t)) for t in schedule.timesteps]
+    assert len(set(experts)) == core.family.two_experts + 1
+    configs = [MagCacheConfig(num_inference_steps=len(part), mag_ratios=part)
+               for part in magcache.expert_ratio_slices(experts, ratios)]
+    with expert_caches(pipe, configs), block_runs(pipe) as calls:
+        expected = pipe(image=start_image(2), prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                        generator=torch.Generator("cpu").manual_seed(4), output_type="np", **TINY_VIDEO).frames[0]
+    computed = per_step(calls, cfg=True)
+    assert computed == magcache.run_schedule(experts, ratios, settings) and computed.count(False) >= 2
+    assert core.last_run["transformer_evaluations"] == computed.count(True)
+    assert np.abs(frames - expected).max() <= BOUND
 
 
 def test_a_comfyui_image_batch_and_a_bad_image(i2v_dir):
