@@ -171,6 +171,26 @@ class StepProgress:
         self.bar = utils.ProgressBar(total) if utils is not None else None
         self.unique_id, self.label, self.started = unique_id, label, None
         self.status = status_reporter(unique_id)
+        self.previewers = {}  # latent channels -> ComfyUI's previewer
+        self.pending_preview = None
+
+    @property
+    def previews(self) -> bool:
+        """Whether ComfyUI wants previews: it is there and its ``--preview-method`` is not ``none``."""
+        return self.bar is not None and latent_previewer(16) is not None
+
+    def preview(self, frame) -> None:
+        """``on_preview`` for the core: the predicted clean latent's middle frame [C, h, w] (numpy), turned
+        into ComfyUI's preview image by its own previewer; sent with the next progress update."""
+        import torch
+
+        channels = int(frame.shape[0])
+        if channels not in self.previewers:
+            self.previewers[channels] = latent_previewer(channels)
+        previewer = self.previewers[channels]
+        if previewer is not None:
+            x0 = torch.from_numpy(frame[None, :, None].astype("float32"))  # [1, C, 1, h, w], as ComfyUI's video
+            self.pending_preview = previewer.decode_latent_to_preview_image("JPEG", x0)
 
     def __call__(self, step: int, total: int) -> None:
         if step == 0 or self.started is None:
@@ -182,9 +202,22 @@ class StepProgress:
             text = f"{self.label} step {step}/{total}, {per_step:.2f} s/step, ETA {per_step * (total - step):.0f} s"
         logger.info(text)
         if self.bar is not None:
-            self.bar.update_absolute(step, total)  # ComfyUI's hook raises here on Cancel
+            preview, self.pending_preview = self.pending_preview, None
+            self.bar.update_absolute(step, total, preview)  # ComfyUI's hook raises here on Cancel
         send_progress_text(text, self.unique_id)
         check_interrupted()
+
+
+def latent_previewer(channels: int):
+    """ComfyUI's previewer for a Wan latent of ``channels`` (16: Wan 2.1's VAE, 48: Wan 2.2's), as its own
+    samplers get one (``latent_preview.get_previewer``, which honours ``--preview-method``; latent2rgb with
+    ``comfy.latent_formats``' RGB factors unless a TAESD decoder is there). None outside ComfyUI or when
+    previews are off."""
+    latent_preview, formats = _comfy_module("latent_preview"), _comfy_module("comfy.latent_formats")
+    if latent_preview is None or formats is None:
+        return None
+    latent_format = formats.Wan22() if channels == 48 else formats.Wan21()
+    return latent_preview.get_previewer("cpu", latent_format)
 
 
 def status_reporter(unique_id):
@@ -257,14 +290,17 @@ def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, lora=None, 
     if options["timesteps"]:
         num_inference_steps = len(options["timesteps"])  # explicit timesteps set the step count
     progress = StepProgress(num_inference_steps, unique_id)
+    started = time.perf_counter()
     latents = pipe.denoise(embeddings, num_inference_steps=num_inference_steps, on_step=progress,
-                           on_status=progress.status, **video, **options)
+                           on_status=progress.status, on_preview=progress.preview if progress.previews else None,
+                           **video, **options)
     run = pipe.last_run
     if "magcache_calibration" in run:
         progress.status(f"MagCache: calibrated {run['steps']} ratios, saved to {os.path.basename(run['magcache_calibration'])}; "
                         f"runs with magcache on now use them")
     elif run["magcache"]:
         progress.status(f"MagCache: {run['transformer_evaluations']} of {run['steps']} steps ran the full transformer")
+    progress.status(f"done: {run['steps']} steps in {time.perf_counter() - started:.0f} s")
     return latents
 
 
@@ -398,9 +434,9 @@ class Wan21TPUVAEDecoder:
         check_interrupted()
         if not isinstance(latents, dict) or "samples" not in latents:
             raise ValueError("latents has no 'samples': connect a LATENT output such as the TPU Sampler's")
-        frames = make_pipeline(model_id, precision, dp, tp).decode(
-            latents["samples"], on_status=status_reporter(unique_id)
-        )
+        report, started = status_reporter(unique_id), time.perf_counter()
+        frames = make_pipeline(model_id, precision, dp, tp).decode(latents["samples"], on_status=report)
+        report(f"done: {frames.shape[0]} frames decoded in {time.perf_counter() - started:.0f} s")
         return (frames, fps)
 
 

@@ -538,13 +538,13 @@ def whole_weight_copies(manager: TorchaxEnvManager, weights: dict, plan_specs: d
     return {**weights, **copies}, list(copies.values())
 
 
-_NORM_RATIO = {}
+_SMALL_PROGRAMS = {}  # tiny jitted helpers, made on first use (jax specialises them per shape)
 
 
 def residual_norm_ratio(jax):
     """MagCache's magnitude ratio per batch entry, jitted: the mean over tokens of |r| / (|r_prev| + 1e-8),
     norms over channels in float32, as diffusers' calibration computes it. Only scalars leave the device."""
-    if "fn" not in _NORM_RATIO:
+    if "norm_ratio" not in _SMALL_PROGRAMS:
         jnp = jax.numpy
 
         def ratio(residual, previous):
@@ -552,8 +552,15 @@ def residual_norm_ratio(jax):
             before = jnp.linalg.norm(previous.astype(jnp.float32), axis=-1)
             return jnp.mean(current / (before + 1e-8), axis=-1)
 
-        _NORM_RATIO["fn"] = jax.jit(ratio)
-    return _NORM_RATIO["fn"]
+        _SMALL_PROGRAMS["norm_ratio"] = jax.jit(ratio)
+    return _SMALL_PROGRAMS["norm_ratio"]
+
+
+def middle_frame(jax):
+    """A latent's middle frame [C, h, w] of its first video, jitted, so a preview copies only that."""
+    if "middle_frame" not in _SMALL_PROGRAMS:
+        _SMALL_PROGRAMS["middle_frame"] = jax.jit(lambda latent: latent[0, :, latent.shape[2] // 2])
+    return _SMALL_PROGRAMS["middle_frame"]
 
 
 def _activation_sharding(mesh, batch: int, layout: str):
@@ -1061,13 +1068,18 @@ class WanTPUPipeline:
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
                 sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=(),
                 guidance_scale_2: float | None = None, image: WanImageConditioning | None = None,
-                layout: str | None = None, magcache_calibrate: bool = False):
+                layout: str | None = None, magcache_calibrate: bool = False,
+                on_preview: Callable[[np.ndarray], None] | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, 16, T, H/8, W/8] float32 on CPU.
 
         ``layout``: how the step splits the transformer over the mesh, "tensor", "sequence" or "auto";
         None: the pipeline's (``WanTPUPipeline(layout=...)``, ``WAN_TPU_LAYOUT``, else "auto").
 
         ``image``: for image-to-video models, ``encode_image``'s conditioning (made for this size).
+
+        ``on_preview(frame)``: after every step, before ``on_step``, the predicted clean latent's middle
+        frame [C, h, w] (numpy, float32, in the transformer's normalised space) for a live preview. Only
+        that frame leaves the device, and only when ``on_preview`` is given.
 
         ``on_step(i, total)`` runs once with i=0 when loading and compiling are
         done and the first step starts, then after every step; an exception
@@ -1217,6 +1229,8 @@ class WanTPUPipeline:
                                            if same_expert else 1.0)
                         previous = None
                 self.last_step_seconds.append(time.perf_counter() - started)
+                if on_preview is not None:  # state[2]: the step's x0 prediction (UniPC's m)
+                    on_preview(np.asarray(middle_frame(jax)(state[2])))
                 if on_step is not None:
                     on_step(i + 1, total)
             latents = np.asarray(state[0])

@@ -2,7 +2,9 @@
 
 They behave like ComfyUI 0.3.x: ``ProgressBar.update_absolute`` calls the
 global hook, which raises ``InterruptProcessingException`` after Cancel;
-``PromptServer.instance.send_progress_text`` records what it was sent.
+``PromptServer.instance.send_progress_text`` records what it was sent;
+``latent_preview.get_previewer`` returns a previewer (recording the latents it
+is given) unless ``preview_method`` is "none", as ComfyUI's ``--preview-method``.
 """
 
 import sys
@@ -15,6 +17,9 @@ class ComfyStubs:
         self.texts: list[tuple[str, str]] = []
         self.unloads = 0
         self.interrupt_at_step = None  # Cancel when the progress bar reaches this step
+        self.previews: list = []  # the preview each progress update carried (None: none)
+        self.previewed_latents: list = []  # what the previewer was asked to draw
+        self.preview_method = "auto"
 
         model_management = types.ModuleType("comfy.model_management")
 
@@ -45,14 +50,41 @@ class ComfyStubs:
             def update_absolute(self, value, total=None, preview=None):
                 self.current, self.total = value, total or self.total
                 stubs.progress.append((value, self.total))
+                stubs.previews.append(preview)
                 if stubs.interrupt_at_step == value:  # the user pressed Cancel during this step
                     model_management.interrupt_processing = True
                 model_management.throw_exception_if_processing_interrupted()  # as main.py's hook does
 
         utils.ProgressBar = ProgressBar
 
+        latent_formats = types.ModuleType("comfy.latent_formats")
+
+        class Wan21:
+            latent_channels = 16
+
+        class Wan22:
+            latent_channels = 48
+
+        latent_formats.Wan21, latent_formats.Wan22 = Wan21, Wan22
+
+        latent_preview = types.ModuleType("latent_preview")
+
+        class Previewer:
+            def __init__(self, latent_format):
+                self.latent_format = latent_format
+
+            def decode_latent_to_preview_image(self, preview_format, x0):
+                assert x0.shape[1] == self.latent_format.latent_channels
+                stubs.previewed_latents.append(x0)
+                return ("JPEG", f"preview {len(stubs.previewed_latents)}", 512)
+
+        def get_previewer(device, latent_format):
+            return None if stubs.preview_method == "none" else Previewer(latent_format)
+
+        latent_preview.get_previewer = get_previewer
+
         comfy = types.ModuleType("comfy")
-        comfy.utils, comfy.model_management = utils, model_management
+        comfy.utils, comfy.model_management, comfy.latent_formats = utils, model_management, latent_formats
 
         server = types.ModuleType("server")
 
@@ -65,7 +97,7 @@ class ComfyStubs:
         PromptServer.instance = PromptServer()
         server.PromptServer = PromptServer
         self.modules = {"comfy": comfy, "comfy.utils": utils, "comfy.model_management": model_management,
-                        "server": server}
+                        "comfy.latent_formats": latent_formats, "latent_preview": latent_preview, "server": server}
         self.model_management = model_management
 
     def install(self, monkeypatch):

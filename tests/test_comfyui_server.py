@@ -5,6 +5,7 @@ Runs only when COMFYUI_DIR points at a ComfyUI checkout whose Python
 requirements. The server listens on 127.0.0.1 only.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -40,10 +41,21 @@ def _get(url, payload=None, timeout=10):
         return json.loads(body) if body else None
 
 
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", os.path.join(os.path.abspath(COMFYUI_DIR or "."), ".venv", "bin",
+                                                                  "python"))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
+    """A ComfyUI with live previews on (ComfyUI's default is --preview-method none)."""
+    with running_comfyui(tmp_path_factory.mktemp("comfyui"), tiny_model_dir, ["--preview-method", "auto"]) as info:
+        yield info
+
+
+@contextlib.contextmanager
+def running_comfyui(work, tiny_model_dir, extra_args=()):
     comfy_dir = os.path.abspath(COMFYUI_DIR)
-    python = os.environ.get("COMFYUI_PYTHON", os.path.join(comfy_dir, ".venv", "bin", "python"))
+    python = COMFYUI_PYTHON
     # Linked under the name users clone it as. (A checkout folder named "main"
     # would shadow ComfyUI's own main module.)
     link = os.path.join(comfy_dir, "custom_nodes", "ComfyUI-Wan-TPU")
@@ -52,7 +64,6 @@ def server(tmp_path_factory, tiny_model_dir):
         os.symlink(PACK_DIR, link)
     elif os.path.realpath(link) != os.path.realpath(PACK_DIR):
         pytest.fail(f"{link} exists and is not this checkout: remove it to run this test")
-    work = tmp_path_factory.mktemp("comfyui")
     # LoRAs for the examples' placeholder names go into a loras folder of our own, added as a user would.
     (work / "loras").mkdir()
     (work / "extra_model_paths.yaml").write_text(f"wan_tpu_test:\n    base_path: {work}\n    loras: loras\n")
@@ -66,7 +77,7 @@ def server(tmp_path_factory, tiny_model_dir):
         process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--output-directory", str(work / "output"), "--extra-model-paths-config",
-             str(work / "extra_model_paths.yaml")],
+             str(work / "extra_model_paths.yaml"), *extra_args],
             cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     url = f"http://127.0.0.1:{port}"
@@ -218,3 +229,66 @@ def test_a_model_folder_outside_the_roots_is_refused_without_naming_it(server, t
         body = error.read().decode()
     assert "model_id" in body and "WAN_TPU_MODEL_ROOTS" in body
     assert str(tmp_path) not in body.replace(str(outside / ".."), "")
+
+
+# Run under ComfyUI's Python (it has aiohttp): listen on the websocket as the page does, queue the prompt for
+# this client, count the preview images that arrive while it runs, print the counts when it has executed.
+_PREVIEW_LISTENER = r"""
+import asyncio, json, sys, uuid
+import aiohttp
+
+async def main(url, path, timeout):
+    client = uuid.uuid4().hex
+    counts = {"previews": 0, "progress": 0}
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{url}/ws?clientId={client}") as ws:
+            with open(path) as handle:
+                prompt = json.load(handle)
+            async with session.post(f"{url}/prompt", json={"prompt": prompt, "client_id": client}) as answer:
+                prompt_id = (await answer.json())["prompt_id"]
+            while True:
+                message = await asyncio.wait_for(ws.receive(), timeout)
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    if int.from_bytes(message.data[:4], "big") in (1, 2, 4):  # ComfyUI's preview image events
+                        counts["previews"] += 1
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    event = json.loads(message.data)
+                    data = event.get("data", {})
+                    if event["type"] == "progress" and data.get("prompt_id") == prompt_id:
+                        counts["progress"] += 1
+                    if event["type"] == "execution_error":
+                        raise SystemExit(json.dumps(data)[:2000])
+                    if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                        break
+                else:
+                    raise SystemExit(f"websocket closed: {message}")
+    print(json.dumps(counts))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+"""
+
+
+def _previews_while_sampling(url, tiny_model_dir, tmp_path, steps=3) -> dict:
+    with open(os.path.join(PACK_DIR, "examples", "api", "wan21_tpu_480p_api.json")) as handle:
+        workflow = json.load(handle)
+    queue = _load_queue_script()
+    queue.override_inputs(workflow, model_id=str(tiny_model_dir), height=256, width=256, num_frames=17,
+                          num_inference_steps=steps, seed=len(str(tmp_path)))
+    path = tmp_path / "prompt.json"
+    path.write_text(json.dumps(workflow))
+    done = subprocess.run([COMFYUI_PYTHON, "-c", _PREVIEW_LISTENER, url, str(path), "600"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_previews_arrive_over_the_websocket_while_sampling(server, tiny_model_dir, tmp_path):
+    counts = _previews_while_sampling(server["url"], tiny_model_dir, tmp_path, steps=3)
+    assert counts["previews"] >= 3, counts  # one per denoising step
+
+
+def test_no_previews_are_sent_with_preview_method_none(tmp_path_factory, tiny_model_dir, tmp_path):
+    with running_comfyui(tmp_path_factory.mktemp("comfyui-no-previews"), tiny_model_dir,
+                         ["--preview-method", "none"]) as other:
+        counts = _previews_while_sampling(other["url"], tiny_model_dir, tmp_path, steps=3)
+    assert counts["previews"] == 0 and counts["progress"] >= 3, counts  # progress still, previews not

@@ -259,3 +259,21 @@ def test_step_progress_eta_excludes_what_came_before_step_zero(nodes, comfy, mon
     texts = [text for text, _ in comfy.texts]
     assert texts[-2] == "denoise step 1/4, 3.00 s/step, ETA 9 s"
     assert texts[-1] == "denoise step 2/4, 2.50 s/step, ETA 5 s"
+
+
+@pytest.mark.parametrize("method", ["auto", "none"])
+def test_the_sampler_sends_a_preview_every_step_unless_previews_are_off(nodes, comfy, tiny_model_dir, method):
+    comfy.preview_method = method
+    comfy.progress.clear(), comfy.previews.clear(), comfy.previewed_latents.clear()
+    run_three_nodes(nodes, tiny_model_dir, unique_id="13")
+    step_previews = comfy.previews[-4:]  # with the updates of steps 1..4
+    if method == "none":  # no previewer: nothing drawn, and the core is given no preview callback
+        assert not comfy.previewed_latents and step_previews == [None] * 4
+        return
+    assert step_previews == [("JPEG", f"preview {i}", 512) for i in range(1, 5)]
+    latents = comfy.previewed_latents
+    assert all(tuple(x0.shape) == (1, 16, 1, 4, 6) for x0 in latents)  # the middle latent frame, as ComfyUI's video
+    assert not torch.equal(latents[0], latents[-1])  # each step's own prediction
+    # Each node's status ends in a final state, not in "compiling ...".
+    texts = [text for text, node in comfy.texts if node == "13"]
+    assert texts[-1].startswith("done: 5 frames decoded in") and any(t.startswith("done: 4 steps in") for t in texts)
