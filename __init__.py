@@ -1,13 +1,17 @@
-"""ComfyUI-Wan-TPU: Wan 2.1 text-to-video on Cloud TPU through torchax.
+"""ComfyUI-Wan-TPU: Wan 2.1 and 2.2 video generation on Cloud TPU through torchax.
 
 Registration only: importing the pack imports neither jax nor torchax and
 changes no global state. Inside ComfyUI it also wraps "Unload Models" so that
-it frees this pack's device memory.
+it frees this pack's device memory, adds the ``/wan_tpu/devices`` route, and
+serves ``web/`` (the TPU monitor panel) to the page.
 """
 
 from .env_manager import install_comfyui_unload_hook
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .server_routes import register_routes
 
 install_comfyui_unload_hook()
+register_routes()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

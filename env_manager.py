@@ -18,6 +18,7 @@ import contextlib
 import functools
 import gc
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -497,6 +498,40 @@ class TorchaxEnvManager:
     def owned_arrays(self) -> list:
         with self._lock:
             return [a for entry in self._components.values() for a in entry.arrays]
+
+    def device_report(self) -> dict:
+        """What the page's TPU monitor shows: per device its kind and memory (``memory_stats()``: used and
+        total where the backend reports them, None on CPU) and the bytes of the pack's components on it;
+        the components; the programs compiled. Never starts jax: before the pack has, it says so."""
+        if self._env is None:
+            return {"started": False, "platform": None, "devices": [], "components": [], "compiled_programs": 0}
+        devices = {}
+        for device in self._jax.devices():
+            try:
+                stats = device.memory_stats() or {}
+            except Exception:  # a backend without memory statistics
+                stats = {}
+            devices[device.id] = {"id": device.id, "kind": device.device_kind, "platform": device.platform,
+                                  "used_bytes": stats.get("bytes_in_use"), "total_bytes": stats.get("bytes_limit"),
+                                  "pack_bytes": 0}
+        components = []
+        with self._lock:
+            for key, entry in self._components.items():
+                held = 0
+                for array in entry.arrays:
+                    if array.is_deleted():
+                        continue
+                    held += array.nbytes
+                    shard_bytes = math.prod(array.sharding.shard_shape(array.shape)) * array.dtype.itemsize
+                    for device in array.sharding.device_set:
+                        if device.id in devices:
+                            devices[device.id]["pack_bytes"] += shard_bytes
+                kind, model = (key[0], key[1]) if isinstance(key, tuple) and len(key) > 1 else (str(key), "")
+                # The model's folder name only: the page is open to whoever reaches the server.
+                components.append({"kind": kind, "model": os.path.basename(str(model).rstrip("/")), "bytes": held})
+        return {"started": True, "platform": self.platform, "devices": list(devices.values()),
+                "components": components, "compiled_programs": self._compile_count - self._cache_hits,
+                "compile_cache_hits": self._cache_hits}
 
     def _drop(self, key, reason: str):
         entry = self._components.pop(key)

@@ -391,9 +391,9 @@ class DeviceLoras:
         with self._lock:
             self._check_ownership(weights)
             active = [spec for spec in loras if spec.strength != 0.0]
-            state = tuple((*_file_key(spec.path), spec.strength) for spec in active)
-            if state == self._state:
+            if self.applied(active):
                 return weights
+            state = tuple((*_file_key(spec.path), spec.strength) for spec in active)
             started = time.perf_counter()
             plan = self.check(weights, active)
             restore = sorted(self._changed - set(plan))
@@ -413,6 +413,10 @@ class DeviceLoras:
                 self.host_bytes / 2**20,
             )
             return weights
+
+    def applied(self, loras: list[LoraSpec]) -> bool:
+        """Whether ``loras`` are what is applied now (``apply`` would then do nothing)."""
+        return tuple((*_file_key(spec.path), spec.strength) for spec in loras if spec.strength != 0.0) == self._state
 
     def check(self, weights: dict, loras: list[LoraSpec]) -> dict[str, list]:
         """Read ``loras`` and check each fits ``weights``, changing nothing; returns the update plan

@@ -842,7 +842,7 @@ class WanTPUPipeline:
             if transformer.device_loras is None and specs:
                 transformer.device_loras = DeviceLoras(self.manager, transformer.mesh)
         for transformer, specs in zip(experts, wanted):  # every LoRA read and checked before any weight changes
-            if transformer.device_loras is not None:
+            if transformer.device_loras is not None and not transformer.device_loras.applied(specs):
                 transformer.device_loras.check(transformer.weights, specs)
         if on_status is not None and loras:
             on_status(f"applying {len(loras)} LoRA(s)")

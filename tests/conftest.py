@@ -51,6 +51,25 @@ def manager():
     return pack_module("env_manager").TorchaxEnvManager.instance()
 
 
+@pytest.fixture(scope="session")
+def a14b_dir(tmp_path_factory):
+    """A tiny Wan 2.2 T2V A14B-style folder: two experts, switching at 60% of the timesteps."""
+    tiny_wan = pack_module("tiny_wan")
+    return tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan22-a14b", tiny_wan.TINY_A14B)
+
+
+def diffusers_wan_pipeline(path, flow_shift: float | None = None):
+    """diffusers' WanPipeline (fp32) on a tiny folder, progress bar off, optionally at another flow_shift."""
+    import torch
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if flow_shift is not None:
+        pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
+    return pipe
+
+
 TINY_VIDEO = dict(height=32, width=48, num_frames=5)
 
 

@@ -8,12 +8,11 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIDEO, pack_module
+from conftest import TINY_VIDEO, diffusers_wan_pipeline, pack_module
 from diffusers_cache import block_runs, calibration_log, expert_caches, per_step
 from test_lora import write_random_lora
 
 pipeline_mod = pack_module("pipeline")
-tiny_wan = pack_module("tiny_wan")
 loading = pack_module("loading")
 lora = pack_module("lora")
 magcache = pack_module("magcache")
@@ -26,18 +25,8 @@ STEADY_RATIOS = [1.0] + [0.98] * (STEPS - 1)
 
 
 @pytest.fixture(scope="module")
-def a14b_dir(tmp_path_factory):
-    return tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan22-a14b", tiny_wan.TINY_A14B)
-
-
-@pytest.fixture(scope="module")
 def pipe(a14b_dir):
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(a14b_dir, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=RUN["flow_shift"])
-    return pipe
+    return diffusers_wan_pipeline(a14b_dir, RUN["flow_shift"])
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +165,7 @@ def lora_pair(a14b_dir, tmp_path_factory):
 
 def diffusers_with_pair(a14b_dir, high, low, steps):
     """diffusers' WanPipeline with ``high`` [(path, strength)] in transformer and ``low`` in transformer_2, fused."""
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(a14b_dir, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=RUN["flow_shift"])
+    pipe = diffusers_wan_pipeline(a14b_dir, RUN["flow_shift"])
     for component, loras, into_second in (("transformer", high, False), ("transformer_2", low, True)):
         for index, (path, strength) in enumerate(loras):
             name = f"{component}_{index}"

@@ -119,12 +119,17 @@ def test_examples_are_served_as_workflow_templates(server):
     assert {node["type"] for node in workflow["nodes"]} <= set(info)  # core nodes included
 
 
-def test_api_example_makes_an_mp4_and_free_releases_the_device(server, tiny_model_dir):
-    queue = _load_queue_script()
+def tiny_480p_workflow(tiny_model_dir, steps: int, **inputs) -> dict:
+    """The 480P API example on the tiny model at 256x256, 17 frames and ``steps`` steps."""
     with open(os.path.join(PACK_DIR, "examples", "api", "wan21_tpu_480p_api.json")) as handle:
         workflow = json.load(handle)
-    queue.override_inputs(workflow, model_id=str(tiny_model_dir), height=256, width=256, num_frames=17,
-                          num_inference_steps=2)
+    return _load_queue_script().override_inputs(workflow, model_id=str(tiny_model_dir), height=256, width=256,
+                                                num_frames=17, num_inference_steps=steps, **inputs)
+
+
+def test_api_example_makes_an_mp4_and_free_releases_the_device(server, tiny_model_dir):
+    queue = _load_queue_script()
+    workflow = tiny_480p_workflow(tiny_model_dir, 2)
     files = queue.queue_and_wait(server["url"], workflow, timeout=900)
     videos = [server["output"] / path for path in files if path.endswith(".mp4")]
     assert videos and all(video.stat().st_size > 0 for video in videos)
@@ -269,11 +274,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
 
 
 def _previews_while_sampling(url, tiny_model_dir, tmp_path, steps=3) -> dict:
-    with open(os.path.join(PACK_DIR, "examples", "api", "wan21_tpu_480p_api.json")) as handle:
-        workflow = json.load(handle)
-    queue = _load_queue_script()
-    queue.override_inputs(workflow, model_id=str(tiny_model_dir), height=256, width=256, num_frames=17,
-                          num_inference_steps=steps, seed=len(str(tmp_path)))
+    # A seed no other test runs: ComfyUI would reuse a cached result, and sample (and preview) nothing.
+    workflow = tiny_480p_workflow(tiny_model_dir, steps, seed=31)
     path = tmp_path / "prompt.json"
     path.write_text(json.dumps(workflow))
     done = subprocess.run([COMFYUI_PYTHON, "-c", _PREVIEW_LISTENER, url, str(path), "600"], capture_output=True,
@@ -292,3 +294,100 @@ def test_no_previews_are_sent_with_preview_method_none(tmp_path_factory, tiny_mo
                          ["--preview-method", "none"]) as other:
         counts = _previews_while_sampling(other["url"], tiny_model_dir, tmp_path, steps=3)
     assert counts["previews"] == 0 and counts["progress"] >= 3, counts  # progress still, previews not
+
+
+def test_the_monitor_route_and_its_page_extension(server, tiny_model_dir):
+    """After a run the route lists the 8 devices and the components; the page loads the monitor's script."""
+    _one_step_run(server, tiny_model_dir)
+    report = _get(server["url"] + "/wan_tpu/devices")
+    assert report["started"] and len(report["devices"]) == 8 and report["compiled_programs"] > 0
+    assert {"text_encoder", "transformer", "vae"} <= {c["kind"] for c in report["components"]}
+    assert "/extensions/ComfyUI-Wan-TPU/wan_tpu_monitor.js" in _get(server["url"] + "/extensions")
+
+
+def _one_step_run(server, tiny_model_dir):
+    _load_queue_script().queue_and_wait(server["url"], tiny_480p_workflow(tiny_model_dir, 1), timeout=900)
+
+
+# A real browser (Debian's chromium, driven by playwright from COMFYUI_BROWSER_PYTHON, default the
+# .harness-venv that ../shared/tools/setup_comfyui.sh makes): the page shows the monitor panel.
+BROWSER_PYTHON = os.environ.get("COMFYUI_BROWSER_PYTHON",
+                                os.path.join(os.path.abspath(COMFYUI_DIR or "."), ".harness-venv", "bin", "python"))
+_BROWSER_CHECK = r"""
+import sys
+from playwright.sync_api import sync_playwright
+
+url, shot = sys.argv[1], sys.argv[2]
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(url)
+    panel = page.locator("#wan-tpu-monitor")
+    panel.wait_for(timeout=120000)
+    page.wait_for_function("document.querySelector('#wan-tpu-monitor').innerText.includes('compiled programs')",
+                           timeout=60000)
+    page.screenshot(path=shot)
+    print(panel.inner_text())
+    browser.close()
+"""
+
+
+@pytest.mark.skipif(not (os.path.exists(BROWSER_PYTHON) and os.path.exists("/usr/bin/chromium")),
+                    reason="needs chromium and playwright (COMFYUI_BROWSER_PYTHON)")
+def test_a_browser_sees_the_monitor_in_the_page(server, tiny_model_dir, tmp_path):
+    if not _get(server["url"] + "/wan_tpu/devices")["started"]:
+        _one_step_run(server, tiny_model_dir)  # so the panel has devices to show
+    shot = tmp_path / "monitor.png"
+    done = subprocess.run([BROWSER_PYTHON, "-c", _BROWSER_CHECK, server["url"], str(shot)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Wan TPU monitor" in done.stdout and "cpu 0 cpu" in done.stdout and "holds: " in done.stdout
+    assert shot.stat().st_size > 0
+
+
+_BROWSER_PREVIEW = r"""
+import json, sys
+from playwright.sync_api import sync_playwright
+
+url, workflow_path, shot = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(workflow_path) as handle:
+    workflow = json.load(handle)
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(url)
+    page.wait_for_function("window.app && window.app.graph", timeout=120000)
+    page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
+    page.get_by_role("button", name="Run").first.click()  # the Run button, as a user presses it
+    # The sampler (node 2) gets preview images while it samples: the page keeps them per node.
+    page.wait_for_function(
+        "(() => { const app = window.app; const images = (app.nodePreviewImages || {})['2'];"
+        " const node = app.graph.getNodeById(2); return (images && images.length > 0) ||"
+        " (node && node.imgs && node.imgs.length > 0); })()", timeout=600000, polling=200)
+    page.screenshot(path=shot)
+    print("preview seen under the sampler")
+    browser.close()
+"""
+
+
+@pytest.mark.skipif(not (os.path.exists(BROWSER_PYTHON) and os.path.exists("/usr/bin/chromium")),
+                    reason="needs chromium and playwright (COMFYUI_BROWSER_PYTHON)")
+def test_a_browser_sees_the_preview_under_the_sampler_after_run(server, tiny_model_dir, tmp_path):
+    with open(os.path.join(PACK_DIR, "examples", "wan21_tpu_480p.json")) as handle:
+        workflow = json.load(handle)
+    for node in workflow["nodes"]:  # the UI example, on the tiny model and a small size
+        values = node.get("widgets_values") or []
+        node["widgets_values"] = [str(tiny_model_dir) if v == "Wan-AI/Wan2.1-T2V-14B-Diffusers" else v for v in values]
+        if node["type"] == "Wan21TPUSampler":
+            node["widgets_values"][:6] = [256, 256, 17, 6, 5.0, 77]  # a seed no other test runs
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    shot = tmp_path / "preview.png"
+    done = subprocess.run([BROWSER_PYTHON, "-c", _BROWSER_PREVIEW, server["url"], str(path), str(shot)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert shot.stat().st_size > 0

@@ -137,3 +137,16 @@ def test_importing_the_pack_like_comfyui_imports_neither_jax_nor_torchax():
     )
     loaded = _imports_after(statement)
     assert not loaded & {"jax", "torchax"}
+
+
+def test_the_monitor_report_before_any_run_starts_no_jax():
+    statement = (
+        f"spec = importlib.util.spec_from_file_location({PACK_NAME!r}, {PACK_DIR + '/__init__.py'!r})\n"
+        "module = importlib.util.module_from_spec(spec); sys.modules[spec.name] = module\n"
+        "spec.loader.exec_module(module)\n"
+        f"report = importlib.import_module({PACK_NAME!r} + '.server_routes').device_report()\n"
+        "assert report == {'started': False, 'platform': None, 'devices': [], 'components': [],"
+        " 'compiled_programs': 0}, report"
+    )
+    assert not _imports_after(statement) & {"jax", "torchax"}
+

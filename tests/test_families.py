@@ -4,26 +4,17 @@ families the pack does not run yet are refused with a message."""
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VIDEO, pack_module
+from conftest import TINY_VIDEO, diffusers_wan_pipeline, pack_module
 
 families = pack_module("families")
 pipeline_mod = pack_module("pipeline")
-tiny_wan = pack_module("tiny_wan")
 
 PROMPT, NEGATIVE = "a robot dancing in the rain", "blurry, static"
 
 
 @pytest.fixture(scope="module")
-def a14b_dir(tmp_path_factory):
-    return tiny_wan.build_tiny_wan(tmp_path_factory.mktemp("models") / "tiny-wan22-a14b", tiny_wan.TINY_A14B)
-
-
-@pytest.fixture(scope="module")
 def a14b_diffusers(a14b_dir):
-    from diffusers import WanPipeline
-
-    pipe = WanPipeline.from_pretrained(a14b_dir, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_wan_pipeline(a14b_dir)
     assert pipe.transformer_2 is not None and pipe.config.boundary_ratio == 0.6
     return pipe
 
