@@ -266,6 +266,42 @@ def test_ti2v_text_and_image_to_video_match_diffusers(ti2v_dir, ti2v_diffusers, 
     assert manager.compile_count() - compiles <= 2  # the image run adds only the VAE encode's two chunk programs
 
 
+def test_ti2v_calibrates_and_magcache_skips_what_diffusers_skips(ti2v_dir, monkeypatch, tmp_path):
+    """TI2V 5B (a timestep per token): a calibration run records diffusers' calibration ratios, and MagCache on
+    them skips exactly what diffusers' MagCacheConfig skips, with the same frames."""
+    from diffusers import WanPipeline
+    from diffusers.hooks import MagCacheConfig
+    from diffusers_cache import block_runs, calibration_log, expert_caches, per_step
+
+    magcache = pack_module("magcache")
+    monkeypatch.setenv("WAN_TPU_MAGCACHE_DIR", str(tmp_path))
+    steps = 6
+    core = pipeline_mod.WanTPUPipeline(ti2v_dir, precision="fp32")
+    embeddings = core.encode(PROMPT, NEGATIVE)
+    run = dict(num_inference_steps=steps, guidance_scale=5.0, seed=2, flow_shift=3.0, **TI2V_VIDEO)
+    core.denoise(embeddings, magcache_calibrate=True, **run)
+    recorded = core.last_run["magcache_ratios"]
+    pipe = WanPipeline.from_pretrained(ti2v_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, flow_shift=3.0)
+
+    def theirs():
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(2), output_type="np", **TI2V_VIDEO).frames[0]
+
+    with expert_caches(pipe, [MagCacheConfig(calibrate=True, num_inference_steps=steps)]), calibration_log() as logged:
+        theirs()
+    np.testing.assert_allclose(recorded, logged[0], rtol=1e-4)  # the cond context's ratios
+    settings = magcache.MagCacheSettings(threshold=1.0, max_skip_steps=2)
+    frames = core.decode(core.denoise(embeddings, magcache=settings, **run)).numpy()
+    with expert_caches(pipe, [MagCacheConfig(num_inference_steps=steps, mag_ratios=recorded, threshold=1.0,
+                                             max_skip_steps=2)]), block_runs(pipe) as calls:
+        expected = theirs()
+    computed = per_step(calls, cfg=True)
+    assert computed == magcache.skip_schedule(steps, recorded, settings) and computed.count(False) >= 1
+    assert np.abs(frames - expected).max() <= BOUND
+
+
 def test_ti2v_through_the_nodes_and_its_size_rule(monkeypatch, ti2v_dir, ti2v_diffusers, manager):
     from comfy_stubs import ComfyStubs
     from conftest import load_pack
