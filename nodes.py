@@ -177,7 +177,11 @@ class StepProgress:
     @property
     def previews(self) -> bool:
         """Whether ComfyUI wants previews: it is there and its ``--preview-method`` is not ``none``."""
-        return self.bar is not None and latent_previewer(16) is not None
+        if self.bar is None:
+            return False
+        if 16 not in self.previewers:
+            self.previewers[16] = latent_previewer(16)
+        return self.previewers[16] is not None
 
     def preview(self, frame) -> None:
         """``on_preview`` for the core: the predicted clean latent's middle frame [C, h, w] (numpy), turned
@@ -296,8 +300,8 @@ def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, lora=None, 
                            **video, **options)
     run = pipe.last_run
     if "magcache_calibration" in run:
-        progress.status(f"MagCache: calibrated {run['steps']} ratios, saved to {os.path.basename(run['magcache_calibration'])}; "
-                        f"runs with magcache on now use them")
+        saved = os.path.basename(run["magcache_calibration"])
+        progress.status(f"MagCache: calibrated {run['steps']} ratios, saved to {saved}; runs with magcache on now use them")
     elif run["magcache"]:
         progress.status(f"MagCache: {run['transformer_evaluations']} of {run['steps']} steps ran the full transformer")
     progress.status(f"done: {run['steps']} steps in {time.perf_counter() - started:.0f} s")
