@@ -313,24 +313,27 @@ def _one_step_run(server, tiny_model_dir):
 # .harness-venv that ../shared/tools/setup_comfyui.sh makes): the page shows the monitor panel.
 BROWSER_PYTHON = os.environ.get("COMFYUI_BROWSER_PYTHON",
                                 os.path.join(os.path.abspath(COMFYUI_DIR or "."), ".harness-venv", "bin", "python"))
-_BROWSER_CHECK = r"""
-import sys
+# Each browser script starts with this: headless chromium (the flags this machine needs) on the page argv[1].
+_BROWSER_OPEN = r"""
+import json, sys
 from playwright.sync_api import sync_playwright
 
-url, shot = sys.argv[1], sys.argv[2]
-with sync_playwright() as p:
-    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.goto(url)
-    panel = page.locator("#wan-tpu-monitor")
-    panel.wait_for(timeout=120000)
-    page.wait_for_function("document.querySelector('#wan-tpu-monitor').innerText.includes('compiled programs')",
-                           timeout=60000)
-    page.screenshot(path=shot)
-    print(panel.inner_text())
-    browser.close()
+playwright = sync_playwright().start()
+browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+page = browser.new_page(viewport={"width": 1400, "height": 900})
+page.goto(sys.argv[1])
+"""
+_BROWSER_CHECK = _BROWSER_OPEN + r"""
+panel = page.locator("#wan-tpu-monitor")
+panel.wait_for(timeout=120000)
+page.wait_for_function("document.querySelector('#wan-tpu-monitor').innerText.includes('compiled programs')",
+                       timeout=60000)
+page.screenshot(path=sys.argv[2])
+print(panel.inner_text())
+browser.close()
+playwright.stop()
 """
 
 
@@ -347,30 +350,21 @@ def test_a_browser_sees_the_monitor_in_the_page(server, tiny_model_dir, tmp_path
     assert shot.stat().st_size > 0
 
 
-_BROWSER_PREVIEW = r"""
-import json, sys
-from playwright.sync_api import sync_playwright
-
-url, workflow_path, shot = sys.argv[1], sys.argv[2], sys.argv[3]
-with open(workflow_path) as handle:
+_BROWSER_PREVIEW = _BROWSER_OPEN + r"""
+with open(sys.argv[2]) as handle:
     workflow = json.load(handle)
-with sync_playwright() as p:
-    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.goto(url)
-    page.wait_for_function("window.app && window.app.graph", timeout=120000)
-    page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
-    page.get_by_role("button", name="Run").first.click()  # the Run button, as a user presses it
-    # The sampler (node 2) gets preview images while it samples: the page keeps them per node.
-    page.wait_for_function(
-        "(() => { const app = window.app; const images = (app.nodePreviewImages || {})['2'];"
-        " const node = app.graph.getNodeById(2); return (images && images.length > 0) ||"
-        " (node && node.imgs && node.imgs.length > 0); })()", timeout=600000, polling=200)
-    page.screenshot(path=shot)
-    print("preview seen under the sampler")
-    browser.close()
+page.wait_for_function("window.app && window.app.graph", timeout=120000)
+page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
+page.get_by_role("button", name="Run").first.click()  # the Run button, as a user presses it
+# The sampler (node 2) gets preview images while it samples: the page keeps them per node.
+page.wait_for_function(
+    "(() => { const app = window.app; const images = (app.nodePreviewImages || {})['2'];"
+    " const node = app.graph.getNodeById(2); return (images && images.length > 0) ||"
+    " (node && node.imgs && node.imgs.length > 0); })()", timeout=600000, polling=200)
+page.screenshot(path=sys.argv[3])
+print("preview seen under the sampler")
+browser.close()
+playwright.stop()
 """
 
 
