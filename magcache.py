@@ -220,15 +220,19 @@ def nearest_interp(ratios: np.ndarray, length: int) -> np.ndarray:
     return ratios[np.round(grid).astype(np.int64)]
 
 
+def resampled(ratios, length: int) -> np.ndarray:
+    """The ratios as float32, one per step of a ``length``-step run (``nearest_interp`` when they differ)."""
+    ratios = np.asarray(ratios, np.float32)
+    return ratios if len(ratios) == length else nearest_interp(ratios, length)
+
+
 def skip_schedule(num_steps: int, ratios, settings: MagCacheSettings) -> list[bool]:
     """Per step, True to run the transformer, False to reuse the cached residual.
 
     Follows diffusers' ``MagCacheHeadHook`` exactly, its float32 accumulators
     included. Step 0 always runs (there is no residual yet).
     """
-    ratios = np.asarray(ratios, np.float32)
-    if len(ratios) != num_steps:
-        ratios = nearest_interp(ratios, num_steps)
+    ratios = resampled(ratios, num_steps)
     retention_step = int(settings.retention_ratio * num_steps + 0.5)
     accumulated_ratio, accumulated_err, accumulated_steps = np.float32(1.0), np.float32(0.0), 0
     have_residual = False
@@ -254,9 +258,7 @@ def run_schedule(expert_of_step, ratios, settings: MagCacheSettings) -> list[boo
     the run's ratios are resampled to its length and split at the switch, and each expert's steps are
     scheduled as their own MagCache run, as diffusers does with a ``MagCacheConfig`` per transformer."""
     total = len(expert_of_step)
-    ratios = np.asarray(ratios, np.float32)
-    if len(ratios) != total:
-        ratios = nearest_interp(ratios, total)
+    ratios = resampled(ratios, total)
     compute, start = [], 0
     while start < total:
         stop = start
@@ -269,9 +271,7 @@ def run_schedule(expert_of_step, ratios, settings: MagCacheSettings) -> list[boo
 
 def expert_ratio_slices(expert_of_step, ratios) -> list[list[float]]:
     """The run's ratios cut per expert, for diffusers' ``MagCacheConfig`` of each transformer."""
-    ratios = np.asarray(ratios, np.float32)
-    if len(ratios) != len(expert_of_step):
-        ratios = nearest_interp(ratios, len(expert_of_step))
+    ratios = resampled(ratios, len(expert_of_step))
     return [[float(r) for r, e in zip(ratios, expert_of_step) if e == expert]
             for expert in dict.fromkeys(expert_of_step)]
 

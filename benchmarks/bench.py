@@ -383,13 +383,7 @@ def write_lora_pair(folder: str, transformer_config: dict, rank: int = 32) -> di
     return paths
 
 
-def _expert_schedule(module, config: dict, steps: int, sampler: str, shift: float, boundary: float) -> list:
-    """Which expert runs each step, as both sides pick it."""
-    schedule = module("scheduler").make_schedule(sampler, config, steps, shift)
-    return [0 if t >= boundary * config.get("num_train_timesteps", 1000) else 1 for t in schedule.timesteps]
-
-
-def _diffusers_case(peer, args, module, case, ratios, loras):
+def _diffusers_case(peer, args, ours, case, ratios, loras):
     """(seconds denoising, transformer evaluations, frames) for diffusers doing the same thing."""
     steps, guidance, guidance_2, sampler, shift, use_magcache, use_loras = case
     torch, pipe = peer.torch, peer.pipe
@@ -416,16 +410,13 @@ def _diffusers_case(peer, args, module, case, ratios, loras):
                 pipe.load_lora_weights(path, adapter_name=expert, load_into_transformer_2=component == "transformer_2")
                 pipe.fuse_lora(components=[component], lora_scale=1.0, adapter_names=[expert])
                 fused.append(component)
-        if use_magcache:
-            if len(transformers) == 2:
-                experts = _expert_schedule(module, dict(pipe.scheduler.config), steps, sampler, shift,
-                                           pipe.config.boundary_ratio)
-                parts = module("magcache").expert_ratio_slices(experts, ratios)
-            else:
-                parts = [list(ratios)]
+        if use_magcache:  # a MagCacheConfig per transformer, over its share of the steps and of the ratios
+            schedule = ours.module("scheduler").make_schedule(sampler, ours.pipe.transformer().scheduler_config,
+                                                              steps, shift)
+            experts = [ours.pipe.family.expert_for(float(t)) for t in schedule.timesteps]
+            parts = ours.module("magcache").expert_ratio_slices(experts, ratios)
             for transformer, part in zip(transformers, parts):
-                transformer.enable_cache(MagCacheConfig(num_inference_steps=len(part) if len(transformers) == 2
-                                                        else steps, mag_ratios=part))
+                transformer.enable_cache(MagCacheConfig(num_inference_steps=len(part), mag_ratios=part))
                 # diffusers 0.39 keeps a stale list of hooked submodules once the transformer has run, and
                 # MagCache's hooks would then share one state between the CFG halves: refresh it.
                 transformer._diffusers_hook._child_registries_cache = None
@@ -489,7 +480,7 @@ def fewer_steps(args, module, peer, ours) -> dict:
     results = {}
     for name, case in cases.items():
         for _ in range(2):
-            peer_result = _diffusers_case(peer, args, module, case, ratios, loras) if peer is not None else None
+            peer_result = _diffusers_case(peer, args, ours, case, ratios, loras) if peer is not None else None
             before = ours.manager.compile_count()
             ours_result = _our_case(ours, args, case, ratios, loras)
         results[name] = {"ours": ours_result, "diffusers": peer_result,

@@ -229,20 +229,33 @@ def test_the_whole_1_3b_step_compiles_for_v6e_8(manager, v6e_8):
 
 
 def test_the_magcache_record_and_reuse_steps_compile_for_v6e_8(tiny_model_dir, manager, v6e_8):
-    """MagCache's two extra step programs (full step keeping the blocks' residual, and the skip step)."""
+    """MagCache's two extra step programs (full step keeping the blocks' residual, and the skip step), for
+    text-to-video and for Wan 2.1 I2V (the skip step takes the image's conditioning and CLIP tokens too);
+    and the two small programs beside them: a calibration's ratio and a preview's middle frame."""
     transformer_config, _, _ = _tiny_configs(tiny_model_dir)
-    module, weights, plan = v6e_8.component("transformer", transformer_config)
-    component = pipeline_mod.TransformerComponent(module, weights, plan, v6e_8.mesh, dict(module.config), {},
-                                                  module.dtype)
-    _, args = v6e_8.step(transformer_config, cfg=True, height=32, width=48, frames=5)
-    residual = v6e_8.pipeline._block_residual_spec(component, pipeline_mod.latent_shape(32, 48, 5), 2)
-    for mode, extra in (("record", ()), ("reuse", (residual,))):
-        compiled, _, _ = v6e_8.compile(v6e_8.pipeline._make_step_fn(component, True, mode), args + extra)
-        outputs = compiled.out_info
-        state = outputs[0] if mode == "record" else outputs
-        assert [o.shape for o in state] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
-        if mode == "record":
-            assert outputs[1].shape == residual.shape
+    wan21_i2v = dict(transformer_config, in_channels=36, image_dim=32, added_kv_proj_dim=32)
+    latent_shape = pipeline_mod.latent_shape(32, 48, 5)
+    for config in (transformer_config, wan21_i2v):
+        module, weights, plan = v6e_8.component("transformer", config)
+        component = pipeline_mod.TransformerComponent(module, weights, plan, v6e_8.mesh, dict(module.config), {},
+                                                      module.dtype)
+        _, args = v6e_8.step(config, cfg=True, height=32, width=48, frames=5)
+        residual = v6e_8.pipeline._block_residual_spec(component, latent_shape, 2)
+        base, conditioning = (args[:6], args[7:]) if config is wan21_i2v else (args, ())
+        for mode, extra in (("record", (None,) if conditioning else ()), ("reuse", (residual,))):
+            compiled, _, _ = v6e_8.compile(v6e_8.pipeline._make_step_fn(component, True, mode),
+                                           base + extra + conditioning)
+            outputs = compiled.out_info
+            state = outputs[0] if mode == "record" else outputs
+            assert [o.shape for o in state] == [latent_shape] * 4
+            if mode == "record":
+                assert outputs[1].shape == residual.shape
+    jax = manager.jax
+    compiled, _, _ = v6e_8.compile(pipeline_mod.residual_norm_ratio(jax), (residual, residual))
+    assert compiled.out_info.shape == (2,)  # a ratio per CFG half: only scalars leave the device
+    latent = jax.ShapeDtypeStruct(latent_shape, jax.numpy.float32, sharding=args[1][0].sharding)
+    compiled, _, _ = v6e_8.compile(pipeline_mod.middle_frame(jax), (latent,))
+    assert compiled.out_info.shape == (16, 4, 6)
 
 
 def test_image_to_video_programs_compile_for_v6e_8(tiny_model_dir, manager, v6e_8):
