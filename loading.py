@@ -54,6 +54,17 @@ class ModelSource:
     def describe(self) -> str:
         return self.location if self.is_local else f"Hugging Face repo {self.location}"
 
+    def component_location(self, kind: str) -> str:
+        """Where a component comes from (the component cache's key): the one folder or repo."""
+        return self.location
+
+
+def _files(source):
+    """``model_files`` when ``source`` is a ``model_files.FileSource`` (ComfyUI single files), else None."""
+    from . import model_files
+
+    return model_files if isinstance(source, model_files.FileSource) else None
+
 
 def in_comfyui() -> bool:
     """True when ComfyUI's ``folder_paths`` module can be imported: model_id then comes from
@@ -67,30 +78,36 @@ def in_comfyui() -> bool:
 
 def comfyui_diffusers_folders() -> list[str]:
     """ComfyUI's ``models/diffusers`` folders, or [] outside ComfyUI."""
+    return comfyui_folders("diffusers")
+
+
+def comfyui_folders(folder_type: str) -> list[str]:
+    """ComfyUI's folders of ``folder_type`` (``folder_paths``: "diffusers", "diffusion_models",
+    "text_encoders", "vae", "clip_vision"), or [] outside ComfyUI."""
     try:
         import folder_paths  # ComfyUI's module; absent when the pack runs alone
     except ImportError:
         return []
     try:
-        return list(folder_paths.get_folder_paths("diffusers"))
-    except Exception:  # an old ComfyUI without a "diffusers" folder type
+        return list(folder_paths.get_folder_paths(folder_type))
+    except Exception:  # an old ComfyUI without this folder type
         return []
 
 
-def model_roots() -> list[str]:
-    """The folders local models may come from, as given: ComfyUI's ``models/diffusers``
+def model_roots(folder_type: str = "diffusers") -> list[str]:
+    """The folders local models may come from, as given: ComfyUI's ``models/<folder_type>``
     folders, then those listed in ``WAN_TPU_MODEL_ROOTS`` (os.pathsep-separated)."""
     extra = [entry.strip() for entry in os.environ.get(MODEL_ROOTS_ENV, "").split(os.pathsep)]
     roots = []
-    for root in comfyui_diffusers_folders() + [os.path.expanduser(entry) for entry in extra if entry]:
+    for root in comfyui_folders(folder_type) + [os.path.expanduser(entry) for entry in extra if entry]:
         if root not in roots:
             roots.append(root)
     return roots
 
 
-def _real_roots() -> list[tuple[str, str]]:
+def _real_roots(folder_type: str = "diffusers") -> list[tuple[str, str]]:
     # (as given, resolved): symlinked roots (a models/ folder on another disk) compare by their target.
-    return [(root, os.path.realpath(root)) for root in model_roots()]
+    return [(root, os.path.realpath(root)) for root in model_roots(folder_type)]
 
 
 def _inside(path: str, real_root: str) -> bool:
@@ -177,39 +194,53 @@ def _any_folder(model_id: str, roots: list[tuple[str, str]]) -> str | None:
 def _confined_folder(model_id: str, roots: list[tuple[str, str]]) -> str | None:
     """Inside ComfyUI: the real folder under an allowed root that ``model_id`` names, or None
     when it names none (it may still be a repo id). Refuses what points out of the roots."""
-    allowed = ", ".join(given for given, _ in roots)
-    allowed = allowed or f"none (ComfyUI has no models/diffusers folder and {MODEL_ROOTS_ENV} is unset)"
-    if model_id.startswith("~") or _has_dotdot(model_id):
+    return confined_path(model_id, roots, "folder", "model_id", "model folder name",
+                         f"none (ComfyUI has no models/diffusers folder and {MODEL_ROOTS_ENV} is unset)", _ROOTS_FIX)
+
+
+def confined_path(name: str, roots: list[tuple[str, str]], kind: str, label: str, what: str,
+                  no_roots: str, fix: str) -> str | None:
+    """Inside ComfyUI: the real path of the ``kind`` ("folder" or "file") under one of ``roots``
+    ((given, real) pairs) that ``name`` names, or None when it names none. '~', '..', absolute paths
+    outside the roots and links out of them are refused, and the error names no path outside the roots.
+
+    ``label`` (e.g. "model_id") and ``what`` ("model folder name") word the errors; ``fix`` says
+    what to do; ``no_roots`` stands for the allowed folders when there are none."""
+    exists = os.path.isdir if kind == "folder" else os.path.isfile
+    allowed = ", ".join(given for given, _ in roots) or no_roots
+    if name.startswith("~") or _has_dotdot(name):
         raise ValueError(
-            f"model_id={model_id!r}: '~' and '..' may not be used in a model folder name on a ComfyUI server; "
-            f"name a folder under the allowed model folders ({allowed}), or {_ROOTS_FIX}"
+            f"{label}={name!r}: '~' and '..' may not be used in a {what} on a ComfyUI server; "
+            f"name a {kind} under the allowed model folders ({allowed}), or {fix}"
         )
-    if os.path.isabs(model_id):
-        real = os.path.realpath(model_id)
-        if any(_inside(real, real_root) for _, real_root in roots) and os.path.isdir(real):
+    if os.path.isabs(name):
+        real = os.path.realpath(name)
+        if any(_inside(real, real_root) for _, real_root in roots) and exists(real):
             return real
         # One message whether or not the path exists, so the server answers no questions about its disk.
-        raise ValueError(
-            f"model_id={model_id!r} is not a folder under the allowed model folders ({allowed}): {_ROOTS_FIX}"
-        )
+        raise ValueError(f"{label}={name!r} is not a {kind} under the allowed model folders ({allowed}): {fix}")
     escaped = None
     for given, real_root in roots:
-        candidate = os.path.realpath(os.path.join(real_root, model_id))
-        if not os.path.isdir(candidate):
+        candidate = os.path.realpath(os.path.join(real_root, name))
+        if not exists(candidate):
             continue
         if any(_inside(candidate, other) for _, other in roots):
             return candidate
         escaped = escaped or given  # a link out of the root; say so, but not where it goes
     if escaped is not None:
         raise ValueError(
-            f"model_id={model_id!r} under {escaped} is a link to a folder outside the allowed model "
-            f"folders ({allowed}): {_ROOTS_FIX}"
+            f"{label}={name!r} under {escaped} is a link to a {kind} outside the allowed model folders "
+            f"({allowed}): {fix}"
         )
     return None
 
 
 def check_component(source: ModelSource, component: str) -> None:
-    """For a local folder, check ``component`` exists with safetensors weights."""
+    """For a local folder, check ``component`` exists with safetensors weights (for model files: its file
+    holds that component)."""
+    if _files(source):
+        _files(source).check_component(source, component)
+        return
     if not source.is_local:
         return
     folder = os.path.join(source.location, component)
@@ -235,7 +266,10 @@ def check_component(source: ModelSource, component: str) -> None:
 
 
 def load_json_config(source: ModelSource, component: str, filename: str = "config.json") -> dict:
-    """A component's JSON config, from the folder or the hub (a few KB). A fresh dict each call."""
+    """A component's JSON config, from the folder or the hub (a few KB). A fresh dict each call. For model
+    files, what the folder's JSON would say, read from the file's header."""
+    if _files(source):
+        return _files(source).json_config(source, component, filename)
     return json.loads(_read_json_config(source, component, filename))
 
 
@@ -274,6 +308,8 @@ def torch_dtype(precision: str):
 
 
 def load_tokenizer(source: ModelSource):
+    if _files(source):
+        return _files(source).load_tokenizer(source)
     from transformers import AutoTokenizer
 
     if source.is_local and not os.path.isdir(os.path.join(source.location, "tokenizer")):
@@ -283,6 +319,8 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_text_encoder(source: ModelSource, precision: str):
+    if _files(source):
+        return _files(source).load_text_encoder(source, torch_dtype(precision))
     from transformers import UMT5EncoderModel
 
     check_component(source, "text_encoder")
@@ -295,6 +333,8 @@ def load_text_encoder(source: ModelSource, precision: str):
 
 def load_transformer(source: ModelSource, precision: str, subfolder: str = "transformer"):
     """A Wan transformer: ``transformer`` or, for Wan 2.2 A14B's low-noise expert, ``transformer_2``."""
+    if _files(source):
+        return _files(source).load_transformer(source, torch_dtype(precision), subfolder)
     from diffusers import WanTransformer3DModel
 
     check_component(source, subfolder)
@@ -306,6 +346,8 @@ def load_transformer(source: ModelSource, precision: str, subfolder: str = "tran
 
 def load_vae(source: ModelSource):
     """The VAE, always in float32: it is small, and Wan's VAE is run in fp32 upstream."""
+    if _files(source):
+        return _files(source).load_vae(source)
     import torch
     from diffusers import AutoencoderKLWan
 
@@ -319,6 +361,8 @@ def load_vae(source: ModelSource):
 def load_image_encoder(source: ModelSource):
     """Wan 2.1 I2V's CLIP vision tower, in float32 as diffusers' Wan I2V examples load it (it runs once
     per image)."""
+    if _files(source):
+        return _files(source).load_image_encoder(source)
     import torch
     from transformers import CLIPVisionModel
 
@@ -332,6 +376,8 @@ def load_image_encoder(source: ModelSource):
 
 def load_image_processor(source: ModelSource):
     """The CLIP image processor (resize, crop, normalise on the host) that diffusers' pipeline uses."""
+    if _files(source):
+        return _files(source).load_image_processor(source)
     from transformers import CLIPImageProcessor
 
     if source.is_local and not os.path.isdir(os.path.join(source.location, "image_processor")):

@@ -90,6 +90,9 @@ STEP_INPUTS = {
 IMAGE_CONDITIONING_INPUT = ("WAN_TPU_IMAGE", {"tooltip": "Image-to-video models only (Wan 2.1 I2V, Wan 2.2 I2V A14B): "
                                                        "the start image, from 'Wan TPU Image to Video' (made for "
                                                        "the same width, height and frames)."})
+MODEL_FILES_INPUT = ("WAN_TPU_MODEL_FILES", {"tooltip": "Optional: ComfyUI model files from 'Wan TPU Model Files' "
+                                                        "(diffusion_models, text_encoders, vae, clip_vision). "
+                                                        "Connected, they are used instead of model_id."})
 LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoRA' nodes, fused into the "
                                           "transformers' weights on the device (each into the expert it names). "
                                           "Not connected: no LoRA."})
@@ -308,10 +311,12 @@ def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, lora=None, 
     return latents
 
 
-def make_pipeline(model_id: str, precision: str = "bf16", dp: int = 0, tp: int = 0):
+def make_pipeline(model_id: str, precision: str = "bf16", dp: int = 0, tp: int = 0, model_files=None):
+    """The core for ``model_id``, or for ``model_files`` (a ``model_files.FileSource``) when given."""
     from .pipeline import WanTPUPipeline
 
-    return WanTPUPipeline(model_id, precision=precision, dp=dp or None, tp=tp or None)
+    return WanTPUPipeline(model_files if model_files is not None else model_id, precision=precision, dp=dp or None,
+                          tp=tp or None)
 
 
 def embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id: str):
@@ -350,7 +355,7 @@ class Wan21TextEncoder:
     def INPUT_TYPES(cls):
         return {
             "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT},
-            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS},
+            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS, "model_files": MODEL_FILES_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -359,9 +364,9 @@ class Wan21TextEncoder:
         return validate_common(model_id, precision, dp, tp)
 
     def encode(self, prompt, negative_prompt, model_id=loading.DEFAULT_MODEL_ID, precision="bf16", dp=0, tp=0,
-               unique_id=None):
+               unique_id=None, model_files=None):
         check_interrupted()
-        embeddings = make_pipeline(model_id, precision, dp, tp).encode(
+        embeddings = make_pipeline(model_id, precision, dp, tp, model_files).encode(
             prompt, negative_prompt, on_status=status_reporter(unique_id)
         )
         return (embeddings.prompt_embeds, embeddings.negative_prompt_embeds)
@@ -388,7 +393,7 @@ class Wan21TPUSampler:
                 **VIDEO_INPUTS,
             },
             "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS,
-                         "lora": LORA_INPUT, "image": IMAGE_CONDITIONING_INPUT},
+                         "lora": LORA_INPUT, "image": IMAGE_CONDITIONING_INPUT, "model_files": MODEL_FILES_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -400,10 +405,10 @@ class Wan21TPUSampler:
 
     def sample(self, prompt_embeds, negative_prompt_embeds, height, width, num_frames, num_inference_steps,
                guidance_scale, seed, model_id=loading.DEFAULT_MODEL_ID, flow_shift=5.0, precision="bf16", dp=0, tp=0,
-               unique_id=None, **step_inputs):
+               unique_id=None, model_files=None, **step_inputs):
         check_interrupted()
         embeddings = embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id)
-        pipe = make_pipeline(model_id, precision, dp, tp)
+        pipe = make_pipeline(model_id, precision, dp, tp, model_files)
         latents = run_denoise(pipe, embeddings, unique_id, height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                               flow_shift=flow_shift, **step_inputs)
@@ -425,7 +430,8 @@ class Wan21TPUVAEDecoder:
     def INPUT_TYPES(cls):
         return {
             "required": {"latents": ("LATENT", {"tooltip": "Wan 2.1 video latent [1, 16, T, H/8, W/8]."})},
-            "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, **OPTIONAL_DEVICE_INPUTS},
+            "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, **OPTIONAL_DEVICE_INPUTS,
+                         "model_files": MODEL_FILES_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -434,12 +440,12 @@ class Wan21TPUVAEDecoder:
         return validate_common(model_id, precision, dp, tp)
 
     def decode(self, latents, model_id=loading.DEFAULT_MODEL_ID, fps=16, precision="bf16", dp=0, tp=0,
-               unique_id=None):
+               unique_id=None, model_files=None):
         check_interrupted()
         if not isinstance(latents, dict) or "samples" not in latents:
             raise ValueError("latents has no 'samples': connect a LATENT output such as the TPU Sampler's")
         report, started = status_reporter(unique_id), time.perf_counter()
-        frames = make_pipeline(model_id, precision, dp, tp).decode(latents["samples"], on_status=report)
+        frames = make_pipeline(model_id, precision, dp, tp, model_files).decode(latents["samples"], on_status=report)
         report(f"done: {frames.shape[0]} frames decoded in {time.perf_counter() - started:.0f} s")
         return (frames, fps)
 
@@ -462,7 +468,8 @@ class Wan21TPUPipeline:
             "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, "flow_shift": FLOW_SHIFT_INPUT,
                          **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS, "lora": LORA_INPUT,
                          "start_image": ("IMAGE", {"tooltip": "Image-to-video models only: the first frame "
-                                                              "(e.g. from Load Image)."})},
+                                                              "(e.g. from Load Image)."}),
+                         "model_files": MODEL_FILES_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -474,9 +481,9 @@ class Wan21TPUPipeline:
 
     def generate(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                  seed, model_id=loading.DEFAULT_MODEL_ID, fps=16, flow_shift=5.0, precision="bf16", dp=0, tp=0,
-                 unique_id=None, **step_inputs):
+                 unique_id=None, model_files=None, **step_inputs):
         check_interrupted()
-        pipe = make_pipeline(model_id, precision, dp, tp)
+        pipe = make_pipeline(model_id, precision, dp, tp, model_files)
         report = status_reporter(unique_id)
         embeddings = pipe.encode(prompt, negative_prompt, on_status=report)
         start_image = step_inputs.pop("start_image", None)
@@ -508,7 +515,7 @@ class WanTPUImageToVideo:
             "required": {"start_image": ("IMAGE", {"tooltip": "The first frame, e.g. from Load Image. The first "
                                                               "image of a batch is used."}),
                          **video},
-            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS},
+            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS, "model_files": MODEL_FILES_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -518,9 +525,9 @@ class WanTPUImageToVideo:
         return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
 
     def encode(self, start_image, height, width, num_frames, model_id=loading.DEFAULT_MODEL_ID, precision="bf16",
-               dp=0, tp=0, unique_id=None):
+               dp=0, tp=0, unique_id=None, model_files=None):
         check_interrupted()
-        pipe = make_pipeline(model_id, precision, dp, tp)
+        pipe = make_pipeline(model_id, precision, dp, tp, model_files)
         return (pipe.encode_image(start_image, height=height, width=width, num_frames=num_frames,
                                   on_status=status_reporter(unique_id)),)
 
@@ -589,6 +596,84 @@ class Wan21TPULoRA:
         return (tuple(lora or ()) + (LoraSpec(resolve_lora_path(str(lora_name)), float(strength), str(expert)),),)
 
 
+def model_file_choices(kind: str) -> list[str] | None:
+    """The .safetensors and .gguf files of ComfyUI's folder for ``kind`` (``model_files.FOLDERS``), or None
+    outside ComfyUI."""
+    from .model_files import EXTENSIONS, FOLDERS
+
+    folder_paths = _comfy_module("folder_paths")
+    if folder_paths is None:
+        return None
+    try:
+        names = folder_paths.get_filename_list(FOLDERS[kind])
+    except Exception:  # a ComfyUI without this folder type
+        names = []
+    return [name for name in names if name.lower().endswith(EXTENSIONS)]
+
+
+class WanTPUModelFiles:
+    DESCRIPTION = (
+        "Wan model files from ComfyUI's own folders (Comfy-Org's repackaged files and GGUF quantisations), for "
+        "the Wan TPU nodes' model_files input instead of a diffusers model_id. The family (Wan 2.1 T2V/I2V, "
+        "Wan 2.2 A14B, TI2V 5B) is read from the weights. fp8, fp8_scaled and GGUF weights are dequantized "
+        "once on the host at load, to the run's precision. Each file is loaded once and shared."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "select"
+    RETURN_TYPES = ("WAN_TPU_MODEL_FILES",)
+    RETURN_NAMES = ("model_files",)
+    OUTPUT_TOOLTIPS = ("The model files, for the model_files input of the Text Encoder, Sampler, VAE Decoder, "
+                       "Full Pipeline and Image to Video nodes.",)
+    _TOOLTIPS = {
+        "transformer": "The Wan transformer, from models/diffusion_models (bf16, fp16, fp8_e4m3fn, fp8_scaled or "
+                       "GGUF). For Wan 2.2 A14B: the high-noise expert.",
+        "text_encoder": "UMT5-XXL from models/text_encoders (umt5_xxl_fp16 or umt5_xxl_fp8_e4m3fn_scaled); its "
+                        "tokenizer comes in the file.",
+        "vae": "The VAE from models/vae: wan_2.1_vae for Wan 2.1 and Wan 2.2 A14B, wan2.2_vae for TI2V 5B.",
+        "transformer_2": "Wan 2.2 A14B only: the low-noise expert, from models/diffusion_models. none otherwise.",
+        "clip_vision": "Wan 2.1 I2V only: clip_vision_h from models/clip_vision. none otherwise.",
+    }
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        def spec(kind, input_name, optional=False):
+            choices = model_file_choices(kind)
+            if choices is None:  # outside ComfyUI: a path
+                return ("STRING", {"default": "", "tooltip": cls._TOOLTIPS[input_name] + " Outside ComfyUI: a path."})
+            return ((["none"] + choices) if optional else choices,
+                    {"tooltip": cls._TOOLTIPS[input_name], **({"default": "none"} if optional else {})})
+
+        return {
+            "required": {"transformer": spec("transformer", "transformer"),
+                         "text_encoder": spec("text_encoder", "text_encoder"), "vae": spec("vae", "vae")},
+            "optional": {"transformer_2": spec("transformer_2", "transformer_2", True),
+                         "clip_vision": spec("image_encoder", "clip_vision", True)},
+        }
+
+    @staticmethod
+    def _resolve(transformer, text_encoder, vae, transformer_2=None, clip_vision=None):
+        from .model_files import resolve_model_files
+
+        def given(name):
+            return None if name in (None, "", "none") else str(name)
+
+        return resolve_model_files(str(transformer), str(text_encoder), str(vae), given(transformer_2),
+                                   given(clip_vision))
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, transformer=None, text_encoder=None, vae=None, transformer_2=None, clip_vision=None):
+        if None in (transformer, text_encoder, vae):
+            return True
+        try:  # headers only: a file outside the folders, of another part or family, or broken fails here
+            cls._resolve(transformer, text_encoder, vae, transformer_2, clip_vision)
+        except ValueError as error:
+            return str(error)
+        return True
+
+    def select(self, transformer, text_encoder, vae, transformer_2="none", clip_vision="none"):
+        return (self._resolve(transformer, text_encoder, vae, transformer_2, clip_vision),)
+
+
 class Wan21TPUUnload:
     DESCRIPTION = (
         "Frees everything this pack holds on the TPU (models, compiled programs, the mesh). ComfyUI Manager's "
@@ -622,6 +707,7 @@ NODE_CLASS_MAPPINGS = {
     "Wan21TPUUnload": Wan21TPUUnload,
     "Wan21TPULoRA": Wan21TPULoRA,
     "WanTPUImageToVideo": WanTPUImageToVideo,
+    "WanTPUModelFiles": WanTPUModelFiles,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TextEncoder": "Wan 2.1 Text Encoder (TPU)",
@@ -631,4 +717,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TPUUnload": "Wan 2.1 TPU Unload",
     "Wan21TPULoRA": "Wan 2.1 TPU LoRA",
     "WanTPUImageToVideo": "Wan TPU Image to Video",
+    "WanTPUModelFiles": "Wan TPU Model Files",
 }

@@ -648,7 +648,14 @@ class WanTPUPipeline:
             raise ValueError(f"precision={precision!r}: use one of {loading.PRECISIONS}")
         self.layout = (sharding.check_layout(layout) if layout else
                        sharding.check_layout(os.environ.get(sharding.ENV_LAYOUT), given_as=sharding.ENV_LAYOUT))
-        self.source = loading.resolve_model_source(model_id)
+        from .model_files import FileSource
+
+        # model_id: a repo id or diffusers folder, or ComfyUI single files (model_files.FileSource).
+        self.source = model_id if isinstance(model_id, FileSource) else loading.resolve_model_source(model_id)
+        if isinstance(self.source, FileSource):
+            from .model_files import check_files
+
+            check_files(self.source)  # headers only: a wrong or broken file is named before anything runs
         self.precision = precision
         self.dp, self.tp = dp, tp
         self.manager = manager or TorchaxEnvManager.instance()
@@ -672,7 +679,7 @@ class WanTPUPipeline:
     def _key(self, kind: str) -> tuple:
         precision = "fp32" if kind in ("vae", "image_encoder") else self.precision
         mesh_shape = tuple(self.mesh.shape.values())
-        return (kind, self.source.location, precision, mesh_shape)
+        return (kind, self.source.component_location(kind), precision, mesh_shape)
 
     def _cached(self, kind: str, build: Callable):
         key = self._key(kind)
@@ -689,6 +696,10 @@ class WanTPUPipeline:
     @property
     def family(self) -> families.WanFamily:
         """The model family, from the folder's model_index.json (Wan 2.1 T2V when it has none)."""
+        if getattr(self, "_family", None) is None and not isinstance(self.source, loading.ModelSource):
+            from . import model_files
+
+            self._family = model_files.family(self.source)  # from the weights; an error says which file to fix
         if getattr(self, "_family", None) is None:
             try:
                 model_index = loading.load_model_index(self.source)

@@ -4,7 +4,8 @@
 # .venv-transformers4 (transformers 4.x and huggingface-hub 0.x, the other
 # generation a ComfyUI venv may hold) and runs again there what transformers
 # and the hub touch: the text encoder, two end-to-end runs, the node chain,
-# loading and its errors, and Wan 2.1 I2V (whose CLIP differs between the two).
+# loading and its errors, and Wan 2.1 I2V (whose CLIP differs between the two), and the UMT5 and CLIP
+# single files.
 # Extra arguments go to both pytest runs.
 # Tests run in WAN_TPU_TEST_WORKERS processes (default 2, pytest-xdist), a file per process at a time:
 # most of the time is single-threaded tracing and compiling. 1 runs them in this process.
@@ -21,4 +22,6 @@ exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py::test_te
     "tests/test_core_parity.py::test_end_to_end_matches_diffusers_wan_pipeline[5.0-0]" \
     "tests/test_core_parity.py::test_end_to_end_matches_diffusers_wan_pipeline[1.0-7]" \
     tests/test_nodes.py::test_three_node_chain_matches_diffusers tests/test_loading_errors.py \
-    "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" "$@"
+    "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" \
+    tests/test_model_files.py::test_text_encoder_vae_and_tokenizer_files \
+    tests/test_model_files.py::test_the_families_load_from_their_files "$@"

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (with this pack's requirements) to run"
 )
 OUR_NODES = {"Wan21TextEncoder", "Wan21TPUSampler", "Wan21TPUVAEDecoder", "Wan21TPUPipeline", "Wan21TPUUnload",
-             "Wan21TPULoRA", "WanTPUImageToVideo"}
+             "Wan21TPULoRA", "WanTPUImageToVideo", "WanTPUModelFiles"}
 
 
 def _free_port() -> int:
