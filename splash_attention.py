@@ -11,10 +11,16 @@ The kernel (``_flash_kernel``) keeps the tricks of the v6e-tuned original:
 - K-smoothing: the key mean over the sequence is subtracted first. Every score
   of a query row moves by the same ``q . mean(k)``, so softmax is unchanged
   and the scores stay small;
-- online softmax with fp32 running max ``m``, denominator ``l`` and output
-  accumulator in VMEM scratch, in a transposed layout (scores are
-  ``[kv, q]``, so the per-query statistics are lane vectors);
-- block sizes ``BlockSizes(block_q=3328, block_kv=2816, block_kv_compute=256)``.
+- fp32 denominator ``l`` and output accumulator in VMEM scratch, in a
+  transposed layout (scores are ``[kv, q]``, so the per-query statistics are
+  lane vectors).
+
+and adds a fixed softmax bound (``FIXED_BOUND_RECENTER``): where K-smoothing and
+Cauchy-Schwarz prove it safe, a query row's reference max is fixed before the
+first key, so there is no running max and nothing to rescale, which on v6e is
+most of the vector work (the cycle model: 0.45 -> 0.69 of a matmul's rate).
+Other (head, query block)s run the online softmax. Block sizes are per chip
+(``block_sizes_for``): 3328 queries, 2560 keys, consumed 512 at a time on v6e.
 
 Unlike the original, keys added to pad the sequence to a block multiple are
 masked out of the softmax (the original let those zero keys into the
@@ -61,17 +67,17 @@ _TN_DIMS = (((0,), (0,)), ((), ()))  # v [kv, dv]^T . p [kv, q] -> [dv, q]
 # ------------------------------------------------------------------ block sizes
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Kernel tile sizes, in tokens. Defaults: the original's tuning for Wan on v6e.
+    """Kernel tile sizes, in tokens. Defaults: v6e's, chosen with libtpu's cycle model.
 
     ``block_q`` queries and ``block_kv`` keys are resident in VMEM per grid
     step; the keys are consumed ``block_kv_compute`` at a time (bounds the
     ``[block_kv_compute, block_q]`` fp32 score tile). Short sequences clamp
-    them (``effective_block_sizes``).
+    them (``effective_block_sizes``). ``block_sizes_for`` gives each chip's.
     """
 
     block_q: int = 3328
-    block_kv: int = 2816
-    block_kv_compute: int = 256
+    block_kv: int = 2560
+    block_kv_compute: int = 512
 
     def __post_init__(self):
         block_q, block_kv, block_kv_compute = self.block_q, self.block_kv, self.block_kv_compute
@@ -89,6 +95,20 @@ class BlockSizes:
                 f"{block_kv=} is not a multiple of {block_kv_compute=}: the kernel consumes each key block "
                 f"in whole compute chunks; use e.g. block_kv={suggestion}"
             )
+
+
+# Per chip (jax's device_kind), from benchmarks/tpu_cycles.py. v5e and v5p (128x128 MXUs) keep the
+# original's 256-key compute chunk: 512 costs their online softmax 5% (0.81 vs 0.85 of a matmul's rate).
+CHIP_BLOCK_SIZES = {
+    "TPU v6 lite": BlockSizes(),
+    "TPU v5 lite": BlockSizes(block_q=3328, block_kv=2560, block_kv_compute=256),
+    "TPU v5": BlockSizes(block_q=3328, block_kv=2560, block_kv_compute=256),
+}
+
+
+def block_sizes_for(device_kind: str | None) -> BlockSizes:
+    """The block sizes for a chip (``device.device_kind``); the v6e defaults for any other."""
+    return CHIP_BLOCK_SIZES.get(device_kind or "", BlockSizes())
 
 
 class EffectiveBlocks(NamedTuple):
@@ -160,84 +180,153 @@ def resolve_interpret(interpret: bool | None = None) -> bool:
 
 
 # ------------------------------------------------------------------ kernel
+# The fixed softmax bound. K-smoothing makes every query row's largest score >= 0 (the scores' mean over
+# the real keys is q . mean(k - mean(k)) = 0), and Cauchy-Schwarz bounds it above by
+# b_i = |q_i| * max_j |k_j|. So with the row's reference m_i = ceil(b_i) - FIXED_BOUND_RECENTER instead of
+# the running max, every weight exp2(s - m_i) is at most 2^(RECENTER + 1) (no overflow in fp32 or bf16)
+# and the largest is at least 2^(RECENTER - ceil(b_i)), a normal fp32 number while b_i <= FIXED_BOUND_GATE.
+# That is the same softmax, exact, with no running max and no rescaling of what came before. A (head,
+# query block) whose bound exceeds the gate runs the online softmax instead (decided per grid step).
+FIXED_BOUND_RECENTER = 88.0
+FIXED_BOUND_GATE = 200.0  # 213 would still be normal (88 - 213 > -126); the rest is rounding margin
+
+
+def _online_chunk(s, v, m_ref, l_ref, acc_ref, block_q: int):
+    """One chunk of online softmax: running max, rescale of the denominator and the accumulator."""
+    m_prev = m_ref[0:1, :]  # [1, block_q]
+    l_prev = l_ref[0:1, :]  # [1, block_q]
+    m_next = jnp.maximum(m_prev, s.max(axis=0, keepdims=True))
+    p = jnp.exp2(s - m_next)  # [block_kv_compute, block_q]
+    alpha = jnp.exp2(m_prev - m_next)  # [1, block_q] rescales what came before
+    l_next = alpha * l_prev + p.sum(axis=0, keepdims=True)
+    m_ref[...] = jnp.broadcast_to(m_next, (NUM_SUBLANES, block_q))
+    l_ref[...] = jnp.broadcast_to(l_next, (NUM_SUBLANES, block_q))
+    # P in the value dtype (bf16 on the MXU for bf16 models), accumulated in fp32.
+    pv = lax.dot_general(v, p.astype(v.dtype), _TN_DIMS, preferred_element_type=jnp.float32)
+    acc_ref[...] = acc_ref[...] * alpha + pv  # [head_dim_v, block_q]
+
+
+def _fixed_chunk(s, v, m_ref, l_ref, acc_ref, block_q: int):
+    """One chunk against the fixed bound in ``m_ref``: no max, no rescale; only sums."""
+    p = jnp.exp2(s - m_ref[0:1, :])  # [block_kv_compute, block_q], each <= 2^(RECENTER + 1)
+    l_ref[0:1, :] += p.sum(axis=0, keepdims=True)
+    acc_ref[...] += lax.dot_general(v, p.astype(v.dtype), _TN_DIMS, preferred_element_type=jnp.float32)
+
+
 def _flash_kernel(
+    fixed_ref,  # [heads, num_q_blocks] int32 in SMEM: 1 where the block runs against the fixed bound
     q_ref,  # [block_q, head_dim]           query tile, pre-scaled by scale * log2(e)
     k_ref,  # [block_kv, head_dim]          key tile, mean-subtracted
     v_ref,  # [block_kv, head_dim_v]        value tile
+    m0_ref,  # [1, block_q] fp32            the fixed bound m_i, or MASK_VALUE for online blocks
     o_ref,  # [head_dim_v, block_q]         output tile, transposed (queries on lanes)
-    m_ref,  # [8, block_q] fp32 scratch     running max (log2 units), same on every sublane
-    l_ref,  # [8, block_q] fp32 scratch     running softmax denominator
+    m_ref,  # [8, block_q] fp32 scratch     reference max (log2 units), same on every sublane
+    l_ref,  # [8, block_q] fp32 scratch     softmax denominator (row 0 is the fixed path's)
     acc_ref,  # [head_dim_v, block_q] fp32 scratch   unnormalised output
     *,
     kv_len: int,
     num_kv_blocks: int,
     block_kv: int,
     block_kv_compute: int,
+    paths: tuple[str, ...],
 ):
     kv_index = pl.program_id(2)
     block_q = q_ref.shape[0]
+    fixed = fixed_ref[pl.program_id(0), pl.program_id(1)] == 1
 
     @pl.when(kv_index == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+        m_ref[...] = jnp.broadcast_to(m0_ref[...], m_ref.shape)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    q = q_ref[...]  # [block_q, head_dim]
     # Real keys in the last kv block; padding is only ever at the end of it.
     tail = kv_len - (num_kv_blocks - 1) * block_kv
 
-    for chunk in range(block_kv // block_kv_compute):
-        start = chunk * block_kv_compute
+    def chunks(update):
+        q = q_ref[...]  # [block_q, head_dim]
+        for chunk in range(block_kv // block_kv_compute):
+            start = chunk * block_kv_compute
 
-        def step(start=start, masked=start < tail < start + block_kv_compute):
-            k = k_ref[pl.ds(start, block_kv_compute), :]  # [block_kv_compute, head_dim]
-            v = v_ref[pl.ds(start, block_kv_compute), :]  # [block_kv_compute, head_dim_v]
-            s = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32)  # [block_kv_compute, block_q]
-            if masked:  # the chunk holding the last real key: padded keys get no weight
-                position = kv_index * block_kv + start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
-                s = jnp.where(position < kv_len, s, MASK_VALUE)
-            m_prev = m_ref[0:1, :]  # [1, block_q]
-            l_prev = l_ref[0:1, :]  # [1, block_q]
-            m_next = jnp.maximum(m_prev, s.max(axis=0, keepdims=True))
-            p = jnp.exp2(s - m_next)  # [block_kv_compute, block_q]
-            alpha = jnp.exp2(m_prev - m_next)  # [1, block_q] rescales what came before
-            l_next = alpha * l_prev + p.sum(axis=0, keepdims=True)
-            m_ref[...] = jnp.broadcast_to(m_next, (NUM_SUBLANES, block_q))
-            l_ref[...] = jnp.broadcast_to(l_next, (NUM_SUBLANES, block_q))
-            # P in the value dtype (bf16 on the MXU for bf16 models), accumulated in fp32.
-            pv = lax.dot_general(v, p.astype(v.dtype), _TN_DIMS, preferred_element_type=jnp.float32)
-            acc_ref[...] = acc_ref[...] * alpha + pv  # [head_dim_v, block_q]
+            def step(start=start, masked=start < tail < start + block_kv_compute):
+                k = k_ref[pl.ds(start, block_kv_compute), :]  # [block_kv_compute, head_dim]
+                v = v_ref[pl.ds(start, block_kv_compute), :]  # [block_kv_compute, head_dim_v]
+                s = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32)  # [block_kv_compute, block_q]
+                if masked:  # the chunk holding the last real key: padded keys get no weight
+                    position = kv_index * block_kv + start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                    s = jnp.where(position < kv_len, s, MASK_VALUE)
+                update(s, v, m_ref, l_ref, acc_ref, block_q)
 
-        if start >= tail:
-            # Wholly padding in the last kv block, where it is skipped rather
-            # than masked; in every other block these keys are real.
-            pl.when(kv_index < num_kv_blocks - 1)(step)
-        else:
-            step()
+            if start >= tail:
+                # Wholly padding in the last kv block, where it is skipped rather
+                # than masked; in every other block these keys are real.
+                pl.when(kv_index < num_kv_blocks - 1)(step)
+            else:
+                step()
+
+    # One branch per grid step, never per chunk: each side is a straight run of chunks.
+    if paths == ("fixed",):
+        chunks(_fixed_chunk)
+    elif paths == ("online",):
+        chunks(_online_chunk)
+    else:
+        pl.when(fixed)(lambda: chunks(_fixed_chunk))
+        pl.when(jnp.logical_not(fixed))(lambda: chunks(_online_chunk))
 
     @pl.when(kv_index == num_kv_blocks - 1)
     def _finish():
-        # l >= 1: every query row sees at least one real key (its max scores exp2(0) = 1).
+        # l > 0: every query row has a real key scoring its max, whose weight is exp2(0) = 1 online and
+        # at least 2^(RECENTER - GATE) against the fixed bound.
         inverse = 1.0 / l_ref[0:1, :]  # [1, block_q]
         o_ref[...] = (acc_ref[...] * inverse).astype(o_ref.dtype)
 
 
-def _flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret: bool):
+def fixed_bounds(q, k, block_q: int):
+    """Per query row, the fixed softmax reference; per (head, query block), whether it is safe.
+
+    q: [heads, q_pad, head_dim] pre-scaled, k: [heads, kv_pad, head_dim] mean-subtracted (padding zero).
+    Returns (m0 [heads, 1, q_pad] fp32: ceil(|q_i| max_j |k_j|) - RECENTER where the block is safe, else
+    MASK_VALUE, which starts the online softmax; fixed [heads, q_pad // block_q] int32).
+    """
+    heads, q_pad, _ = q.shape
+    q_norm = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1))  # [heads, q_pad]
+    k_norm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=-1), axis=-1))  # [heads]
+    bound = q_norm * k_norm[:, None]
+    safe = jnp.all((bound <= FIXED_BOUND_GATE).reshape(heads, q_pad // block_q, block_q), axis=-1)
+    m0 = jnp.where(jnp.repeat(safe, block_q, axis=1), jnp.ceil(bound) - FIXED_BOUND_RECENTER, MASK_VALUE)
+    return m0[:, None, :], safe.astype(jnp.int32)
+
+
+KERNEL_PATHS = ("fixed", "online")
+# Mosaic's default scoped VMEM limit is 16 MiB on v5e; its blocks need 16.7 MiB (scores, double-buffered
+# tiles, scratch). 32 MiB is twice that and half of v5p's 64 MiB (the rest is left to XLA's fusions).
+VMEM_LIMIT_BYTES = 32 * 2**20
+
+
+def _flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret: bool,
+                     paths: tuple[str, ...] = KERNEL_PATHS):
     """The Pallas call on padded, head-flattened arrays.
 
     q: [heads, q_pad, head_dim]   pre-scaled by scale * log2(e); q_pad a multiple of block_q
     k: [heads, kv_pad, head_dim]  mean-subtracted; kv_pad a multiple of block_kv
     v: [heads, kv_pad, head_dim_v]
+    paths: the bodies compiled. Both (the default) picks per (head, query block) at run time; one alone
+    lets the cycle model see that side (it cannot tell a runtime branch's sides apart). ("online",) is
+    exact everywhere; ("fixed",) only where ``fixed_bounds`` says safe, so it is for measuring only.
     returns [heads, head_dim_v, q_pad]
     """
     heads, q_pad, head_dim = q.shape
     kv_pad, head_dim_v = v.shape[1], v.shape[2]
     block_q, block_kv, block_kv_compute = blocks
     num_kv_blocks = kv_pad // block_kv
+    m0, fixed = fixed_bounds(q, k, block_q)
+    if paths == ("online",):
+        m0, fixed = jnp.full_like(m0, MASK_VALUE), jnp.zeros_like(fixed)
+    elif paths != ("fixed",) and tuple(paths) != KERNEL_PATHS:
+        raise ValueError(f"paths={paths!r}: give {KERNEL_PATHS}, ('fixed',) or ('online',)")
     kernel = functools.partial(
         _flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
-        block_kv_compute=block_kv_compute,
+        block_kv_compute=block_kv_compute, paths=tuple(paths),
     )
     # Keys and values are read once per query block.
     elements = 2 * q_pad * head_dim_v + (q_pad // block_q) * kv_pad * (head_dim + head_dim_v)
@@ -249,14 +338,15 @@ def _flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0,
+            num_scalar_prefetch=1,
             grid=(heads, q_pad // block_q, num_kv_blocks),  # kv innermost: the reduction axis
             in_specs=[
-                pl.BlockSpec((None, block_q, head_dim), lambda h, i, j: (h, i, 0)),
-                pl.BlockSpec((None, block_kv, head_dim), lambda h, i, j: (h, j, 0)),
-                pl.BlockSpec((None, block_kv, head_dim_v), lambda h, i, j: (h, j, 0)),
+                pl.BlockSpec((None, block_q, head_dim), lambda h, i, j, fixed: (h, i, 0)),
+                pl.BlockSpec((None, block_kv, head_dim), lambda h, i, j, fixed: (h, j, 0)),
+                pl.BlockSpec((None, block_kv, head_dim_v), lambda h, i, j, fixed: (h, j, 0)),
+                pl.BlockSpec((None, 1, block_q), lambda h, i, j, fixed: (h, 0, i)),
             ],
-            out_specs=pl.BlockSpec((None, head_dim_v, block_q), lambda h, i, j: (h, 0, i)),
+            out_specs=pl.BlockSpec((None, head_dim_v, block_q), lambda h, i, j, fixed: (h, 0, i)),
             scratch_shapes=[
                 pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
                 pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
@@ -264,11 +354,12 @@ def _flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret
             ],
         ),
         out_shape=jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
         interpret=interpret,
         name="wan_splash_attention",
-    )(q, k, v)
+    )(fixed, q, k, v, m0)
 
 
 def _pad_axis(x, length: int, axis: int):
@@ -445,6 +536,7 @@ def splash_attention(
 
     ``mesh``: a ('dp', 'tp') mesh to shard over (``plan_sharding``), or None
     for one device. Works inside ``jax.jit`` on sharded inputs.
+    ``block_sizes``: None means the chip's (``block_sizes_for``).
     ``scale``: None means 1/sqrt(head_dim). ``interpret``: None means
     interpret mode except on TPU (see ``force_interpret``).
     """
@@ -458,7 +550,9 @@ def splash_attention(
             f"query {query.shape}, key {key.shape}, value {value.shape}: batch and heads must match, key and value "
             "share a length and query and key a head_dim (repeat key/value heads for grouped-query attention)"
         )
-    block_sizes = BlockSizes() if block_sizes is None else block_sizes
+    if block_sizes is None:
+        device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+        block_sizes = block_sizes_for(getattr(device, "device_kind", None))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     local = functools.partial(
         _attention_local, scale=scale, block_sizes=block_sizes, interpret=resolve_interpret(interpret)

@@ -225,6 +225,7 @@ def test_display_names_and_ids_are_the_original_packs(nodes):
         "Wan21TPUUnload": "Wan 2.1 TPU Unload",
         "Wan21TPULoRA": "Wan 2.1 TPU LoRA",
         "WanTPUImageToVideo": "Wan TPU Image to Video",
+        "WanTPUModelFiles": "Wan TPU Model Files",
     }
     sampler = nodes.Wan21TPUSampler.INPUT_TYPES()["required"]
     assert (sampler["height"][1]["default"], sampler["width"][1]["default"], sampler["num_frames"][1]["default"]) == (720, 1280, 81)

@@ -67,7 +67,12 @@ def splash_calls(monkeypatch):
 
 # ------------------------------------------------------------------ block sizes
 def test_default_block_sizes_are_the_v6e_tuning():
-    assert splash.BlockSizes() == splash.BlockSizes(block_q=3328, block_kv=2816, block_kv_compute=256)
+    # Chosen with libtpu's cycle model (benchmarks/tpu_cycles.py): 512-key chunks on v6e, 256 on v5e/v5p.
+    assert splash.BlockSizes() == splash.BlockSizes(block_q=3328, block_kv=2560, block_kv_compute=512)
+    assert splash.block_sizes_for("TPU v6 lite") == splash.BlockSizes()
+    assert splash.block_sizes_for("TPU v5 lite").block_kv_compute == 256
+    assert splash.block_sizes_for("TPU v5").block_kv_compute == 256
+    assert splash.block_sizes_for("cpu") == splash.BlockSizes()
 
 
 @pytest.mark.parametrize(
@@ -88,10 +93,10 @@ def test_bad_block_sizes_name_the_value(kwargs, message):
 @pytest.mark.parametrize(
     "q_len, kv_len, expected",
     [
-        (32760, 32760, (3328, 2816, 256)),  # Wan 832x480: the defaults already divide it evenly
-        (33390, 33390, (3072, 2816, 256)),  # 848x480: 11 query blocks of 3072 (33,792), not of 3328 (36,608)
-        (75600, 75600, (3328, 2816, 256)),  # 1280x720
-        (300, 300, (384, 512, 256)),  # block_kv stays a multiple of the compute chunk
+        (32760, 32760, (3328, 2560, 512)),  # Wan 832x480: 10 query blocks of 3328, 13 key blocks of 2560
+        (33390, 33390, (3072, 2560, 512)),  # 848x480: 11 query blocks of 3072 (33,792), not of 3328 (36,608)
+        (75600, 75600, (3328, 2560, 512)),  # 1280x720
+        (300, 300, (384, 384, 384)),  # the compute chunk clamps to the keys; block_kv stays a multiple of it
         (4680, 130, (2432, 256, 256)),  # two query blocks of 2432 rather than 3328
         (12, 12, (16, 16, 16)),  # tiny: whole sequence, 8-sublane aligned
     ],
@@ -129,7 +134,7 @@ def test_bad_shapes_are_reported():
         # q != kv; the last kv block holds 88 real keys, so 3 of its 4 compute chunks are skipped.
         (2, 2, 1000, 600, 128, SMALL),
         (2, 3, 200, 1100, 64, SMALL),
-        # The default (v6e) block sizes: 2 x 2 blocks of 3328 x 2816, ragged.
+        # The default (v6e) block sizes: 2 x 2 blocks of 2432 x 2560, ragged.
         (1, 1, 4680, 4680, 128, None),
         # The defaults clamped to short sequences; and the tiny model's 12 tokens.
         (2, 2, 300, 300, 128, None),
@@ -184,6 +189,54 @@ def test_padded_keys_are_masked():
     smoothed = k - k.mean(axis=2, keepdims=True)
     unmasked = splash.reference_attention(q, jnp.pad(smoothed, pad), jnp.pad(v, pad))
     assert _max_error(unmasked, expected) > 50 * FP32_TOLERANCE
+
+
+# ------------------------------------------------------------------ the fixed softmax bound
+def _kernel_inputs(q, k, v, blocks):
+    """What _attention_local hands the kernel: scaled queries, smoothed keys, heads flattened, padded."""
+    import jax.numpy as jnp
+
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    scaled = q * (splash.LOG2_E / np.sqrt(head_dim))
+    smoothed = k - k.mean(axis=2, keepdims=True)
+    q_pad = -(-q_len // blocks.block_q) * blocks.block_q
+    kv_pad = -(-kv_len // blocks.block_kv) * blocks.block_kv
+    flat = lambda x, length: jnp.pad(x.reshape(batch * heads, x.shape[2], x.shape[3]),  # noqa: E731
+                                     ((0, 0), (0, length - x.shape[2]), (0, 0)))
+    return flat(scaled, q_pad), flat(smoothed, kv_pad), flat(v, kv_pad)
+
+
+def test_each_query_block_takes_the_fixed_bound_only_where_it_is_safe():
+    import jax
+    import jax.numpy as jnp
+
+    # Head 0 has ordinary scores (bound ~20 in log2 units): the fixed bound. Head 1's second query
+    # block has queries 80x as long (bound ~1,500): exp2(s - ceil(bound) + 88) would flush every weight
+    # of those rows to zero, so that block alone runs the online softmax.
+    q, k, v = _inputs(1, 2, 700, 700, 128)
+    q = q.at[:, 1, 512:].multiply(80.0)
+    blocks = splash.effective_block_sizes(SMALL, 700, 700)
+    qk, kk, vk = _kernel_inputs(q, k, v, blocks)
+    m0, fixed = splash.fixed_bounds(qk, kk, blocks.block_q)
+    assert fixed.tolist() == [[1, 1], [1, 0]]
+    assert float(m0[1, 0, 600]) == np.float32(splash.MASK_VALUE) and -88 <= float(m0[0, 0, 600]) < 0
+
+    expected = splash.reference_attention(q, k, v)
+
+    def run(paths):
+        out = jax.jit(lambda a, b, c: splash._flash_attention(
+            a, b, c, kv_len=700, blocks=blocks, interpret=True, paths=paths))(qk, kk, vk)
+        return jnp.swapaxes(out[:, :, :700], 1, 2).reshape(1, 2, 700, 128)
+
+    assert _max_error(run(splash.KERNEL_PATHS), expected) <= FP32_TOLERANCE
+    assert _max_error(run(("online",)), expected) <= FP32_TOLERANCE
+    # The gate is what keeps it exact: the fixed bound forced on the long queries loses them.
+    forced = np.asarray(run(("fixed",)))
+    assert _max_error(forced[:, 0], expected[:, 0]) <= FP32_TOLERANCE
+    assert not np.allclose(forced[:, 1, 512:], np.asarray(expected)[:, 1, 512:], atol=0.1)
+    with pytest.raises(ValueError, match="paths=.*give"):
+        splash._flash_attention(qk, kk, vk, kv_len=700, blocks=blocks, interpret=True, paths=("fast",))
 
 
 # ------------------------------------------------------------------ sharding
@@ -326,8 +379,8 @@ def test_sharded_kernel_lowers_for_tpu_at_wan_14b_480p():
     )
     assert text.count("tpu_custom_call") == 1
     # Each device runs the kernel on its batch element and 10 heads, padded to whole blocks
-    # (32760 -> 10 x 3328 queries, 12 x 2816 keys).
-    assert "tensor<10x33280x128xbf16>" in text and "tensor<10x33792x128xbf16>" in text
+    # (32760 -> 10 x 3328 queries, 13 x 2560 keys).
+    assert "tensor<10x33280x128xbf16>" in text
 
 
 def test_tiny_transformer_step_lowers_for_tpu_with_splash(splash_forced, tiny_model_dir, splash_calls):
