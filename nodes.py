@@ -18,7 +18,7 @@ import logging
 import os
 import time
 
-from . import loading
+from . import loading, sampler_settings
 from .env_manager import TorchaxEnvManager
 from .lora import EXPERTS as LORA_EXPERTS
 
@@ -93,6 +93,20 @@ IMAGE_CONDITIONING_INPUT = ("WAN_TPU_IMAGE", {"tooltip": "Image-to-video models 
 MODEL_FILES_INPUT = ("WAN_TPU_MODEL_FILES", {"tooltip": "Optional: ComfyUI model files from 'Wan TPU Model Files' "
                                                         "(diffusion_models, text_encoders, vae, clip_vision). "
                                                         "Connected, they are used instead of model_id."})
+SETTINGS_INPUT = ("WAN_TPU_SETTINGS", {"tooltip": "Optional: the advanced settings from 'Wan TPU Sampler Settings'. "
+                                                  "Connected, its values win over this node's own advanced "
+                                                  "widgets (precision, dp, tp, sampler, timesteps, MagCache, "
+                                                  "guidance_scale_2, layout), which are then ignored. Not "
+                                                  "connected: those widgets apply."})
+SETTINGS_NOTE = " A connected 'settings' input replaces this widget's value."
+
+
+def overridden_by_settings(specs: dict) -> dict:
+    """``specs`` with the note that a connected settings node replaces them in each tooltip."""
+    return {name: (kind, {**options, "tooltip": options["tooltip"] + SETTINGS_NOTE})
+            for name, (kind, options) in specs.items()}
+
+
 LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoRA' nodes, fused into the "
                                           "transformers' weights on the device (each into the expert it names). "
                                           "Not connected: no LoRA."})
@@ -311,6 +325,17 @@ def run_denoise(pipe, embeddings, unique_id, *, num_inference_steps, lora=None, 
     return latents
 
 
+def with_settings(settings, num_inference_steps, **widgets) -> dict:
+    """The node's precision, dp, tp and step inputs (``widgets``), with a connected settings node's values in
+    their place (``sampler_settings.apply``); explicit timesteps from it must match num_inference_steps."""
+    values = sampler_settings.apply(widgets, settings)
+    if settings is not None:
+        error = validate_steps(values["sampler"], values["timesteps"], num_inference_steps)
+        if error is not True:
+            raise ValueError(f"{error} (timesteps from '{sampler_settings.NODE_NAME}')")
+    return values
+
+
 def make_pipeline(model_id: str, precision: str = "bf16", dp: int = 0, tp: int = 0, model_files=None):
     """The core for ``model_id``, or for ``model_files`` (a ``model_files.FileSource``) when given."""
     from .pipeline import WanTPUPipeline
@@ -376,7 +401,9 @@ class Wan21TPUSampler:
     DESCRIPTION = (
         "Denoises Wan 2.1 latents on the TPU: the transformer's weights are split over a (dp, tp) device mesh and "
         "the prompt/negative pair runs as one batch. Returns a LATENT in the VAE's space, as ComfyUI's own Wan "
-        "nodes use, so it also decodes with the core VAE Decode node. Progress and Cancel work every step."
+        "nodes use, so it also decodes with the core VAE Decode node. Progress and Cancel work every step. "
+        "A 'Wan TPU Sampler Settings' node connected to 'settings' supplies the advanced values (its values win "
+        "over this node's own advanced widgets)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "sample"
@@ -392,8 +419,10 @@ class Wan21TPUSampler:
                 "negative_prompt_embeds": ("TENSOR", {"tooltip": "From 'Wan 2.1 Text Encoder (TPU)'."}),
                 **VIDEO_INPUTS,
             },
-            "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT, **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS,
-                         "lora": LORA_INPUT, "image": IMAGE_CONDITIONING_INPUT, "model_files": MODEL_FILES_INPUT},
+            "optional": {"model_id": MODEL_ID, "flow_shift": FLOW_SHIFT_INPUT,
+                         **overridden_by_settings(OPTIONAL_DEVICE_INPUTS), **overridden_by_settings(STEP_INPUTS),
+                         "lora": LORA_INPUT, "image": IMAGE_CONDITIONING_INPUT, "model_files": MODEL_FILES_INPUT,
+                         "settings": SETTINGS_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -405,8 +434,10 @@ class Wan21TPUSampler:
 
     def sample(self, prompt_embeds, negative_prompt_embeds, height, width, num_frames, num_inference_steps,
                guidance_scale, seed, model_id=loading.DEFAULT_MODEL_ID, flow_shift=5.0, precision="bf16", dp=0, tp=0,
-               unique_id=None, model_files=None, **step_inputs):
+               unique_id=None, model_files=None, settings=None, **step_inputs):
         check_interrupted()
+        step_inputs = with_settings(settings, num_inference_steps, precision=precision, dp=dp, tp=tp, **step_inputs)
+        precision, dp, tp = (step_inputs.pop(name) for name in ("precision", "dp", "tp"))
         embeddings = embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id)
         pipe = make_pipeline(model_id, precision, dp, tp, model_files)
         latents = run_denoise(pipe, embeddings, unique_id, height=height, width=width, num_frames=num_frames,
@@ -453,7 +484,9 @@ class Wan21TPUVAEDecoder:
 class Wan21TPUPipeline:
     DESCRIPTION = (
         "Text to video in one node: text encoder, sampler and VAE decoder on the TPU. It shares the loaded models "
-        "with the separate nodes, so nothing is loaded twice and a second run loads and compiles nothing."
+        "with the separate nodes, so nothing is loaded twice and a second run loads and compiles nothing. A "
+        "'Wan TPU Sampler Settings' node connected to 'settings' supplies the advanced values (its values win "
+        "over this node's own advanced widgets; its precision, dp and tp apply to all three stages)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "generate"
@@ -466,10 +499,11 @@ class Wan21TPUPipeline:
         return {
             "required": {"prompt": PROMPT_INPUT, "negative_prompt": NEGATIVE_INPUT, **VIDEO_INPUTS},
             "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, "flow_shift": FLOW_SHIFT_INPUT,
-                         **OPTIONAL_DEVICE_INPUTS, **STEP_INPUTS, "lora": LORA_INPUT,
+                         **overridden_by_settings(OPTIONAL_DEVICE_INPUTS), **overridden_by_settings(STEP_INPUTS),
+                         "lora": LORA_INPUT,
                          "start_image": ("IMAGE", {"tooltip": "Image-to-video models only: the first frame "
                                                               "(e.g. from Load Image)."}),
-                         "model_files": MODEL_FILES_INPUT},
+                         "model_files": MODEL_FILES_INPUT, "settings": SETTINGS_INPUT},
             "hidden": dict(HIDDEN),
         }
 
@@ -481,8 +515,10 @@ class Wan21TPUPipeline:
 
     def generate(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                  seed, model_id=loading.DEFAULT_MODEL_ID, fps=16, flow_shift=5.0, precision="bf16", dp=0, tp=0,
-                 unique_id=None, model_files=None, **step_inputs):
+                 unique_id=None, model_files=None, settings=None, **step_inputs):
         check_interrupted()
+        step_inputs = with_settings(settings, num_inference_steps, precision=precision, dp=dp, tp=tp, **step_inputs)
+        precision, dp, tp = (step_inputs.pop(name) for name in ("precision", "dp", "tp"))
         pipe = make_pipeline(model_id, precision, dp, tp, model_files)
         report = status_reporter(unique_id)
         embeddings = pipe.encode(prompt, negative_prompt, on_status=report)
@@ -674,6 +710,43 @@ class WanTPUModelFiles:
         return (self._resolve(transformer, text_encoder, vae, transformer_2, clip_vision),)
 
 
+class WanTPUSamplerSettings:
+    DESCRIPTION = (
+        "The advanced settings of the TPU Sampler and Full Pipeline in one node: the sampler and its timesteps, "
+        "the low-noise expert's guidance, MagCache, the transformer's layout over the devices, precision and the "
+        "(dp, tp) mesh. Connect its output to their 'settings' input. Precedence: connected, every value here "
+        "wins over the receiving node's own advanced widget of the same name (those widgets are then ignored); "
+        "not connected, the node's own widgets apply, as in workflows saved before this node existed. The "
+        "defaults are the nodes' defaults."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "settings"
+    RETURN_TYPES = ("WAN_TPU_SETTINGS",)
+    RETURN_NAMES = ("settings",)
+    OUTPUT_TOOLTIPS = ("The settings, for the 'settings' input of the TPU Sampler or Full Pipeline (one settings "
+                       "node may feed several).",)
+    ORDER = ("sampler", "timesteps", "guidance_scale_2", "magcache", "magcache_threshold", "magcache_max_skip_steps",
+             "magcache_retention_ratio", "magcache_calibrate", "layout", "precision", "dp", "tp")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        specs = {**STEP_INPUTS, **OPTIONAL_DEVICE_INPUTS}
+        return {"required": {name: specs[name] for name in cls.ORDER}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, sampler=None, timesteps=None, guidance_scale_2=None, magcache=None,
+                        magcache_threshold=None, magcache_max_skip_steps=None, magcache_retention_ratio=None,
+                        magcache_calibrate=None, layout=None, precision=None, dp=None, tp=None):
+        return sampler_settings.check_inputs(
+            sampler=sampler, timesteps=timesteps, guidance_scale_2=guidance_scale_2, magcache=magcache,
+            magcache_threshold=magcache_threshold, magcache_max_skip_steps=magcache_max_skip_steps,
+            magcache_retention_ratio=magcache_retention_ratio, magcache_calibrate=magcache_calibrate, layout=layout,
+            precision=precision, dp=dp, tp=tp)
+
+    def settings(self, **values):
+        return (sampler_settings.SamplerSettings(**values),)
+
+
 class Wan21TPUUnload:
     DESCRIPTION = (
         "Frees everything this pack holds on the TPU (models, compiled programs, the mesh). ComfyUI Manager's "
@@ -708,6 +781,7 @@ NODE_CLASS_MAPPINGS = {
     "Wan21TPULoRA": Wan21TPULoRA,
     "WanTPUImageToVideo": WanTPUImageToVideo,
     "WanTPUModelFiles": WanTPUModelFiles,
+    "WanTPUSamplerSettings": WanTPUSamplerSettings,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TextEncoder": "Wan 2.1 Text Encoder (TPU)",
@@ -718,4 +792,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "Wan21TPULoRA": "Wan 2.1 TPU LoRA",
     "WanTPUImageToVideo": "Wan TPU Image to Video",
     "WanTPUModelFiles": "Wan TPU Model Files",
+    "WanTPUSamplerSettings": "Wan TPU Sampler Settings",
 }

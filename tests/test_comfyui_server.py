@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (with this pack's requirements) to run"
 )
 OUR_NODES = {"Wan21TextEncoder", "Wan21TPUSampler", "Wan21TPUVAEDecoder", "Wan21TPUPipeline", "Wan21TPUUnload",
-             "Wan21TPULoRA", "WanTPUImageToVideo", "WanTPUModelFiles"}
+             "Wan21TPULoRA", "WanTPUImageToVideo", "WanTPUModelFiles", "WanTPUSamplerSettings"}
 
 
 def _free_port() -> int:
@@ -107,6 +107,12 @@ def test_our_nodes_are_listed(server):
     assert OUR_NODES <= set(info)
     assert info["Wan21TPUSampler"]["category"] == "TPU/Wan2.1"
     assert info["Wan21TPUSampler"]["display_name"] == "Wan 2.1 TPU Sampler"
+    # The settings node, and the Sampler's and Full Pipeline's input for it, last (after every saved link).
+    assert info["WanTPUSamplerSettings"]["output"] == ["WAN_TPU_SETTINGS"]
+    assert info["WanTPUSamplerSettings"]["display_name"] == "Wan TPU Sampler Settings"
+    for node in ("Wan21TPUSampler", "Wan21TPUPipeline"):
+        optional = info[node]["input"]["optional"]
+        assert list(optional)[-1] == "settings" and optional["settings"][0] == "WAN_TPU_SETTINGS"
 
 
 def test_examples_are_served_as_workflow_templates(server):

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -226,6 +227,7 @@ def test_display_names_and_ids_are_the_original_packs(nodes):
         "Wan21TPULoRA": "Wan 2.1 TPU LoRA",
         "WanTPUImageToVideo": "Wan TPU Image to Video",
         "WanTPUModelFiles": "Wan TPU Model Files",
+        "WanTPUSamplerSettings": "Wan TPU Sampler Settings",
     }
     sampler = nodes.Wan21TPUSampler.INPUT_TYPES()["required"]
     assert (sampler["height"][1]["default"], sampler["width"][1]["default"], sampler["num_frames"][1]["default"]) == (720, 1280, 81)
@@ -278,3 +280,113 @@ def test_the_sampler_sends_a_preview_every_step_unless_previews_are_off(nodes, c
     # Each node's status ends in a final state, not in "compiling ...".
     texts = [text for text, node in comfy.texts if node == "13"]
     assert texts[-1].startswith("done: 5 frames decoded in") and any(t.startswith("done: 4 steps in") for t in texts)
+
+
+# ------------------------------------------------------------- the Sampler Settings node
+def settings_node(nodes, **values):
+    """The settings node run as ComfyUI runs it: every widget, at its default unless given."""
+    spec = nodes.WanTPUSamplerSettings.INPUT_TYPES()["required"]
+    inputs = {name: options.get("default", kind[0] if isinstance(kind, list) else None)
+              for name, (kind, options) in spec.items()}
+    inputs.update(values)
+    assert nodes.WanTPUSamplerSettings.VALIDATE_INPUTS(**inputs) is True
+    (settings,) = nodes.WanTPUSamplerSettings().settings(**inputs)
+    return settings
+
+
+def test_the_settings_node_wins_over_the_samplers_widgets(nodes, tiny_model_dir, monkeypatch):
+    """Connected, its sampler, timesteps and precision are what the run uses, whatever the Sampler's own
+    widgets say; the frames equal a run with those values as the Sampler's widgets. Compiles nothing new."""
+    pipeline = pack_module("pipeline")
+    calls, denoise = [], pipeline.WanTPUPipeline.denoise
+
+    def spy(self, embeddings, **kwargs):
+        calls.append(dict(kwargs, precision=self.precision))
+        return denoise(self, embeddings, **kwargs)
+
+    monkeypatch.setattr(pipeline.WanTPUPipeline, "denoise", spy)
+    euler = dict(sampler="euler", timesteps="1000, 750, 500, 250")
+    settings = settings_node(nodes, precision="fp32", **euler)
+    s = TINY_SAMPLER
+    video = [s[name] for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed")]
+    with torch.inference_mode():
+        positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, tiny_model_dir, precision="fp32")
+        sampler = nodes.Wan21TPUSampler()
+        # The widgets say UniPC in bf16 (which would load and compile a bf16 transformer): the settings win.
+        connected, _ = sampler.sample(positive, negative, *video, tiny_model_dir, s["flow_shift"], precision="bf16",
+                                      sampler="unipc", settings=settings)
+        as_widgets, _ = sampler.sample(positive, negative, *video, tiny_model_dir, s["flow_shift"], precision="fp32",
+                                       **euler)
+        unipc, _ = sampler.sample(positive, negative, *video, tiny_model_dir, s["flow_shift"], precision="fp32")
+    assert [(c["sampler"], c["timesteps"], c["precision"]) for c in calls] == [
+        ("euler", [1000.0, 750.0, 500.0, 250.0], "fp32")] * 2 + [("unipc", None, "fp32")]
+    assert torch.equal(connected["samples"], as_widgets["samples"])
+    assert not torch.allclose(connected["samples"], unipc["samples"], atol=1e-3)
+
+
+def test_the_full_pipeline_and_sampler_pass_the_settings_to_the_core(nodes, monkeypatch):
+    """MagCache's settings, guidance_scale_2, layout, calibration and the mesh reach the core's calls;
+    without the link the node's own widgets do (no model runs: the core is a stand-in)."""
+    magcache = pack_module("magcache")
+    made, denoised = [], []
+
+    class Core:
+        last_run = {"steps": 4, "magcache": False}
+
+        def encode(self, prompt, negative_prompt, on_status=None):
+            return "embeddings"
+
+        def denoise(self, embeddings, **kwargs):
+            denoised.append(kwargs)
+            return torch.zeros(1, 16, 2, 4, 6)
+
+        def decode(self, latents, on_status=None):
+            return torch.zeros(5, 32, 48, 3)
+
+    def make_pipeline(model_id, precision="bf16", dp=0, tp=0, model_files=None):
+        made.append((precision, dp, tp))
+        return Core()
+
+    monkeypatch.setattr(nodes, "make_pipeline", make_pipeline)
+    settings = settings_node(nodes, magcache=True, magcache_threshold=0.1, magcache_max_skip_steps=2,
+                             magcache_retention_ratio=0.3, guidance_scale_2=3.0, layout="tensor", precision="fp32",
+                             dp=1, tp=8)
+    widgets = dict(precision="bf16", dp=2, tp=4, magcache=False, layout="sequence", guidance_scale_2=-1.0,
+                   magcache_calibrate=True)
+    embeds = torch.zeros(1, 512, 32)
+    s = TINY_SAMPLER
+    video = [s[name] for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed")]
+    with torch.inference_mode():
+        for given in (settings, None):
+            nodes.Wan21TPUPipeline().generate(PROMPT, NEGATIVE, *video, "m", 16, 3.0, settings=given, **widgets)
+            nodes.Wan21TPUSampler().sample(embeds, embeds, *video, "m", 3.0, settings=given, **widgets)
+    connected = dict(magcache=magcache.MagCacheSettings(0.1, 2, 0.3), guidance_scale_2=3.0, layout="tensor",
+                     magcache_calibrate=False)
+    own = dict(magcache=None, guidance_scale_2=None, layout="sequence", magcache_calibrate=True)
+    assert [{name: call[name] for name in connected} for call in denoised] == [connected] * 2 + [own] * 2
+    assert made == [("fp32", 1, 8)] * 2 + [("bf16", 2, 4)] * 2
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(sampler="ddim"), "sampler='ddim': use one of unipc, euler"),
+    (dict(timesteps="1000,500"), "timesteps='1000,500' need sampler='euler'"),
+    (dict(layout="diagonal"), "layout='diagonal' is unknown: use one of"),
+    (dict(dp=-1), "dp=-1: use 0 for automatic"),
+    (dict(guidance_scale_2=-0.5), "guidance_scale_2=-0.5: use -1 (the same as guidance_scale)"),
+    (dict(magcache_retention_ratio=1.5), "retention_ratio=1.5: use a fraction in [0, 1]"),
+])
+def test_bad_settings_are_refused_with_the_fix(nodes, values, message):
+    assert message in nodes.WanTPUSamplerSettings.VALIDATE_INPUTS(**values)
+    spec = nodes.WanTPUSamplerSettings.INPUT_TYPES()["required"]
+    inputs = dict({name: options["default"] for name, (_, options) in spec.items()}, **values)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        nodes.WanTPUSamplerSettings().settings(**inputs)
+
+
+def test_the_sampler_refuses_what_is_not_a_settings_node_and_timesteps_of_another_count(nodes):
+    embeds = torch.zeros(1, 512, 32)
+    with pytest.raises(ValueError, match="settings is a dict: connect the output of 'Wan TPU Sampler Settings'"):
+        nodes.Wan21TPUSampler().sample(embeds, embeds, 32, 48, 5, 4, 5.0, 0, "m", settings={"sampler": "euler"})
+    settings = settings_node(nodes, sampler="euler", timesteps="1000,500")
+    with pytest.raises(ValueError, match="set num_inference_steps to 2 \\(timesteps from 'Wan TPU Sampler Settings'"):
+        nodes.Wan21TPUPipeline().generate(PROMPT, NEGATIVE, 32, 48, 5, 4, 5.0, 0, "m", settings=settings)
