@@ -105,7 +105,8 @@ def _compile_job(job: dict) -> None:
         if kind == "maxdiffusion":  # maxdiffusion's custom Splash kernel, by path (read, never vendored)
             peer = _load_module(job["source"], "wan_tpu_cycles_maxdiffusion")
             sizes = peer._BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv_compute)
-            kernel = peer.make_splash_mha(block_sizes=sizes, use_fixed_m=job["fixed_m"])
+            # The VMEM budget ours asks for (v5e's 16 MiB default refuses these blocks).
+            kernel = peer.make_splash_mha(block_sizes=sizes, use_fixed_m=job["fixed_m"], vmem_limit_bytes=32 * 2**20)
             with jax.default_device(device):  # its lowering asks Pallas for the chip's facts (default device)
                 jax.jit(kernel).lower(q, kv, kv).compile()
             return
@@ -202,10 +203,20 @@ def _cycles_of(result: dict, contains: str) -> int:
     return sum(matched)
 
 
-def run_jobs(jobs: list[dict], cache: str | None, parallel: int) -> list[dict]:
-    """``profile`` for each job, ``parallel`` processes at a time (libtpu compiles are single-threaded)."""
+def run_jobs(jobs: list[dict], cache: str | None, parallel: int, keep_going: bool = False) -> list[dict]:
+    """``profile`` for each job, ``parallel`` processes at a time (libtpu compiles are single-threaded).
+    ``keep_going``: a job that fails gives {"error": message} instead of raising (a peer that does not compile)."""
+    def one(job):
+        try:
+            return profile(job, cache)
+        except RuntimeError as error:
+            if not keep_going:
+                raise
+            logger.warning("%s", error)
+            return {"error": str(error).split(" failed: ")[-1][:300].replace("|", "/")}
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        return list(pool.map(lambda job: profile(job, cache), jobs))
+        return list(pool.map(one, jobs))
 
 
 # ------------------------------------------------------------------ figures
@@ -320,7 +331,7 @@ def kernel_table(chips, shapes, cache, parallel, maxdiffusion=None, before=None,
                     jobs.append({"kind": "stock", "topology": CHIPS[chip], "heads": 1, "tokens": tokens})
                     plan.append(("stock", chip, shape, None, len(jobs)))
     started = time.perf_counter()
-    results = run_jobs(jobs, cache, parallel)
+    results = run_jobs(jobs, cache, parallel, keep_going=True)
     logger.info("%d compiles with the cycle dump in %.0f s (cached ones are free)", len(jobs),
                 time.perf_counter() - started)
     table = {"chips": {}, "shapes": {s: SHAPES[s] for s in shapes}, "libtpu": _libtpu_version()}
@@ -330,6 +341,12 @@ def kernel_table(chips, shapes, cache, parallel, maxdiffusion=None, before=None,
         entry = table["chips"].setdefault(chip, {"sides": {}, "peers": {}})
         if kind == "calibration":
             entry["matmul"] = matmul_rate(chunk)
+        elif any("error" in result for result in chunk):
+            error = next(result["error"] for result in chunk if "error" in result)
+            if kind == "side":
+                entry["sides"].setdefault(what.name, {"side": what, "probes": {}})["error"] = error
+            else:
+                entry["peers"].setdefault(kind, {})[what] = {"error": error}
         elif kind == "side":
             entry["sides"].setdefault(what.name, {"side": what, "probes": {}})["probes"][
                 ",".join(map(str, blocks))] = per_step(chunk)
@@ -342,6 +359,9 @@ def kernel_table(chips, shapes, cache, parallel, maxdiffusion=None, before=None,
         rate = entry["matmul"]["flop_per_cycle"] / CORES_PER_CHIP[chip]  # per core
         for side in entry["sides"].values():
             side["shapes"] = {}
+            if "error" in side:
+                side["side"] = dataclasses.asdict(side["side"])
+                continue
             for shape in shapes:
                 _, heads, tokens = SHAPES[shape]
                 blocks = _effective(splash, side["side"], tokens)
@@ -355,6 +375,8 @@ def kernel_table(chips, shapes, cache, parallel, maxdiffusion=None, before=None,
             side["side"] = dataclasses.asdict(side["side"])
         for peer in entry["peers"].values():
             for record in peer.values():
+                if "error" in record:
+                    continue
                 core_cycles = record["cycles"] * CORES_PER_CHIP[chip]
                 record["fraction_of_matmul"] = round(record["useful_flops"] / core_cycles / rate, 3)
                 record["valid"] = record["fraction_of_matmul"] <= 1.0
@@ -398,7 +420,7 @@ def project_step(table: dict, fit: str = "14b-720p", check: str = "14b-848x480")
     predicted = attention_seconds(original, check) + other_ideal(check) / efficiency
     rows = {}
     for name, side in entry["sides"].items():
-        for shape in side["shapes"]:
+        for shape in side.get("shapes", {}):
             if not shape.startswith("14b"):
                 continue
             attention, other = attention_seconds(side, shape), other_ideal(shape) / efficiency
@@ -442,6 +464,9 @@ def markdown(table: dict) -> str:
         for name, side in entry["sides"].items():
             cells = []
             for shape in shapes:
+                if "error" in side:
+                    cells.append(f"no estimate: {side['error'][:70]}")
+                    continue
                 record = side["shapes"][shape]
                 mark = "" if record["valid"] else " (not valid)"
                 cells.append(f"{record['fraction_of_matmul']:.2f}{mark} ({record['cycles'] / 1e6:.2f} M)")
@@ -453,6 +478,8 @@ def markdown(table: dict) -> str:
                 record = records.get(shape)
                 if record is None:
                     cells.append("-")
+                elif "error" in record:
+                    cells.append(f"no estimate: {record['error'][:70]}")
                 else:
                     mark = "" if record["valid"] else " (not valid: faster than the matmul)"
                     cells.append(f"{record['fraction_of_matmul']:.2f}{mark} ({record['cycles'] / 1e6:.2f} M)")
