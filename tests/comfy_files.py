@@ -132,9 +132,10 @@ def fp8(state: dict, scaled: bool, marker: bool = True) -> dict:
     return out
 
 
-def write_gguf(path, state: dict, quantised: str = "Q8_0") -> str:
+def write_gguf(path, state: dict, quantised: str = "Q8_0", raw_tensor=None) -> str:
     """A GGUF file as ComfyUI-GGUF writes Wan: arch "wan", 2-D weights in ``quantised`` (when their rows fit
-    its blocks), the rest F16 or F32; 5-D shapes in ``comfy.gguf.orig_shape.*``."""
+    its blocks), the rest F16 or F32; 5-D shapes in ``comfy.gguf.orig_shape.*``. ``raw_tensor(name, array)``
+    may give (raw bytes, GGML type) for a tensor instead (a bad file's)."""
     import gguf
     import numpy as np
 
@@ -143,6 +144,10 @@ def write_gguf(path, state: dict, quantised: str = "Q8_0") -> str:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     for name, tensor in state.items():
         array = tensor.float().numpy()
+        raw = raw_tensor(name, array) if raw_tensor else None
+        if raw is not None:
+            writer.add_tensor(name, raw[0], raw_dtype=raw[1])
+            continue
         if array.ndim > 4:
             writer.add_array(f"comfy.gguf.orig_shape.{name}", list(array.shape))
             array = array.reshape(array.shape[0], -1)

@@ -231,26 +231,17 @@ def test_a_run_from_files_gives_the_folders_frames(t2v, tiny_model_dir, manager)
 
 # ------------------------------------------------------------------ bad files
 def _bad_gguf_type(path, state):
+    """A GGUF whose first FFN weight is IQ4_NL, a type the loader does not dequantize."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), "wan")
-    for name, tensor in state.items():
-        array = tensor.float().numpy()
-        if name.endswith("ffn.0.weight"):
-            qtype = gguf.GGMLQuantizationType.IQ4_NL
-            size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-            raw = np.zeros((array.shape[0], array.shape[1] // size * block_bytes), np.uint8)
-            writer.add_tensor(name, raw, raw_dtype=qtype)
-        else:
-            if array.ndim > 4:
-                writer.add_array(f"comfy.gguf.orig_shape.{name}", list(array.shape))
-                array = array.reshape(array.shape[0], -1)
-            writer.add_tensor(name, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
+    def iq4_nl(name, array):
+        if not name.endswith("ffn.0.weight"):
+            return None
+        qtype = gguf.GGMLQuantizationType.IQ4_NL
+        size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        return np.zeros((array.shape[0], array.shape[1] // size * block_bytes), np.uint8), qtype
+
+    return comfy_files.write_gguf(path, state, quantised="F16", raw_tensor=iq4_nl)
 
 
 def test_bad_files_name_the_file_and_the_fix_and_the_next_run_works(t2v, mf, tmp_path, manager):
