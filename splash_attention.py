@@ -319,11 +319,13 @@ def _flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret
     kv_pad, head_dim_v = v.shape[1], v.shape[2]
     block_q, block_kv, block_kv_compute = blocks
     num_kv_blocks = kv_pad // block_kv
-    m0, fixed = fixed_bounds(q, k, block_q)
-    if paths == ("online",):
-        m0, fixed = jnp.full_like(m0, MASK_VALUE), jnp.zeros_like(fixed)
-    elif paths != ("fixed",) and tuple(paths) != KERNEL_PATHS:
+    if tuple(paths) not in (KERNEL_PATHS, ("fixed",), ("online",)):
         raise ValueError(f"paths={paths!r}: give {KERNEL_PATHS}, ('fixed',) or ('online',)")
+    if tuple(paths) == ("online",):  # no bound to compute: every block starts the online softmax
+        m0 = jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32)
+        fixed = jnp.zeros((heads, q_pad // block_q), jnp.int32)
+    else:
+        m0, fixed = fixed_bounds(q, k, block_q)
     kernel = functools.partial(
         _flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
         block_kv_compute=block_kv_compute, paths=tuple(paths),
