@@ -1,0 +1,4 @@
+"""Model families: what each one needs of the model-agnostic ``runtime`` and ``sampling`` machinery.
+
+Imports neither torch nor jax.
+"""
