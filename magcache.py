@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .runtime import environment
+
 logger = logging.getLogger("wan_tpu")
 
 # Published calibration for Wan 2.1 T2V (50 UniPC steps), from the MagCache
@@ -277,15 +279,16 @@ def expert_ratio_slices(expert_of_step, ratios) -> list[list[float]]:
 
 
 # ------------------------------------------------------------ calibration
-ENV_CALIBRATION_DIR = "WAN_TPU_MAGCACHE_DIR"
+ENV_CALIBRATION_DIR = environment.MAGCACHE_DIR
 CALIBRATION_FOLDER = "wan_tpu_magcache"  # under ComfyUI's user folder
 
 
 def calibration_dir() -> str:
     """Where calibrations are saved: ``WAN_TPU_MAGCACHE_DIR``, else ComfyUI's user folder (``user/`` by
     default) inside ComfyUI, else ``~/.cache/wan_tpu/magcache``."""
-    if os.environ.get(ENV_CALIBRATION_DIR):
-        return os.path.abspath(os.path.expanduser(os.environ[ENV_CALIBRATION_DIR]))
+    folder = environment.read(environment.MAGCACHE_DIR)
+    if folder:
+        return os.path.abspath(os.path.expanduser(folder))
     try:
         import folder_paths  # ComfyUI's module; absent when the pack runs alone
 

@@ -5,6 +5,7 @@ import pytest
 from conftest import pack_module
 
 env_manager = pack_module("env_manager")
+attention = pack_module("runtime.attention")
 splash = pack_module("splash_attention")
 
 
@@ -17,10 +18,10 @@ def manager(manager):
 def test_query_chunked_attention_equals_the_reference(monkeypatch):
     import jax
 
-    monkeypatch.setattr(env_manager, "XLA_SCORE_BLOCK_BYTES", 2 * 3 * 600 * 4 * 64)  # 64-row chunks, ragged tail
+    monkeypatch.setattr(attention, "XLA_SCORE_BLOCK_BYTES", 2 * 3 * 600 * 4 * 64)  # 64-row chunks, ragged tail
     rng = np.random.default_rng(0)
     query, key, value = (rng.standard_normal((2, 3, n, 16)).astype(np.float32) for n in (1000, 600, 600))
-    ours = jax.jit(lambda q, k, v: env_manager.query_chunked_attention(q, k, v, scale=0.3))(query, key, value)
+    ours = jax.jit(lambda q, k, v: attention.query_chunked_attention(q, k, v, scale=0.3))(query, key, value)
     expected = splash.reference_attention(query, key, value, scale=0.3)
     assert ours.shape == (2, 3, 1000, 16)
     assert np.abs(np.asarray(ours) - np.asarray(expected)).max() < 1e-5
@@ -28,8 +29,8 @@ def test_query_chunked_attention_equals_the_reference(monkeypatch):
 
 def test_long_xla_attention_goes_through_query_chunks(manager, monkeypatch):
     calls = []
-    original = env_manager.query_chunked_attention
-    monkeypatch.setattr(env_manager, "query_chunked_attention", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    original = attention.query_chunked_attention
+    monkeypatch.setattr(attention, "query_chunked_attention", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
     long = np.zeros((2, 4, 4096, 8), np.float32)  # 2*4*4096*4096*4 bytes of scores: 512 MiB
     short = np.zeros((2, 4, 64, 8), np.float32)
     manager.attention(long, long, long)
