@@ -1,4 +1,4 @@
-"""Find and load the Wan 2.1 diffusers components, each on its own.
+"""Find and load the Wan diffusers components (every family's), each on its own.
 
 ``model_id`` is a Hugging Face repo id or a local diffusers folder. Anyone who
 can reach a ComfyUI server chooses ``model_id``, so inside ComfyUI a local
@@ -7,6 +7,8 @@ and the folders listed in ``WAN_TPU_MODEL_ROOTS``), errors name no path outside
 those roots, only safetensors are loaded and remote code is never trusted.
 Outside ComfyUI (the command line) any folder works. ``WAN_TPU_OFFLINE=1``
 refuses repo ids; ``HF_HUB_OFFLINE=1`` refuses those not in the hub cache.
+
+The module classes and dtypes are ``models.wan.modules``; path confinement is ``runtime.paths``.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ import os
 import re
 from dataclasses import dataclass
 
+from .models.wan import configs, modules
+from .runtime import environment, paths
+from .runtime.paths import confined_path  # noqa: F401  (its old home: model_files uses it from here)
+
 logger = logging.getLogger("wan_tpu")
 
 DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
-PRECISIONS = ("bf16", "fp32")
-MAX_SEQUENCE_LENGTH = 512  # diffusers' WanPipeline default; the original pack used 226 by mistake
+PRECISIONS = modules.PRECISIONS
+MAX_SEQUENCE_LENGTH = configs.TEXT_TOKENS  # diffusers' WanPipeline default; the original pack used 226 by mistake
 
-MODEL_ROOTS_ENV = "WAN_TPU_MODEL_ROOTS"  # extra folders (os.pathsep-separated) that may hold models
-OFFLINE_ENV = "WAN_TPU_OFFLINE"  # 1: local folders only, never the hub
-HF_OFFLINE_ENV = "HF_HUB_OFFLINE"  # huggingface_hub's own switch: only repos already in its cache
-_TRUE = ("1", "true", "yes", "on")
+MODEL_ROOTS_ENV = environment.MODEL_ROOTS  # extra folders (os.pathsep-separated) that may hold models
+OFFLINE_ENV = environment.OFFLINE  # 1: local folders only, never the hub
+HF_OFFLINE_ENV = environment.HF_OFFLINE  # huggingface_hub's own switch: only repos already in its cache
 _ROOTS_FIX = f"put the model folder under ComfyUI/models/diffusers or add its parent folder to {MODEL_ROOTS_ENV}"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -97,7 +102,7 @@ def comfyui_folders(folder_type: str) -> list[str]:
 def model_roots(folder_type: str = "diffusers") -> list[str]:
     """The folders local models may come from, as given: ComfyUI's ``models/<folder_type>``
     folders, then those listed in ``WAN_TPU_MODEL_ROOTS`` (os.pathsep-separated)."""
-    extra = [entry.strip() for entry in os.environ.get(MODEL_ROOTS_ENV, "").split(os.pathsep)]
+    extra = [entry.strip() for entry in environment.read(MODEL_ROOTS_ENV, "").split(os.pathsep)]
     roots = []
     for root in comfyui_folders(folder_type) + [os.path.expanduser(entry) for entry in extra if entry]:
         if root not in roots:
@@ -107,31 +112,19 @@ def model_roots(folder_type: str = "diffusers") -> list[str]:
 
 def _real_roots(folder_type: str = "diffusers") -> list[tuple[str, str]]:
     # (as given, resolved): symlinked roots (a models/ folder on another disk) compare by their target.
-    return [(root, os.path.realpath(root)) for root in model_roots(folder_type)]
-
-
-def _inside(path: str, real_root: str) -> bool:
-    return os.path.commonpath([real_root, path]) == real_root
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
+    return paths.real_roots(model_roots(folder_type))
 
 
 def offline_reason(repo_id: str) -> str | None:
     """Why ``repo_id`` may not come from the hub now, or None when it may."""
-    if _env_flag(OFFLINE_ENV):
+    if environment.flag(OFFLINE_ENV):
         return f"{OFFLINE_ENV}=1 allows local model folders only"
-    if _env_flag(HF_OFFLINE_ENV):
+    if environment.flag(HF_OFFLINE_ENV):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
             return f"{HF_OFFLINE_ENV}=1 and {repo_id} is not in the Hugging Face cache"
     return None
-
-
-def _has_dotdot(model_id: str) -> bool:
-    return ".." in re.split(r"[/\\]", model_id)
 
 
 def resolve_model_source(model_id: str) -> ModelSource:
@@ -194,45 +187,9 @@ def _any_folder(model_id: str, roots: list[tuple[str, str]]) -> str | None:
 def _confined_folder(model_id: str, roots: list[tuple[str, str]]) -> str | None:
     """Inside ComfyUI: the real folder under an allowed root that ``model_id`` names, or None
     when it names none (it may still be a repo id). Refuses what points out of the roots."""
-    return confined_path(model_id, roots, "folder", "model_id", "model folder name",
-                         f"none (ComfyUI has no models/diffusers folder and {MODEL_ROOTS_ENV} is unset)", _ROOTS_FIX)
-
-
-def confined_path(name: str, roots: list[tuple[str, str]], kind: str, label: str, what: str,
-                  no_roots: str, fix: str) -> str | None:
-    """Inside ComfyUI: the real path of the ``kind`` ("folder" or "file") under one of ``roots``
-    ((given, real) pairs) that ``name`` names, or None when it names none. '~', '..', absolute paths
-    outside the roots and links out of them are refused, and the error names no path outside the roots.
-
-    ``label`` (e.g. "model_id") and ``what`` ("model folder name") word the errors; ``fix`` says
-    what to do; ``no_roots`` stands for the allowed folders when there are none."""
-    exists = os.path.isdir if kind == "folder" else os.path.isfile
-    allowed = ", ".join(given for given, _ in roots) or no_roots
-    if name.startswith("~") or _has_dotdot(name):
-        raise ValueError(
-            f"{label}={name!r}: '~' and '..' may not be used in a {what} on a ComfyUI server; "
-            f"name a {kind} under the allowed model folders ({allowed}), or {fix}"
-        )
-    if os.path.isabs(name):
-        real = os.path.realpath(name)
-        if any(_inside(real, real_root) for _, real_root in roots) and exists(real):
-            return real
-        # One message whether or not the path exists, so the server answers no questions about its disk.
-        raise ValueError(f"{label}={name!r} is not a {kind} under the allowed model folders ({allowed}): {fix}")
-    escaped = None
-    for given, real_root in roots:
-        candidate = os.path.realpath(os.path.join(real_root, name))
-        if not exists(candidate):
-            continue
-        if any(_inside(candidate, other) for _, other in roots):
-            return candidate
-        escaped = escaped or given  # a link out of the root; say so, but not where it goes
-    if escaped is not None:
-        raise ValueError(
-            f"{label}={name!r} under {escaped} is a link to a {kind} outside the allowed model folders "
-            f"({allowed}): {fix}"
-        )
-    return None
+    return paths.confined_path(model_id, roots, "folder", "model_id", "model folder name",
+                               f"none (ComfyUI has no models/diffusers folder and {MODEL_ROOTS_ENV} is unset)",
+                               _ROOTS_FIX)
 
 
 def check_component(source: ModelSource, component: str) -> None:
@@ -247,7 +204,7 @@ def check_component(source: ModelSource, component: str) -> None:
     if not os.path.isdir(folder):
         raise ValueError(
             f"model {source.model_id!r} has no {component}/ folder (looked in {folder}): "
-            f"point model_id at a Wan 2.1 diffusers folder with {component}/ in it"
+            f"point model_id at a Wan diffusers folder with {component}/ in it"
         )
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise ValueError(f"{folder} has no config.json: it is not a diffusers {component} folder")
@@ -299,12 +256,7 @@ def load_model_index(source: ModelSource) -> dict:
     return load_json_config(source, "", "model_index.json")
 
 
-def torch_dtype(precision: str):
-    import torch
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+torch_dtype = modules.torch_dtype
 
 
 def load_tokenizer(source: ModelSource):
@@ -318,44 +270,38 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.location, subfolder="tokenizer", trust_remote_code=False)
 
 
+def _from_pretrained(source: ModelSource, component: str, precision: str | None = None, subfolder: str | None = None):
+    """``component``'s module class (``models.wan.modules``) from the folder or the hub, in eval mode, at
+    the dtype ``modules.component_dtype`` gives; safetensors only, remote code never trusted."""
+    subfolder = subfolder or component
+    check_component(source, subfolder)
+    _log_hub(source, f"{subfolder}/")
+    entry = modules.COMPONENT_CLASSES["transformer" if component == "transformer_2" else component]
+    untrusted = {"trust_remote_code": False} if entry.library == "transformers" else {}
+    return modules.component_class(component).from_pretrained(
+        source.location, subfolder=subfolder, torch_dtype=modules.component_dtype(component, precision),
+        use_safetensors=True, **untrusted,
+    ).eval()
+
+
 def load_text_encoder(source: ModelSource, precision: str):
     if _files(source):
         return _files(source).load_text_encoder(source, torch_dtype(precision))
-    from transformers import UMT5EncoderModel
-
-    check_component(source, "text_encoder")
-    _log_hub(source, "text_encoder/")
-    return UMT5EncoderModel.from_pretrained(
-        source.location, subfolder="text_encoder", torch_dtype=torch_dtype(precision),
-        use_safetensors=True, trust_remote_code=False,
-    ).eval()
+    return _from_pretrained(source, "text_encoder", precision)
 
 
 def load_transformer(source: ModelSource, precision: str, subfolder: str = "transformer"):
     """A Wan transformer: ``transformer`` or, for Wan 2.2 A14B's low-noise expert, ``transformer_2``."""
     if _files(source):
         return _files(source).load_transformer(source, torch_dtype(precision), subfolder)
-    from diffusers import WanTransformer3DModel
-
-    check_component(source, subfolder)
-    _log_hub(source, f"{subfolder}/")
-    return WanTransformer3DModel.from_pretrained(
-        source.location, subfolder=subfolder, torch_dtype=torch_dtype(precision), use_safetensors=True
-    ).eval()
+    return _from_pretrained(source, "transformer", precision, subfolder)
 
 
 def load_vae(source: ModelSource):
     """The VAE, always in float32: it is small, and Wan's VAE is run in fp32 upstream."""
     if _files(source):
         return _files(source).load_vae(source)
-    import torch
-    from diffusers import AutoencoderKLWan
-
-    check_component(source, "vae")
-    _log_hub(source, "vae/")
-    return AutoencoderKLWan.from_pretrained(
-        source.location, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True
-    ).eval()
+    return _from_pretrained(source, "vae")
 
 
 def load_image_encoder(source: ModelSource):
@@ -363,15 +309,7 @@ def load_image_encoder(source: ModelSource):
     per image)."""
     if _files(source):
         return _files(source).load_image_encoder(source)
-    import torch
-    from transformers import CLIPVisionModel
-
-    check_component(source, "image_encoder")
-    _log_hub(source, "image_encoder/")
-    return CLIPVisionModel.from_pretrained(
-        source.location, subfolder="image_encoder", torch_dtype=torch.float32, use_safetensors=True,
-        trust_remote_code=False,
-    ).eval()
+    return _from_pretrained(source, "image_encoder")
 
 
 def load_image_processor(source: ModelSource):

@@ -1,4 +1,5 @@
-"""LoRA for the Wan 2.1 transformer, fused into its sharded weights on the device.
+"""LoRA for the Wan transformers (every family's; each expert of Wan 2.2 A14B), fused into their sharded
+weights on the device.
 
 ``read_lora`` turns a LoRA file into ``{parameter name: (down, up)}`` with diffusers'
 own conversion: ``WanLoraLoaderMixin.lora_state_dict`` (ComfyUI/kohya
@@ -64,6 +65,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import loading, sharding
+from .runtime import paths
 
 logger = logging.getLogger("wan_tpu")
 
@@ -124,11 +126,7 @@ def _lora_roots() -> list[tuple[str, str]]:
         roots = list(folder_paths.get_folder_paths("loras"))
     except Exception:  # a ComfyUI without a "loras" folder type
         roots = []
-    return [(root, os.path.realpath(root)) for root in roots]
-
-
-def _inside(path: str, real_root: str) -> bool:
-    return os.path.commonpath([real_root, path]) == real_root
+    return paths.real_roots(roots)
 
 
 def resolve_lora_path(name: str) -> str:
@@ -138,7 +136,8 @@ def resolve_lora_path(name: str) -> str:
     the server: only files under ComfyUI's ``loras`` folders are accepted, as a name
     ``folder_paths.get_full_path("loras", name)`` finds or a path whose real location
     (symlinks followed) lies under one of those folders; ``~`` and ``..`` are refused,
-    and an error names no path outside the folders. Outside ComfyUI any existing file.
+    and an error names no path outside the folders (``runtime.paths.confined_path``).
+    Outside ComfyUI any existing file.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"lora={name!r} is empty: give the name of a .safetensors LoRA file")
@@ -151,41 +150,26 @@ def resolve_lora_path(name: str) -> str:
             return os.path.abspath(path)
         raise ValueError(f"lora={name!r}: no such file (looked for {os.path.abspath(path)}): give a LoRA file's path")
     roots = _lora_roots()
-    allowed = ", ".join(given for given, _ in roots) or "none (ComfyUI has no models/loras folder)"
-    if name.startswith("~") or ".." in re.split(r"[/\\]", name):
-        raise ValueError(
-            f"lora={name!r}: '~' and '..' may not be used in a LoRA file name on a ComfyUI server; "
-            f"name a file under the LoRA folders ({allowed}), or {LORA_FOLDER_FIX}"
-        )
-    if os.path.isabs(name):
-        real = os.path.realpath(name)
-        if any(_inside(real, real_root) for _, real_root in roots) and os.path.isfile(real):
-            return real
-        # One message whether or not the file exists, so the server answers no questions about its disk.
-        raise ValueError(f"lora={name!r} is not a file under the LoRA folders ({allowed}): {LORA_FOLDER_FIX}")
-    import folder_paths
+    no_roots = "none (ComfyUI has no models/loras folder)"
 
-    try:
-        found = folder_paths.get_full_path("loras", name)
-    except Exception:
-        found = None
-    candidates = ([found] if found else []) + [os.path.join(real_root, name) for _, real_root in roots]
-    escaped = False
-    for candidate in candidates:
-        real = os.path.realpath(candidate)
-        if not os.path.isfile(real):
-            continue
-        if any(_inside(real, real_root) for _, real_root in roots):
-            return real
-        escaped = True  # a link out of the folders; say so, but not where it goes
-    if escaped:
-        raise ValueError(
-            f"lora={name!r} is a link to a file outside the LoRA folders ({allowed}): {LORA_FOLDER_FIX}"
-        )
+    def comfyui_finds():
+        import folder_paths
+
+        try:
+            found = folder_paths.get_full_path("loras", name)
+        except Exception:
+            found = None
+        return [found] if found else []
+
+    real = paths.confined_path(name, roots, "file", "lora", "LoRA file name", no_roots, LORA_FOLDER_FIX,
+                               folders="the LoRA folders", lookup=comfyui_finds)
+    if real is not None:
+        return real
     # A path relative to the server's working directory, if it lies inside the folders anyway.
     real = os.path.realpath(name)
-    if os.path.isfile(real) and any(_inside(real, real_root) for _, real_root in roots):
+    if os.path.isfile(real) and paths.inside_any(real, roots):
         return real
+    allowed = ", ".join(given for given, _ in roots) or no_roots
     raise ValueError(f"lora={name!r}: no such LoRA file under the LoRA folders ({allowed}): {LORA_FOLDER_FIX}")
 
 
@@ -258,12 +242,11 @@ def _pattern_key(patterns, module_name: str) -> str | None:
     return None
 
 
-def convert_lora_state_dict(state_dict: dict, metadata: dict | None, shown: str = "LoRA") -> dict:
-    """``read_lora`` on a loaded state dict (torch tensors) and its ``lora_adapter_metadata``."""
-    import torch
+def _peft_state_dict(state_dict: dict, shown: str) -> dict:
+    """The transformer's factors in PEFT's names (``<module>.lora_A.weight``, ...): diffusers'
+    ``WanLoraLoaderMixin.lora_state_dict``, then ``load_lora_adapter``'s prefix and PEFT conversion."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.peft_utils import get_peft_kwargs
 
     keys = list(state_dict)
     if not keys:
@@ -291,45 +274,67 @@ def convert_lora_state_dict(state_dict: dict, metadata: dict | None, shown: str 
         converted = convert_unet_state_dict_to_peft(converted)
     if any("lora_magnitude_vector" in key for key in converted):
         raise ValueError(f"LoRA {shown!r} is a DoRA, which this pack cannot fuse: use a plain LoRA")
+    return converted
 
-    # The LoraConfig diffusers builds (peft_utils._create_lora_config), without PEFT.
+
+def _lora_config(converted: dict, metadata: dict | None, shown: str) -> dict:
+    """The LoraConfig diffusers builds (peft_utils._create_lora_config), without PEFT: from the file's
+    metadata, else ``get_peft_kwargs``."""
+    from diffusers.utils.peft_utils import get_peft_kwargs
+
     ranks = {f"^{k}": v.shape[1] for k, v in converted.items() if "lora_B" in k and v.ndim > 1}
     config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items() if k.startswith("transformer.")}
     if not config:  # (diffusers fails on metadata with no transformer entries; we read it as none)
         config = get_peft_kwargs(ranks, network_alpha_dict=None, peft_state_dict=converted)
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
     if config.get("use_dora"):
         raise ValueError(f"LoRA {shown!r} is a DoRA, which this pack cannot fuse: use a plain LoRA")
+    return config
 
-    def as_numpy(tensor):
-        return tensor.detach().to(torch.float32).cpu().numpy()
 
+def _as_numpy(tensor) -> np.ndarray:
+    import torch
+
+    return tensor.detach().to(torch.float32).cpu().numpy()
+
+
+def _module_factors(converted: dict, module: str, config: dict, shown: str) -> dict:
+    """``{parameter name: (down, up)}`` of one module, its PEFT scaling (``lora_alpha / r``, or / sqrt(r)
+    with rsLoRA; ``rank_pattern`` / ``alpha_pattern`` matched as PEFT matches them) folded into ``up``."""
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    down_t, up_t = converted.get(f"{module}.lora_A.weight"), converted.get(f"{module}.lora_B.weight")
+    if down_t is None or up_t is None:
+        raise _not_wan(shown, [module], f"{module} has only one of lora_A/lora_B")
+    key = _pattern_key(rank_pattern, module)
+    module_r = rank_pattern[key] if key is not None else r
+    key = _pattern_key(alpha_pattern, module)
+    module_alpha = alpha_pattern[key] if key is not None else alpha
+    if down_t.shape[0] != module_r or up_t.shape[1] != module_r:
+        raise ValueError(
+            f"LoRA {shown!r}: {module} has rank {down_t.shape[0]}, but its config says r={module_r}: "
+            f"the file is inconsistent; use another copy of the LoRA"
+        )
+    scaling = module_alpha / (math.sqrt(module_r) if bool(config.get("use_rslora", False)) else module_r)
+    if any(size != 1 for size in up_t.shape[2:]):
+        raise ValueError(f"LoRA {shown!r}: {module} is a convolution LoRA with a kernel in lora_B, which is not supported")
+    down = _as_numpy(down_t).reshape(down_t.shape[0], -1)  # [r, in] (a conv's kernel flattened)
+    up = _as_numpy(up_t).reshape(up_t.shape[0], up_t.shape[1])  # [out, r]
+    factors = {f"{module}.weight": (down, up * np.float32(scaling))}
+    bias = converted.get(f"{module}.lora_B.bias")
+    if bias is not None:  # PEFT's lora_bias: the base bias gets scaling * lora_B.bias
+        factors[f"{module}.bias"] = (np.ones((1, 1), np.float32), _as_numpy(bias).reshape(-1, 1) * np.float32(scaling))
+    return factors
+
+
+def convert_lora_state_dict(state_dict: dict, metadata: dict | None, shown: str = "LoRA") -> dict:
+    """``read_lora`` on a loaded state dict (torch tensors) and its ``lora_adapter_metadata``: diffusers'
+    conversion (``_peft_state_dict``), the LoraConfig it would build (``_lora_config``), then each module's
+    scaled factors (``_module_factors``), checked against the transformer's parameters."""
+    converted = _peft_state_dict(state_dict, shown)
+    config = _lora_config(converted, metadata, shown)
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    modules = sorted({key.split(".lora")[0] for key in converted})
-    for module in modules:
-        down_t, up_t = converted.get(f"{module}.lora_A.weight"), converted.get(f"{module}.lora_B.weight")
-        if down_t is None or up_t is None:
-            raise _not_wan(shown, [module], f"{module} has only one of lora_A/lora_B")
-        key = _pattern_key(rank_pattern, module)
-        module_r = rank_pattern[key] if key is not None else r
-        key = _pattern_key(alpha_pattern, module)
-        module_alpha = alpha_pattern[key] if key is not None else alpha
-        if down_t.shape[0] != module_r or up_t.shape[1] != module_r:
-            raise ValueError(
-                f"LoRA {shown!r}: {module} has rank {down_t.shape[0]}, but its config says r={module_r}: "
-                f"the file is inconsistent; use another copy of the LoRA"
-            )
-        scaling = module_alpha / (math.sqrt(module_r) if rslora else module_r)
-        if any(size != 1 for size in up_t.shape[2:]):
-            raise ValueError(f"LoRA {shown!r}: {module} is a convolution LoRA with a kernel in lora_B, which is not supported")
-        down = as_numpy(down_t).reshape(down_t.shape[0], -1)  # [r, in] (a conv's kernel flattened)
-        up = as_numpy(up_t).reshape(up_t.shape[0], up_t.shape[1])  # [out, r]
-        factors[f"{module}.weight"] = (down, up * np.float32(scaling))
-        bias = converted.get(f"{module}.lora_B.bias")
-        if bias is not None:  # PEFT's lora_bias: the base bias gets scaling * lora_B.bias
-            factors[f"{module}.bias"] = (np.ones((1, 1), np.float32), as_numpy(bias).reshape(-1, 1) * np.float32(scaling))
+    for module in sorted({key.split(".lora")[0] for key in converted}):
+        factors.update(_module_factors(converted, module, config, shown))
     strangers = [name for name in factors if not any(p.fullmatch(name) for p in _TRANSFORMER_PARAMETER)]
     if strangers:
         raise ValueError(

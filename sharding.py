@@ -19,6 +19,10 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Mapping
+
+from .models.wan import configs
+from .runtime import chips, environment
 
 logger = logging.getLogger("wan_tpu")
 
@@ -129,6 +133,18 @@ class ShardingPlan:
         return total
 
 
+def mesh_shape_dict(mesh_shape) -> dict[str, int]:
+    """{"dp": ..., "tp": ...} from (dp, tp) or a mapping (a missing axis has 1 device)."""
+    if isinstance(mesh_shape, Mapping):
+        mesh = {"dp": int(mesh_shape.get("dp", 1)), "tp": int(mesh_shape.get("tp", 1))}
+    else:
+        dp, tp = mesh_shape
+        mesh = {"dp": int(dp), "tp": int(tp)}
+    if mesh["dp"] < 1 or mesh["tp"] < 1:
+        raise ValueError(f"mesh_shape={mesh_shape!r}: dp and tp need at least 1 device each")
+    return mesh
+
+
 def _axis_size(axes, mesh_shape: dict[str, int]) -> int:
     if axes is None:
         return 1
@@ -184,8 +200,9 @@ def to_named_shardings(plan: ShardingPlan, mesh) -> dict:
 #             tokens over dp x tp. Where the HBM plan holds them (memory_plan.WHOLE_WEIGHTS_HBM_SHARE), a run
 #             copies those weights whole once instead (pipeline.whole_weight_copies) and no step gathers.
 LAYOUTS = ("tensor", "sequence")
-TEXT_TOKENS, IMAGE_TOKENS = 512, 257  # cross-attention's context: UMT5 tokens, Wan 2.1 I2V's CLIP tokens
-ENV_LAYOUT = "WAN_TPU_LAYOUT"  # auto | tensor | sequence
+# cross-attention's context: UMT5 tokens, Wan 2.1 I2V's CLIP tokens
+TEXT_TOKENS, IMAGE_TOKENS = configs.TEXT_TOKENS, configs.CLIP_TOKENS
+ENV_LAYOUT = environment.LAYOUT  # auto | tensor | sequence
 
 
 # Split weights the sequence layout leaves split: cross-attention's key and value projections act on the
@@ -209,6 +226,11 @@ def check_layout(layout, given_as: str = "layout") -> str:
         raise ValueError(f"{given_as}={layout!r} is unknown: use one of {('auto',) + LAYOUTS} "
                          f"(the node input 'layout', {ENV_LAYOUT}, or --layout)")
     return layout
+
+
+def environment_layout(environ: Mapping | None = None) -> str:
+    """The layout ``ENV_LAYOUT`` asks for ('auto' when unset), checked."""
+    return check_layout(environment.read(ENV_LAYOUT, environ=environ), given_as=ENV_LAYOUT)
 
 
 @dataclass(frozen=True)
@@ -283,7 +305,7 @@ def parallel_devices(layout: str, mesh_shape: dict[str, int], batch: int) -> int
     return math.prod(split.sizes(mesh_shape))
 
 
-# Chips (jax device_kind substrings, matched case-insensitively) where "auto" keeps the tensor layout, from
+# Chips (``runtime.chips``, found by jax's device_kind) where "auto" keeps the tensor layout, from
 # the compiled programs (benchmarks/tpu_compile.py, 81 frames, CFG): on v5e ("TPU v5 lite") XLA compiles
 # the sequence layout's weight gathers into about 3x the bytes it moves on v6e (14B: 1484 all-gathers,
 # 68 GiB per device per step, against 601 and 22.7 GiB on v6e), and the step's peak grows to 13.5 GiB at
@@ -291,7 +313,7 @@ def parallel_devices(layout: str, mesh_shape: dict[str, int], batch: int) -> int
 # within 2% of the tensor layout's. Without CFG the sequence layout would split the work over 8 devices
 # instead of 4 (827 against 1157 TFLOP per device at 720P), but it peaks at 15.7 of 16 GiB there: no room
 # for the text encoder and VAE beside it, so v5e keeps the tensor layout for both.
-TENSOR_LAYOUT_CHIPS = ("v5 lite", "v5e")
+TENSOR_LAYOUT_CHIPS = (chips.V5E,)
 
 
 def choose_layout(config: dict, tokens: int, mesh_shape: dict[str, int], batch: int,
@@ -301,8 +323,7 @@ def choose_layout(config: dict, tokens: int, mesh_shape: dict[str, int], batch: 
     through the links is the faster). A projection from ``parallel_devices`` and
     ``layer_collective_bytes``; the compile command reports the compiled facts. Ties go to tensor, and so
     do the chips of ``TENSOR_LAYOUT_CHIPS`` (``device_kind``: jax's name for the devices, e.g. "TPU v5 lite")."""
-    kind = (device_kind or "").lower()
-    if any(needle in kind for needle in TENSOR_LAYOUT_CHIPS):
+    if chips.chip_for(device_kind) in TENSOR_LAYOUT_CHIPS:
         return "tensor", (f"{device_kind}: the compiled sequence layout gathers about 3x the weight bytes it "
                           f"does on v6e and peaks 35-50% higher, up to 15.7 of 16 GiB for 14B at 1280x720 "
                           f"(sharding.TENSOR_LAYOUT_CHIPS)")

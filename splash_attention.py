@@ -97,12 +97,35 @@ class BlockSizes:
             )
 
 
-# Per chip (jax's device_kind), from benchmarks/tpu_cycles.py. v5e and v5p (128x128 MXUs) keep the
-# original's 256-key compute chunk: 512 costs their online softmax 5% (0.81 vs 0.85 of a matmul's rate).
+def _load_chips():
+    """``runtime/chips.py``: through the pack, or by path where this file is loaded alone (the benchmarks
+    load it by path; chips.py imports only the standard library)."""
+    try:
+        from .runtime import chips
+    except ImportError:  # no parent package
+        import importlib.util
+        import os
+        import sys
+
+        name = "wan_tpu_runtime_chips"
+        if name not in sys.modules:
+            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime", "chips.py")
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses look their module up while the class is built
+            spec.loader.exec_module(module)
+        chips = sys.modules[name]
+    return chips
+
+
+# Per chip (``runtime.chips``, keyed by jax's device_kind), from benchmarks/tpu_cycles.py. v5e and v5p
+# (128x128 MXUs) keep the original's 256-key compute chunk: 512 costs their online softmax 5% (0.81 vs
+# 0.85 of a matmul's rate).
+_chips = _load_chips()
 CHIP_BLOCK_SIZES = {
-    "TPU v6 lite": BlockSizes(),
-    "TPU v5 lite": BlockSizes(block_q=3328, block_kv=2560, block_kv_compute=256),
-    "TPU v5": BlockSizes(block_q=3328, block_kv=2560, block_kv_compute=256),
+    _chips.V6E.device_kind: BlockSizes(),
+    _chips.V5E.device_kind: BlockSizes(block_q=3328, block_kv=2560, block_kv_compute=256),
+    _chips.V5P.device_kind: BlockSizes(block_q=3328, block_kv=2560, block_kv_compute=256),
 }
 
 
@@ -418,7 +441,7 @@ def reference_attention(
 
 # ------------------------------------------------------------------ sharding
 @dataclasses.dataclass(frozen=True)
-class ShardingPlan:
+class AttentionShardingPlan:
     """Which mesh axes split the batch, the heads and the query sequence.
 
     Keys and values are split like the query on batch and heads and are whole
@@ -445,7 +468,7 @@ def _axes_entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def plan_sharding(query_shape, key_shape, mesh_shape) -> ShardingPlan:
+def plan_sharding(query_shape, key_shape, mesh_shape) -> AttentionShardingPlan:
     """The split of one attention call over a ('dp', 'tp') mesh.
 
     - batch over dp when dp divides it; the heads over the axes left
@@ -486,13 +509,13 @@ def plan_sharding(query_shape, key_shape, mesh_shape) -> ShardingPlan:
         )
     seq_axes = tuple(axis for axis in free if axis not in head_axes)
     fallback = kv_len >= q_len and head_axes != free
-    return ShardingPlan(batch_axes, head_axes, seq_axes, size(seq_axes), reason, fallback)
+    return AttentionShardingPlan(batch_axes, head_axes, seq_axes, size(seq_axes), reason, fallback)
 
 
 _logged_plans: set = set()
 
 
-def _log_plan_once(plan: ShardingPlan, query_shape, key_shape, mesh_shape):
+def _log_plan_once(plan: AttentionShardingPlan, query_shape, key_shape, mesh_shape):
     key = (tuple(query_shape), tuple(key_shape), tuple(dict(mesh_shape).items()))
     if key in _logged_plans:
         return

@@ -56,9 +56,17 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "wan_tpu", "cycl
 HEAD_DIM = 128
 LINEAR_TOLERANCE = 0.03  # the per-key-block cycles of 1->3 and 3->5 key blocks agree this closely
 
+# The pack's chip table (runtime/chips.py, standard library only), loaded by path as the kernel is.
+if "wan_tpu_runtime_chips" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("wan_tpu_runtime_chips", os.path.join(REPO, "runtime", "chips.py"))
+    sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_spec.name])
+PACK_CHIPS = sys.modules["wan_tpu_runtime_chips"]
 # One chip of each generation (a 2x2 slice's first device: the programs are single-chip).
-CHIPS = {"v6e": "v6e:2x2", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1"}
-CORES_PER_CHIP = {"v6e": 1, "v5e": 1, "v5p": 2}  # v5p's megacore splits a kernel's parallel grid over 2
+MEASURED_CHIPS = ("v6e", "v5e", "v5p")
+CHIPS = {name: f"{name}:{'2x2x1' if PACK_CHIPS.BY_NAME[name].three_d else '2x2'}" for name in MEASURED_CHIPS}
+# v5p's megacore splits a kernel's parallel grid over 2
+CORES_PER_CHIP = {name: PACK_CHIPS.BY_NAME[name].cores_per_chip for name in MEASURED_CHIPS}
 CALIBRATION_SIZES = (4096, 8192)
 
 # The per-device attention calls the pack makes on a (2, 4) mesh with CFG (batch 2 over dp, heads over tp):
@@ -301,7 +309,7 @@ def kernel_sides(chip: str, splash, before: str | None = None, maxdiffusion: str
 
 
 def splash_device_kind(chip: str) -> str:
-    return {"v6e": "TPU v6 lite", "v5e": "TPU v5 lite", "v5p": "TPU v5"}[chip]
+    return PACK_CHIPS.BY_NAME[chip].device_kind
 
 
 def _effective(splash, side, tokens, blocks=None):
@@ -390,7 +398,7 @@ def kernel_table(chips, shapes, cache, parallel, maxdiffusion=None, before=None,
 # with e the one fitted constant: how close everything that is not self-attention comes to the calibration
 # matmul's rate, norms, rotary, modulation and the all-reduces included (those scale with the tokens too).
 # It is fitted to the original's 1280x720 step and checked on its 848x480 one.
-V6E_CLOCK_HZ = 918e12 / (4 * 256 * 256 * 2)  # published peak / (4 MXUs x 256 x 256 MACs x 2 FLOP) = 1.75 GHz
+V6E_CLOCK_HZ = PACK_CHIPS.V6E.peak_flops / (4 * 256 * 256 * 2)  # published peak / (4 MXUs x 256 x 256 MACs x 2 FLOP) = 1.75 GHz
 ORIGINAL_SECONDS = {"14b-720p": 4.60, "14b-848x480": 1.37}  # measured on v6e-8 (the original's profile)
 WAN_14B = {"dim": 5120, "ffn": 13824, "layers": 40, "text_tokens": 512}
 

@@ -10,6 +10,9 @@ from conftest import PACK_DIR, PACK_NAME, pack_module
 
 memory_plan = pack_module("memory_plan")
 sharding = pack_module("sharding")
+configs = pack_module("models.wan.configs")
+activations = pack_module("models.wan.activations")
+modules = pack_module("models.wan.modules")
 
 GiB = 2**30
 V6E, V5E = "TPU v6 lite", "TPU v5 lite"  # what jax reports for v6e and v5e chips
@@ -24,29 +27,29 @@ def plan(model="14B", mesh=(2, 4), height=720, width=1280, num_frames=81, device
 @pytest.mark.parametrize(
     "component, config, low, high",
     [
-        ("transformer", memory_plan.WAN21_CONFIGS["14B"], 14.0e9, 14.3e9),
-        ("transformer", memory_plan.WAN21_CONFIGS["1.3B"], 1.4e9, 1.6e9),
-        ("text_encoder", memory_plan.UMT5_XXL_CONFIG, 5.6e9, 5.8e9),
-        ("vae", memory_plan.WAN21_VAE_CONFIG, 0.1e9, 0.15e9),
+        ("transformer", configs.WAN21_CONFIGS["14B"], 14.0e9, 14.3e9),
+        ("transformer", configs.WAN21_CONFIGS["1.3B"], 1.4e9, 1.6e9),
+        ("text_encoder", configs.UMT5_XXL_CONFIG, 5.6e9, 5.8e9),
+        ("vae", configs.WAN21_VAE_CONFIG, 0.1e9, 0.15e9),
     ],
 )
 def test_parameter_counts_of_the_real_configs(component, config, low, high):
-    assert low <= memory_plan.parameter_count(component, config) <= high
+    assert low <= modules.parameter_count(component, config) <= high
 
 
 def test_every_real_parameter_has_a_sharding_rule():
     for component, config in (
-        ("transformer", memory_plan.WAN21_CONFIGS["14B"]),
-        ("text_encoder", memory_plan.UMT5_XXL_CONFIG),
-        ("vae", memory_plan.WAN21_VAE_CONFIG),
+        ("transformer", configs.WAN21_CONFIGS["14B"]),
+        ("text_encoder", configs.UMT5_XXL_CONFIG),
+        ("vae", configs.WAN21_VAE_CONFIG),
     ):
-        shapes, _ = memory_plan.abstract_weights(component, config)
+        shapes, _ = modules.abstract_weights(component, config)
         result = sharding.plan_shardings(shapes, sharding.RULES[component], {"dp": 2, "tp": 4})
         assert result.unmatched == [] and result.indivisible == [], component
 
 
 def test_bf16_transformer_keeps_diffusers_fp32_modules_in_fp32():
-    _, itemsizes = memory_plan.abstract_weights("transformer", memory_plan.WAN21_CONFIGS["1.3B"], "bf16")
+    _, itemsizes = modules.abstract_weights("transformer", configs.WAN21_CONFIGS["1.3B"], "bf16")
     assert itemsizes["blocks.0.attn1.to_q.weight"] == 2
     assert itemsizes["blocks.0.scale_shift_table"] == 4
     assert itemsizes["condition_embedder.time_embedder.linear_1.weight"] == 4
@@ -71,8 +74,8 @@ def test_14b_720p_fits_a_v6e_8_with_the_vae_split_and_a14b_is_refused_on_a_v5e_8
     assert result.peak_bytes == result.weights_bytes + max(
         result.transformer_activation_bytes, result.vae_activation_bytes, result.text_encoder_activation_bytes
     )
-    whole = memory_plan.vae_decode_activation_bytes(memory_plan.WAN21_VAE_CONFIG, 720, 1280, 81)
-    assert result.vae_activation_bytes == int(whole / 8 * memory_plan.VAE_SPLIT_OVERHEAD)
+    whole = activations.vae_decode_activation_bytes(configs.WAN21_VAE_CONFIG, 720, 1280, 81)
+    assert result.vae_activation_bytes == int(whole / 8 * activations.VAE_SPLIT_OVERHEAD)
     a14b_on_v5e = plan("A14B", (2, 4), 720, 1280, 81, device_kind=V5E)  # both experts resident: 2 x 7.2 GB
     assert a14b_on_v5e.second_expert_weights_bytes == a14b_on_v5e.transformer_weights_bytes
     with pytest.raises(memory_plan.HBMPlanError, match="16 devices|lower the resolution"):
@@ -129,21 +132,21 @@ def test_fp32_refusal_suggests_bf16():
 
 # ----------------------------------------------------------------- activation formulas
 def test_sequence_length_and_activation_scaling():
-    config = memory_plan.WAN21_CONFIGS["14B"]
-    assert memory_plan.transformer_tokens(config, 720, 1280, 81) == 21 * 45 * 80
-    assert memory_plan.transformer_tokens(config, 480, 832, 81) == 21 * 30 * 52
-    big = memory_plan.transformer_activation_bytes(config, (2, 4), 720, 1280, 81)
-    small = memory_plan.transformer_activation_bytes(config, (2, 4), 480, 832, 81)
+    config = configs.WAN21_CONFIGS["14B"]
+    assert activations.transformer_tokens(config, 720, 1280, 81) == 21 * 45 * 80
+    assert activations.transformer_tokens(config, 480, 832, 81) == 21 * 30 * 52
+    big = activations.transformer_activation_bytes(config, (2, 4), 720, 1280, 81)
+    small = activations.transformer_activation_bytes(config, (2, 4), 480, 832, 81)
     assert 2.0 < big / small < 2.6  # ~linear in tokens: no S x S term (flash attention)
     # CFG's batch of 2 splits over dp=2; without CFG the one video repeats on both dp halves, and XLA spreads
     # part of that work over them (TENSOR_REPEATED_BATCH_SHARE of the token term).
-    assert 0.65 < memory_plan.transformer_activation_bytes(config, (2, 4), 720, 1280, 81, cfg=False) / big < 0.75
-    one_dp = memory_plan.transformer_activation_bytes(config, (1, 4), 720, 1280, 81)
+    assert 0.65 < activations.transformer_activation_bytes(config, (2, 4), 720, 1280, 81, cfg=False) / big < 0.75
+    one_dp = activations.transformer_activation_bytes(config, (1, 4), 720, 1280, 81)
     assert 1.8 < one_dp / big < 2.05
-    assert memory_plan.transformer_activation_bytes(config, (2, 8), 720, 1280, 81) < big
-    vae = memory_plan.WAN21_VAE_CONFIG
-    vae_720p = memory_plan.vae_decode_activation_bytes(vae, 720, 1280, 81)
-    assert 2.0 < vae_720p / memory_plan.vae_decode_activation_bytes(vae, 480, 832, 81) < 2.6
+    assert activations.transformer_activation_bytes(config, (2, 8), 720, 1280, 81) < big
+    vae = configs.WAN21_VAE_CONFIG
+    vae_720p = activations.vae_decode_activation_bytes(vae, 720, 1280, 81)
+    assert 2.0 < vae_720p / activations.vae_decode_activation_bytes(vae, 480, 832, 81) < 2.6
 
 
 # ----------------------------------------------------------------- HBM per chip
@@ -190,6 +193,20 @@ def test_plan_memory_overrides_and_unknown_hbm():
         plan(num_frames=80)
     with pytest.raises(ValueError, match="precision"):
         plan(precision="fp16")
+
+
+def test_the_ti2v_plan_refuses_a_height_its_16x_vae_cannot_make():
+    """Wan 2.2 TI2V 5B's VAE downsamples 16x and the transformer patches 2x2: a multiple of 16 that is
+    not one of 32 is refused, naming 32, where the 8x VAE's models take it."""
+    assert plan("1.3B", (2, 4), 720, 1280).height == 720
+    with pytest.raises(ValueError, match=r"height=720: .*multiple of 32"):
+        plan("5B", (2, 4), 720, 1280)
+    with pytest.raises(ValueError, match=r"width=1296: .*multiple of 32"):
+        plan("Wan-AI/Wan2.2-TI2V-5B-Diffusers", (2, 4), 704, 1296)
+    assert plan("5B", (2, 4), 704, 1280).height == 704
+    # Its latents are 16x smaller per side: the step's tokens and latents count them so.
+    five_b = configs.WAN21_CONFIGS["5B"]
+    assert activations.transformer_tokens(five_b, 704, 1280, 121) == 31 * 22 * 40
 
 
 # ----------------------------------------------------------------- abstract plan == placed bytes
@@ -340,7 +357,7 @@ def test_whole_weights_where_the_plan_holds_them():
     """The sequence layout copies its gathered weights whole for a run where the run's peak with them stays
     within WHOLE_WEIGHTS_HBM_SHARE of HBM: 1.3B anywhere, 14B on v5p, never 14B on a 32-GiB v6e."""
     small = plan("1.3B", (2, 4), 480, 832, layout="sequence", hbm_bytes=32 * GiB)
-    copies = memory_plan.whole_copies_bytes(memory_plan.WAN21_CONFIGS["1.3B"], (2, 4))
+    copies = activations.whole_copies_bytes(configs.WAN21_CONFIGS["1.3B"], (2, 4))
     assert 2.2 * GiB < copies < 2.4 * GiB  # 30 blocks of q, k, v, out, cross q, out and the FFN, bf16
     assert small.whole_weights and "with whole weights" in small.summary()
     gathered = plan("1.3B", (2, 4), 480, 832, layout="sequence", hbm_bytes=32 * GiB, whole_weights=False)
