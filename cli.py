@@ -16,6 +16,7 @@ import time
 
 from . import loading
 from .env_manager import ATTENTION_BACKENDS
+from .tiny_wan import TINY_FAMILIES
 
 logger = logging.getLogger("wan_tpu")
 
@@ -31,10 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=loading.DEFAULT_MODEL_ID, help="Hugging Face repo id or diffusers folder")
     parser.add_argument("--tiny", action="store_true", help="build and use a tiny random model (smoke run, no download)")
     parser.add_argument("--tiny-family", default="wan2.1-t2v",
-                        choices=("wan2.1-t2v", "wan2.2-t2v-a14b", "wan2.1-i2v", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b"),
+                        choices=tuple(TINY_FAMILIES),
                         help="with --tiny: which family's layout the tiny model has (the i2v ones need --image; "
                              "ti2v takes one or not)")
     parser.add_argument("--image", help="image-to-video models: the start image (PNG, JPEG...), resized to the video")
+    parser.add_argument("--end-image", help="first-last-frame models (Wan 2.1 FLF2V): the last frame, with --image")
     parser.add_argument("--height", type=int, help="multiple of 16 (default 720; 64 with --tiny)")
     parser.add_argument("--width", type=int, help="multiple of 16 (default 1280; 64 with --tiny)")
     parser.add_argument("--frames", type=int, help="4n+1 (default 81; 9 with --tiny)")
@@ -102,15 +104,15 @@ def parse_lora(text: str, expert: str = "both"):
         return LoraSpec(text, 1.0, expert)  # a ':' inside the path, no strength given
 
 
-def load_image(path: str):
-    """The start image as a PIL RGB image; a clear error when it is not one."""
+def load_image(path: str, flag: str = "--image"):
+    """An image file as a PIL RGB image; a clear error when it is not one."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as picture:
             return picture.convert("RGB")
     except (OSError, UnidentifiedImageError) as error:
-        raise SystemExit(f"--image {path!r}: cannot read it as an image ({error}); give a PNG or JPEG file") from None
+        raise SystemExit(f"{flag} {path!r}: cannot read it as an image ({error}); give a PNG or JPEG file") from None
 
 
 def main(argv=None) -> str:
@@ -126,16 +128,19 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory(prefix="wan-tiny-") as scratch:
         model = args.model
         if args.tiny:
-            from .tiny_wan import TINY_FAMILIES, build_tiny_wan
+            from .tiny_wan import build_tiny_wan
 
             model = build_tiny_wan(os.path.join(scratch, "tiny-" + args.tiny_family), TINY_FAMILIES[args.tiny_family])
         pipe = WanTPUPipeline(model, precision=args.precision, dp=args.dp, tp=args.tp, layout=args.layout)
         started = time.perf_counter()
         embeddings = pipe.encode(args.prompt, args.negative_prompt)
         image = None
+        if args.end_image and not args.image:
+            raise SystemExit("--end-image needs --image too: the video goes from the start image to the end image")
         if args.image:
+            end_image = load_image(args.end_image, "--end-image") if args.end_image else None
             image = pipe.encode_image(load_image(args.image), height=args.height, width=args.width,
-                                      num_frames=args.frames, on_status=logger.info)
+                                      num_frames=args.frames, on_status=logger.info, end_image=end_image)
 
         def report(step: int, total: int):
             if step:  # step 0: loaded and compiled, the first step starts

@@ -177,10 +177,6 @@ class TorchaxEnvManager:
         with self._lock:
             return dict(self._meshes_by_shape.meshes)
 
-    @property
-    def _meshes(self) -> dict:  # the name tests/test_nodes.py reads; prefer ``meshes``
-        return self.meshes
-
     # ---------------------------------------------------------- attention
     def set_attention_backend(self, backend: str | None = None, splash_min_kv_len: int | None = None):
         """Override the attention choice ('auto', 'splash', 'xla', 'cudnn') and the Splash threshold.

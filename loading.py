@@ -110,7 +110,7 @@ def model_roots(folder_type: str = "diffusers") -> list[str]:
     return roots
 
 
-def _real_roots(folder_type: str = "diffusers") -> list[tuple[str, str]]:
+def real_model_roots(folder_type: str = "diffusers") -> list[tuple[str, str]]:
     # (as given, resolved): symlinked roots (a models/ folder on another disk) compare by their target.
     return paths.real_roots(model_roots(folder_type))
 
@@ -138,7 +138,7 @@ def resolve_model_source(model_id: str) -> ModelSource:
     model_id = model_id.strip()
     if "\0" in model_id:
         raise ValueError(f"model_id={model_id!r} has a NUL character: give a repo id or a folder name")
-    roots = _real_roots()
+    roots = real_model_roots()
     confined = in_comfyui()
     if confined:
         local = _confined_folder(model_id, roots)

@@ -42,6 +42,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -339,3 +340,20 @@ def save_calibration(source: RatioSource, ratios, run: dict) -> str:
         raise
     logger.info("MagCache: calibrated %d ratios for %s, saved to %s", len(ratios), source.shown, path)
     return path
+
+
+def step_modes(ratio_source: Callable[[], RatioSource], magcache: MagCacheSettings | None, calibrate: bool,
+               expert_of_step: list) -> list:
+    """Per step, which program runs: None (plain), or with MagCache "record" (a full step that keeps the
+    blocks' residual) or "reuse" (the blocks skipped). Decided on the host, before anything runs. A
+    calibration records on every step. ``ratio_source()``: what the ratios are looked up by (asked only
+    when MagCache runs)."""
+    if calibrate:
+        if magcache is not None:
+            logger.info("MagCache: calibrating, so every step runs in full")
+        return ["record"] * len(expert_of_step)
+    if magcache is None:
+        return [None] * len(expert_of_step)
+    ratios, origin = ratios_for(ratio_source(), magcache)
+    logger.info("MagCache ratios: %s", origin)
+    return ["record" if run else "reuse" for run in run_schedule(expert_of_step, ratios, magcache)]

@@ -30,7 +30,8 @@ import re
 import struct
 from dataclasses import dataclass
 
-from . import families, loading
+from . import loading
+from .models.wan import families
 
 logger = logging.getLogger("wan_tpu")
 
@@ -135,7 +136,7 @@ def resolve_file(name: str, kind: str) -> str:
             if os.path.isfile(candidate):
                 return os.path.realpath(candidate)
         raise ModelFileError(f"{label}={name!r}: no such file (looked for {os.path.abspath(path)})")
-    roots = loading._real_roots(FOLDERS[kind])
+    roots = loading.real_model_roots(FOLDERS[kind])
     found = loading.confined_path(name, roots, "file", label, "model file name",
                                   f"none (ComfyUI has no models/{FOLDERS[kind]} folder)", _FOLDER_FIX)
     if found is None:
@@ -476,8 +477,7 @@ def family(source: FileSource) -> families.WanFamily:
             raise ModelFileError(f"{source.model_id} is Wan 2.1 I2V, which has one transformer: clear the "
                                  f"transformer_2 input")
         ratio = source.boundary_ratio or BOUNDARY_RATIOS["i2v" if image else "t2v"]
-        return families.WanFamily("Wan 2.2 I2V A14B" if image else "Wan 2.2 T2V A14B",
-                                  ("transformer", "transformer_2"), float(ratio), image_conditioning=image)
+        return families.two_expert_family(image, ratio)
     if image and not config["image_dim"]:
         raise ModelFileError(f"{source.model_id} is one expert of Wan 2.2 I2V A14B (image-to-video without CLIP): pick "
                              f"the high-noise file as transformer and the low-noise file as transformer_2")
@@ -492,8 +492,7 @@ def family(source: FileSource) -> families.WanFamily:
 def model_index(source: FileSource) -> dict:
     """What a diffusers folder's model_index.json would say (``families.family_from_model_index`` reads it)."""
     found = family(source)
-    index = {"_class_name": "WanImageToVideoPipeline" if found.image_conditioning and not found.expand_timesteps
-             else "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]}
+    index = {"_class_name": found.diffusers_pipeline, "transformer": ["diffusers", "WanTransformer3DModel"]}
     if found.two_experts:
         index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=found.boundary_ratio)
     if found.clip_image_encoder:

@@ -269,14 +269,12 @@ def validate_common(model_id=None, precision=None, dp=None, tp=None) -> str | bo
 
 
 def validate_video(height=None, width=None, num_frames=None) -> str | bool:
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and int(value) % 16:
-            lower = int(value) // 16 * 16
-            return f"{name}={value}: Wan needs a multiple of 16 ({lower} or {lower + 16})"
-    if num_frames is not None and (int(num_frames) - 1) % 4:
-        lower = max(1, (int(num_frames) - 1) // 4 * 4 + 1)
-        return f"num_frames={num_frames}: Wan needs 4n+1 frames ({lower} or {lower + 4})"
-    return True
+    """ComfyUI's check before the run, when the model is not known yet: the rule every Wan model shares
+    (Wan 2.1's latents: multiples of 16). The model's own, stricter one runs when it is known."""
+    from .models.wan.latents import WAN21
+
+    error = WAN21.video_size_error(*(None if value is None else int(value) for value in (height, width, num_frames)))
+    return error or True
 
 
 def validate_steps(sampler=None, timesteps=None, num_inference_steps=None) -> str | bool:
@@ -409,7 +407,8 @@ class Wan21TPUSampler:
     FUNCTION = "sample"
     RETURN_TYPES = ("LATENT", "INT")
     RETURN_NAMES = ("latents", "num_frames")
-    OUTPUT_TOOLTIPS = ("Video latent [1, 16, (frames-1)/4+1, height/8, width/8].", "The number of frames.")
+    OUTPUT_TOOLTIPS = ("Video latent [1, C, (frames-1)/4+1, height/f, width/f] (Wan 2.1's VAE: C=16, f=8; Wan 2.2's: "
+                       "48, 16).", "The number of frames.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -460,7 +459,8 @@ class Wan21TPUVAEDecoder:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"latents": ("LATENT", {"tooltip": "Wan 2.1 video latent [1, 16, T, H/8, W/8]."})},
+            "required": {"latents": ("LATENT", {"tooltip": "Wan video latent [1, C, T, H/f, W/f] (Wan 2.1's VAE: "
+                                                           "C=16, f=8; Wan 2.2's: 48, 16)."})},
             "optional": {"model_id": MODEL_ID, "fps": FPS_INPUT, **OPTIONAL_DEVICE_INPUTS,
                          "model_files": MODEL_FILES_INPUT},
             "hidden": dict(HIDDEN),
@@ -534,9 +534,10 @@ class Wan21TPUPipeline:
 
 class WanTPUImageToVideo:
     DESCRIPTION = (
-        "The start image of an image-to-video model (Wan 2.1 I2V 14B, Wan 2.2 I2V A14B), encoded on the TPU as "
-        "diffusers does it: resized to the video size, through the VAE encoder (and for Wan 2.1 through CLIP). "
-        "Connect it to the sampler's 'image' input; give both the same width, height and frames."
+        "The start image of an image-to-video model (Wan 2.1 I2V 14B, Wan 2.2 I2V A14B, Wan 2.2 TI2V 5B), and for "
+        "Wan 2.1 FLF2V the end image too, encoded on the TPU as diffusers does it: resized to the video size, "
+        "through the VAE encoder (and for Wan 2.1 through CLIP). Connect it to the sampler's 'image' input; give "
+        "both the same width, height and frames."
     )
     CATEGORY = CATEGORY
     FUNCTION = "encode"
@@ -551,7 +552,9 @@ class WanTPUImageToVideo:
             "required": {"start_image": ("IMAGE", {"tooltip": "The first frame, e.g. from Load Image. The first "
                                                               "image of a batch is used."}),
                          **video},
-            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS, "model_files": MODEL_FILES_INPUT},
+            "optional": {"model_id": MODEL_ID, **OPTIONAL_DEVICE_INPUTS, "model_files": MODEL_FILES_INPUT,
+                         "end_image": ("IMAGE", {"tooltip": "First-last-frame models (Wan 2.1 FLF2V) only: the "
+                                                            "last frame; the video goes from start to end."})},
             "hidden": dict(HIDDEN),
         }
 
@@ -561,11 +564,11 @@ class WanTPUImageToVideo:
         return _first_error(validate_video(height, width, num_frames), validate_common(model_id, precision, dp, tp))
 
     def encode(self, start_image, height, width, num_frames, model_id=loading.DEFAULT_MODEL_ID, precision="bf16",
-               dp=0, tp=0, unique_id=None, model_files=None):
+               dp=0, tp=0, unique_id=None, model_files=None, end_image=None):
         check_interrupted()
         pipe = make_pipeline(model_id, precision, dp, tp, model_files)
         return (pipe.encode_image(start_image, height=height, width=width, num_frames=num_frames,
-                                  on_status=status_reporter(unique_id)),)
+                                  on_status=status_reporter(unique_id), end_image=end_image),)
 
 
 def lora_file_choices() -> list[str] | None:

@@ -87,7 +87,7 @@ def spatial_split(mesh_shape: dict[str, int], height: int, width: int) -> tuple:
     height and width over the two axes (848x480: 60 rows over tp=4, 106 columns over dp=2)."""
     best, best_devices = (None, None), 1
     for h_axes, w_axes in _SPATIAL_OPTIONS:
-        h_size, w_size = _axis_size(h_axes, mesh_shape), _axis_size(w_axes, mesh_shape)
+        h_size, w_size = axis_size(h_axes, mesh_shape), axis_size(w_axes, mesh_shape)
         if h_size * w_size > best_devices and height % h_size == 0 and width % w_size == 0:
             best, best_devices = (h_axes, w_axes), h_size * w_size
     return best + (best_devices,)
@@ -128,7 +128,7 @@ class ShardingPlan:
         for name, shape in shapes.items():
             elements = math.prod(shape)
             for axes in self.specs.get(name, ()):
-                elements //= _axis_size(axes, mesh_shape)
+                elements //= axis_size(axes, mesh_shape)
             total += elements * itemsizes[name]
         return total
 
@@ -145,7 +145,7 @@ def mesh_shape_dict(mesh_shape) -> dict[str, int]:
     return mesh
 
 
-def _axis_size(axes, mesh_shape: dict[str, int]) -> int:
+def axis_size(axes, mesh_shape: dict[str, int]) -> int:
     if axes is None:
         return 1
     if isinstance(axes, str):
@@ -170,7 +170,7 @@ def plan_shardings(shapes: dict[str, tuple], rules, mesh_shape: dict[str, int]) 
             raise ValueError(f"sharding rule {spec} for {name!r} has more dims than its shape {tuple(shape)}")
         fitted = []
         for dim, axes in enumerate(spec):
-            if axes is not None and shape[dim] % _axis_size(axes, mesh_shape):
+            if axes is not None and shape[dim] % axis_size(axes, mesh_shape):
                 plan.indivisible.append(f"{name}[{dim}]={shape[dim]} over {axes}")
                 axes = None
             fitted.append(axes)
@@ -250,7 +250,7 @@ class TokenSplit:
 
     def sizes(self, mesh_shape: dict[str, int]) -> tuple[int, int]:
         """(devices the batch splits over, devices the tokens split over) on a ``mesh_shape`` mesh."""
-        return _axis_size(self.batch_axes, mesh_shape), _axis_size(self.token_axes, mesh_shape)
+        return axis_size(self.batch_axes, mesh_shape), axis_size(self.token_axes, mesh_shape)
 
 
 def token_split(mesh_shape: dict[str, int], batch: int) -> TokenSplit:

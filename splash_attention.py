@@ -326,7 +326,7 @@ KERNEL_PATHS = ("fixed", "online")
 VMEM_LIMIT_BYTES = 32 * 2**20
 
 
-def _flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret: bool,
+def flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret: bool,
                      paths: tuple[str, ...] = KERNEL_PATHS):
     """The Pallas call on padded, head-flattened arrays.
 
@@ -420,7 +420,7 @@ def _attention_local(
     q = _pad_axis(q.reshape(batch * heads, q_len, head_dim), q_pad, 1)  # [batch*heads, q_pad, head_dim]
     k = _pad_axis(k.reshape(batch * heads, kv_len, head_dim), kv_pad, 1)  # [batch*heads, kv_pad, head_dim]
     v = _pad_axis(value.reshape(batch * heads, kv_len, head_dim_v), kv_pad, 1)  # [batch*heads, kv_pad, head_dim_v]
-    out = _flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)  # [batch*heads, dv, q_pad]
+    out = flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)  # [batch*heads, dv, q_pad]
     out = jnp.swapaxes(out[:, :, :q_len], 1, 2)  # padded query rows dropped
     return out.reshape(batch, heads, q_len, head_dim_v).astype(query.dtype)
 
@@ -512,14 +512,14 @@ def plan_sharding(query_shape, key_shape, mesh_shape) -> AttentionShardingPlan:
     return AttentionShardingPlan(batch_axes, head_axes, seq_axes, size(seq_axes), reason, fallback)
 
 
-_logged_plans: set = set()
+logged_plans: set = set()
 
 
 def _log_plan_once(plan: AttentionShardingPlan, query_shape, key_shape, mesh_shape):
     key = (tuple(query_shape), tuple(key_shape), tuple(dict(mesh_shape).items()))
-    if key in _logged_plans:
+    if key in logged_plans:
         return
-    _logged_plans.add(key)
+    logged_plans.add(key)
     level = logging.WARNING if plan.fallback else logging.INFO
     logger.log(
         level, "splash attention q%s k%s on mesh %s: %s (q %s, k/v %s)",

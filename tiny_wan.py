@@ -1,8 +1,9 @@
-"""Build a tiny, randomly initialised Wan 2.1 diffusers folder, offline.
+"""Build a tiny, randomly initialised Wan diffusers folder of any family, offline.
 
-The folder has the same layout as ``Wan-AI/Wan2.1-T2V-*-Diffusers`` (tokenizer,
-text_encoder, transformer, vae, scheduler, model_index.json) and diffusers'
-own ``WanPipeline.from_pretrained`` loads it. Tests, the ``--tiny`` smoke run
+The folder has the same layout as ``Wan-AI/Wan2.*-Diffusers`` (tokenizer,
+text_encoder, transformer(s), vae, scheduler, model_index.json, and for the
+CLIP families image_encoder and image_processor) and diffusers' own
+``WanPipeline`` / ``WanImageToVideoPipeline.from_pretrained`` loads it. Tests, the ``--tiny`` smoke run
 and the benchmarks use it, so nothing is ever downloaded.
 
 ``torch``, ``transformers`` and ``diffusers`` are imported inside the functions:
@@ -57,6 +58,7 @@ class TinyWanConfig:
     image_to_video: bool = False  # an I2V model: with one expert Wan 2.1 I2V (CLIP), with two Wan 2.2 I2V A14B
     clip_dim: int = 32  # the tiny CLIP vision tower's width (Wan 2.1 I2V)
     ti2v: bool = False  # a Wan 2.2 TI2V 5B-style model: the 48-channel Wan 2.2 VAE (16x), a timestep per token
+    first_last_frame: bool = False  # with image_to_video: Wan 2.1 FLF2V-style (two images' CLIP tokens, placed)
 
 
 # Benchmark configurations (benchmarks/bench.py): "small" is meaningful on a
@@ -67,9 +69,11 @@ TINY_A14B = TinyWanConfig(boundary_ratio=0.6)
 TINY_I2V = TinyWanConfig(image_to_video=True)
 TINY_I2V_A14B = TinyWanConfig(image_to_video=True, boundary_ratio=0.6)
 TINY_TI2V = TinyWanConfig(ti2v=True)  # videos in multiples of 32 pixels (the VAE's 16x, then 2x2 patches)
+TINY_FLF2V = TinyWanConfig(image_to_video=True, first_last_frame=True)  # first and last frame given
 # --tiny-family names (the command line) -> configs.
 TINY_FAMILIES = {"wan2.1-t2v": TinyWanConfig(), "wan2.2-t2v-a14b": TINY_A14B, "wan2.1-i2v": TINY_I2V,
-                 "wan2.2-i2v-a14b": TINY_I2V_A14B, "wan2.2-ti2v-5b": TINY_TI2V}
+                 "wan2.2-i2v-a14b": TINY_I2V_A14B, "wan2.2-ti2v-5b": TINY_TI2V, "wan2.1-flf2v": TINY_FLF2V}
+TINY_CLIP_TOKENS = 17  # the tiny CLIP tower's: (32 / 8)^2 patches and the class token
 
 SMALL = TinyWanConfig(
     num_heads=8, head_dim=64, ffn_dim=2048, num_layers=8, text_dim=256, text_layers=2,
@@ -127,14 +131,50 @@ def build_tiny_wan(path: str | os.PathLike, config: TinyWanConfig = TinyWanConfi
 
 
 def _build(path: str, config: TinyWanConfig) -> None:
-    import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    # In this order: each draws from torch's seeded generator, so the same config gives the same weights.
+    tokenizer = _train_tokenizer(config.vocab_size)
+    text_encoder = _text_encoder(config, len(tokenizer))
+    transformer, transformer_2 = _transformers(config)
+    experts = {} if transformer_2 is None else {"transformer_2": transformer_2, "boundary_ratio": config.boundary_ratio}
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=_vae(config),
+                      scheduler=_scheduler(config), **experts)
+    clip = _has_clip(config)
+    if config.image_to_video:
+        if clip:
+            components.update(_tiny_clip(config))
+        pipe = WanImageToVideoPipeline(**components)
+    else:
+        pipe = WanPipeline(**components, expand_timesteps=config.ti2v)
+    pipe.save_pretrained(path, safe_serialization=True)
+    if clip:  # name the processor as Wan-AI's folders do (without torchvision, transformers 5 made a "...Pil" one)
+        _edit_json(os.path.join(path, "model_index.json"),
+                   lambda index: index.update(image_processor=["transformers", "CLIPImageProcessor"]))
+    # transformers 5 names its fast tokenizer "TokenizersBackend", which 4.x
+    # cannot load; PreTrainedTokenizerFast reads the same tokenizer.json in both.
+    _edit_json(os.path.join(path, "tokenizer", "tokenizer_config.json"),
+               lambda settings: settings.update(tokenizer_class="PreTrainedTokenizerFast"))
+
+
+def _edit_json(path: str, edit) -> None:
+    with open(path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    edit(content)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2)
+
+
+def _has_clip(config: TinyWanConfig) -> bool:
+    return config.image_to_video and config.boundary_ratio is None  # Wan 2.1 I2V and FLF2V; not 2.2 I2V A14B
+
+
+def _text_encoder(config: TinyWanConfig, tokenizer_size: int):
     from transformers import UMT5Config, UMT5EncoderModel
 
-    tokenizer = _train_tokenizer(config.vocab_size)
-    text_encoder = UMT5EncoderModel(
+    return UMT5EncoderModel(
         UMT5Config(
-            vocab_size=max(config.vocab_size, len(tokenizer), config.text_vocab_size),
+            vocab_size=max(config.vocab_size, tokenizer_size, config.text_vocab_size),
             d_model=config.text_dim,
             d_kv=config.text_dim // config.text_heads,
             d_ff=config.text_ffn,
@@ -149,10 +189,18 @@ def _build(path: str, config: TinyWanConfig) -> None:
             decoder_start_token_id=0,
         )
     ).eval()
-    clip = config.image_to_video and config.boundary_ratio is None  # Wan 2.1 I2V has CLIP; 2.2 I2V A14B has not
+
+
+def _transformers(config: TinyWanConfig):
+    """(the transformer, the second expert or None), perturbed: random init leaves some tensors at zero
+    (out projections, the modulation table), so parity tests would not compare real arithmetic."""
+    from diffusers import WanTransformer3DModel
+
     image_args = {}
-    if clip:
+    if _has_clip(config):
         image_args = dict(image_dim=config.clip_dim, added_kv_proj_dim=config.num_heads * config.head_dim)
+        if config.first_last_frame:  # a position embedding over both images' CLIP tokens
+            image_args["pos_embed_seq_len"] = 2 * TINY_CLIP_TOKENS
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=config.num_heads,
@@ -170,66 +218,45 @@ def _build(path: str, config: TinyWanConfig) -> None:
         **image_args,
         **config.extra_transformer,
     ).eval()
-    # Random init leaves some tensors at zero (out projections, modulation
-    # table); perturb everything so parity tests compare real arithmetic.
     if config.perturb:
-        with torch.no_grad():
-            for param in transformer.parameters():
-                param.add_(torch.randn_like(param) * 0.05)
+        _perturb(transformer)
     transformer_2 = None
-    if config.boundary_ratio is not None:
-        transformer_2 = WanTransformer3DModel.from_config(transformer.config).eval()
-        with torch.no_grad():
-            for param in transformer_2.parameters():
-                param.add_(torch.randn_like(param) * 0.05)
+    if config.boundary_ratio is not None:  # always perturbed: the two experts must differ
+        transformer_2 = _perturb(WanTransformer3DModel.from_config(transformer.config).eval())
+    return transformer, transformer_2
+
+
+def _perturb(module):
+    import torch
+
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return module
+
+
+def _vae(config: TinyWanConfig):
+    import torch
+    from diffusers import AutoencoderKLWan
+
     if config.ti2v:  # the Wan 2.2 VAE's layout: residual blocks, 2x2 patches folded into 12 channels, 48 latents
         stats = torch.Generator().manual_seed(config.seed)
-        vae = AutoencoderKLWan(
+        return AutoencoderKLWan(
             base_dim=config.vae_base_dim, decoder_base_dim=2 * config.vae_base_dim, z_dim=48,
             dim_mult=list(config.vae_dim_mult), num_res_blocks=1, temperal_downsample=[False, True, True],
             is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
             latents_mean=(torch.randn(48, generator=stats) * 0.1).tolist(),
             latents_std=(torch.rand(48, generator=stats) + 0.5).tolist(),
         ).eval()
-    else:
-        vae = AutoencoderKLWan(
-            base_dim=config.vae_base_dim,
-            z_dim=16,
-            dim_mult=list(config.vae_dim_mult),
-            num_res_blocks=1,
-            temperal_downsample=[False, True, True],
-        ).eval()
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
-        flow_shift=config.flow_shift,
-    )
-    experts = {} if transformer_2 is None else {"transformer_2": transformer_2, "boundary_ratio": config.boundary_ratio}
-    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                      scheduler=scheduler, **experts)
-    if config.image_to_video:
-        from diffusers import WanImageToVideoPipeline
+    return AutoencoderKLWan(base_dim=config.vae_base_dim, z_dim=16, dim_mult=list(config.vae_dim_mult),
+                            num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
 
-        if clip:
-            components.update(_tiny_clip(config))
-        pipe = WanImageToVideoPipeline(**components)
-    else:
-        pipe = WanPipeline(**components, expand_timesteps=config.ti2v)
-    pipe.save_pretrained(path, safe_serialization=True)
-    if clip:  # name the processor as Wan-AI's folders do (without torchvision, transformers 5 made a "...Pil" one)
-        index_path = os.path.join(path, "model_index.json")
-        with open(index_path, encoding="utf-8") as handle:
-            model_index = json.load(handle)
-        model_index["image_processor"] = ["transformers", "CLIPImageProcessor"]
-        with open(index_path, "w", encoding="utf-8") as handle:
-            json.dump(model_index, handle, indent=2)
-    # transformers 5 names its fast tokenizer "TokenizersBackend", which 4.x
-    # cannot load; PreTrainedTokenizerFast reads the same tokenizer.json in both.
-    tokenizer_config = os.path.join(path, "tokenizer", "tokenizer_config.json")
-    with open(tokenizer_config, encoding="utf-8") as handle:
-        settings = json.load(handle)
-    settings["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(tokenizer_config, "w", encoding="utf-8") as handle:
-        json.dump(settings, handle, indent=2)
+
+def _scheduler(config: TinyWanConfig):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                                   flow_shift=config.flow_shift)
 
 
 def _tiny_clip(config: TinyWanConfig) -> dict:

@@ -66,14 +66,13 @@ CONFIGS = {
 
 
 def load_pack():
-    """Import the repository as a package by folder path, as ComfyUI does."""
-    name = os.path.basename(REPO)
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return lambda sub: importlib.import_module(f"{name}.{sub}")
+    """The pack imported by folder path, as ComfyUI does (``pack_loader``): a function from a module name
+    to the module."""
+    if REPO not in sys.path:
+        sys.path.append(REPO)  # last: nothing the environment already provides is shadowed
+    from pack_loader import pack_module
+
+    return pack_module
 
 
 def parse_args(argv=None):
@@ -117,9 +116,10 @@ def model_folder(args, module) -> str:
 
 def step_flops(config: dict, height: int, width: int, frames: int, cfg: bool) -> float:
     """FLOPs of one denoising step: 2 per multiply-add in every linear layer and attention matmul."""
-    tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    pack = load_pack()
+    tokens = pack("models.wan.latents").LatentGeometry.from_transformer_config(config).tokens(height, width, frames)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
-    text_tokens = 512
+    text_tokens = pack("models.wan.configs").TEXT_TOKENS
     per_layer = (
         2 * tokens * dim * dim * 4  # self-attention q, k, v, out
         + 2 * tokens * dim * dim * 2 + 2 * text_tokens * dim * dim * 2  # cross-attention q, out; k, v of the text
@@ -254,15 +254,15 @@ class OurSide:
         """Median time of the transformer call alone, on the step's own inputs, mesh and layout."""
         import numpy as np
 
-        pipeline = self.module("pipeline")
+        placement, torch_bridge = self.module("runtime.placement"), self.module("runtime.torch_bridge")
         jax = self.manager.jax
         transformer = self.pipe.transformer()
         manager = self.manager
         cfg = args.guidance > 1
         batch = 2 if cfg else 1
-        shape = pipeline.latent_shape(args.height, args.width, args.frames)
+        shape = self.pipe.geometry.latent_shape(args.height, args.width, args.frames)
         dtype = jax.numpy.bfloat16 if self.pipe.precision == "bf16" else jax.numpy.float32
-        sharding = pipeline._batch_sharding(transformer.mesh, batch)
+        sharding = placement.batch_sharding(transformer.mesh, batch)
         hidden = jax.device_put(np.zeros((batch,) + shape[1:], np.float32), sharding).astype(dtype)
         context = jax.device_put(np.zeros((batch, 512, transformer.config["text_dim"]), np.float32), sharding).astype(dtype)
         timestep = jax.numpy.full((batch,), 500.0)
@@ -274,9 +274,9 @@ class OurSide:
         @jax.jit
         def forward(weights, hidden, timesteps, context):
             if split is not None:
-                weights = pipeline.gather_split_weights(manager, weights, transformer.plan.specs, transformer.mesh)
-            return pipeline.call_transformer(manager, transformer.module, weights, transformer.mesh, hidden,
-                                             timesteps, context, split=split)
+                weights = placement.gather_split_weights(manager, weights, transformer.plan.specs, transformer.mesh)
+            return torch_bridge.call_transformer(manager, transformer.module, weights, transformer.mesh, hidden,
+                                                 timesteps, context, split=split)
 
         forward(transformer.weights, hidden=hidden, timesteps=timestep, context=context).block_until_ready()
         samples = []

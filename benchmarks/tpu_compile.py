@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib
-import importlib.util
 import json
 import logging
 import os
@@ -65,7 +63,6 @@ GiB = 2**30
 MFU_ORIGINAL = 0.38  # the original pack's measured MFU, Wan 14B 720P on v6e-8
 STAGES = ("text_encoder", "step_cfg", "step", "vae_decode")
 IMAGE_STAGES = ("vae_encode", "image_encoder")  # image-to-video models add these (image_encoder: Wan 2.1 I2V)
-TEXT_LENGTH = 512  # loading.MAX_SEQUENCE_LENGTH
 TABLE_MODELS = ("1.3B", "14B")
 TABLE_SIZES = ((480, 848), (480, 832), (720, 1280))
 TABLE_CHIPS = ("v6e-8", "v5p-8", "v5e-8")
@@ -170,14 +167,13 @@ def topology_devices(chip: Chip) -> list:
 
 # ------------------------------------------------------------------ the pack
 def load_pack():
-    """Import the repository as a package by folder path, as ComfyUI does."""
-    name = os.path.basename(REPO)
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return lambda sub: importlib.import_module(f"{name}.{sub}")
+    """The pack imported by folder path, as ComfyUI does (``pack_loader``): a function from a module name
+    to the module."""
+    if REPO not in sys.path:
+        sys.path.append(REPO)  # last: nothing the environment already provides is shadowed
+    from pack_loader import pack_module
+
+    return pack_module
 
 
 # ------------------------------------------------------------------ HLO facts
@@ -254,17 +250,12 @@ class Programs:
 
     def __init__(self, pack, chip: Chip, precision: str = "bf16", dp=None, tp=None):
         self.pack, self.chip, self.precision = pack, chip, precision
-        env_manager, pipeline = pack("env_manager"), pack("pipeline")
+        env_manager = pack("env_manager")
         self.manager = env_manager.TorchaxEnvManager.instance()
         self.jax = self.manager.jax
         self.devices = topology_devices(chip)
         self.mesh = env_manager.build_mesh(self.devices, dp, tp)
         self.mesh_shape = tuple(self.mesh.shape.values())
-        # The pipeline's own stage builders; they need only the manager and the precision.
-        self.pipeline = pipeline.WanTPUPipeline.__new__(pipeline.WanTPUPipeline)
-        self.pipeline.manager, self.pipeline.precision = self.manager, precision
-        # No model folder to read a family from: each program says what differs (``step``: expanded timesteps).
-        self.pipeline._family = pack("families").WAN21_T2V
         self._modules: dict = {}
 
     # -- abstract weights, as pipeline.place_weights would place them
@@ -297,60 +288,39 @@ class Programs:
         return self.jax.ShapeDtypeStruct(tuple(shape), self.jax.numpy.dtype(dtype), sharding=sharding)
 
     def text_encoder(self, te_config: dict):
-        pipeline = self.pack("pipeline")
         module, weights, _ = self.component("text_encoder", te_config)
-        batch = pipeline._batch_sharding(self.mesh, 2)
-        ids = self._abstract((2, TEXT_LENGTH), "int32", batch)
-        return self.pipeline._make_encode_fn(module, self.mesh), (weights, ids, ids)
+        text_tokens = self.pack("models.wan.configs").TEXT_TOKENS
+        ids = self._abstract((2, text_tokens), "int32", self.pack("runtime.placement").batch_sharding(self.mesh, 2))
+        return self.pack("models.wan.components").text_encode_fn(self.manager, module), (weights, ids, ids)
 
     def step(self, config: dict, height: int, width: int, frames: int, cfg: bool, layout: str = "tensor",
-             whole_weights: bool = False):
-        """The denoising step and its abstract arguments. ``whole_weights`` (sequence layout): the weights it
-        would gather per layer come whole on every device, as ``pipeline.whole_weight_copies`` makes them."""
-        pipeline = self.pack("pipeline")
+             whole_weights: bool = False, cache_mode: str | None = None):
+        """The denoising step (``sampling.StepProgram``, as the pipeline runs it) and its abstract arguments.
+        ``whole_weights`` (sequence layout): the weights it would gather per layer come whole on every
+        device, as ``runtime.placement.whole_weight_copies`` makes them."""
         module, weights, plan = self.component("transformer", config)
         if whole_weights:
             gathered = self.pack("sharding").sequence_gathered_weights(plan.specs)
             weights = {name: self._abstract(w.shape, w.dtype, self._sharding()) if name in gathered else w
                        for name, w in weights.items()}
-        transformer = pipeline.TransformerComponent(module, weights, plan, self.mesh, dict(module.config), {},
-                                                    module.dtype)
-        memory_plan = self.pack("memory_plan")
-        geometry = pipeline.VAEGeometry.from_config(memory_plan.vae_config_for(config))
-        expand = geometry.channels == 48  # Wan 2.2 TI2V 5B: a timestep per token
-        jitted = self.pipeline._make_step_fn(transformer, cfg, expand_timesteps=expand, layout=layout)
-        replicated = self._sharding()
-        shape = geometry.latent_shape(height, width, frames)
-        latents = self._abstract(shape, "float32", replicated)
-        batch = 2 if cfg else 1
+        transformer = self.pack("runtime.components").TransformerComponent(module, weights, plan, self.mesh,
+                                                                         dict(module.config), {}, module.dtype)
+        family = self.pack("models.wan.families").family_of_config(config)
+        step_program = self.pack("sampling.step_program")
+        program = step_program.StepProgram(self.manager, family, transformer,
+                                           step_program.StepKind(cfg, cache_mode, layout))
+        shape = self.pack("models.wan.latents").LatentGeometry.from_transformer_config(config).latent_shape(
+            height, width, frames)
         context_dtype = "bfloat16" if self.precision == "bf16" else "float32"
-        context = self._abstract((batch, TEXT_LENGTH, config["text_dim"]), context_dtype,
-                                 pipeline._batch_sharding(self.mesh, batch))
-        scheduler = self.pack("scheduler")
-        coefficients = self._abstract((len(scheduler.COEFFICIENT_NAMES),), "float32", replicated)
-        scalar = self._abstract((), "float32", replicated)
-        args = (weights, (latents,) * 4, context, coefficients, scalar, scalar)
-        channels = config.get("in_channels", 16) - config.get("out_channels", 16)
-        if expand:  # the first latent frame given (image) or not (text): the mask is data, one program for both
-            args += (None, (latents, self._abstract((1, 1) + shape[2:], "float32", replicated)))
-        elif channels:  # image-to-video: the first-frame conditioning beside the noise (and CLIP tokens for 2.1)
-            batch_sharding = pipeline._batch_sharding(self.mesh, batch)
-            _, _, frames_latent, h, w = pipeline.latent_shape(height, width, frames)
-            condition = self._abstract((batch, channels, frames_latent, h, w), "float32", batch_sharding)
-            image_embeds = None
-            if config.get("image_dim"):
-                image_embeds = self._abstract((batch, self.pack("memory_plan").CLIP_TOKENS, config["image_dim"]),
-                                              context_dtype, batch_sharding)
-            args += (None, (condition, image_embeds))
-        return jitted, args
+        return program.jitted, program.abstract_args(shape, self.pack("models.wan.configs").TEXT_TOKENS, context_dtype)
 
     def vae_decode(self, vae_config: dict, height: int, width: int, frames: int):
         """The VAE decode's chunk programs (``pipeline.VAEChunkDecoder``): [(jitted, args, runs per decode)],
         first latent frame, second, and the steady one that runs for every later frame."""
-        pipeline = self.pack("pipeline")
         module, weights, _ = self.component("vae", vae_config)
-        decoder = pipeline.VAEChunkDecoder(self.manager, module, self.mesh)
-        shape = pipeline.VAEGeometry.from_config(vae_config).latent_shape(height, width, frames)
+        decoder = self.pack("sampling.vae_chunks").VAEChunkDecoder(self.manager, module, self.mesh)
+        shape = self.pack("models.wan.latents").LatentGeometry.from_vae_config(vae_config).latent_shape(
+            height, width, frames)
         with self.manager.target_platform("tpu"):
             kinds = decoder.chunk_kinds(weights, shape)
         runs = [1, 1, shape[2] - 2][:len(kinds)]
@@ -359,9 +329,8 @@ class Programs:
     def vae_encode(self, vae_config: dict, height: int, width: int, frames: int):
         """Image-to-video's VAE encode chunk programs (``pipeline.VAEChunkEncoder``): the first frame, the
         first 4-frame chunk and the steady one."""
-        pipeline = self.pack("pipeline")
         module, weights, _ = self.component("vae", vae_config)
-        encoder = pipeline.VAEChunkEncoder(self.manager, module, self.mesh)
+        encoder = self.pack("sampling.vae_chunks").VAEChunkEncoder(self.manager, module, self.mesh)
         if vae_config.get("patch_size"):  # TI2V encodes the image alone (one frame), not a clip
             frames = 1
         with self.manager.target_platform("tpu"):
@@ -371,21 +340,16 @@ class Programs:
 
     def image_encoder(self, clip_config: dict):
         """Wan 2.1 I2V's CLIP vision tower on one 224x224 image, as ``WanTPUPipeline.image_encoder`` jits it."""
-        pipeline = self.pack("pipeline")
         module, weights, _ = self.component("image_encoder", clip_config)
-
-        def encode(weights, pixel_values):
-            return pipeline.call_torch_module(self.manager, module, weights, "forward", (pixel_values,),
-                                              {"output_hidden_states": True}, pick=lambda out: out.hidden_states[-2])
-
         size = clip_config.get("image_size", 224)
         pixels = self._abstract((1, 3, size, size), "float32", self._sharding())
-        return self.jax.jit(encode), (weights, pixels)
+        return self.pack("models.wan.components").image_encode_fn(self.manager, module), (weights, pixels)
 
     def compile(self, jitted, args, matmul_precision: bool = True):
         """(compiled, lower seconds, compile seconds): traced for TPU with the Mosaic Splash kernel."""
         splash = self.pack("splash_attention")
-        precision = self.pipeline.matmul_precision() if matmul_precision else self.jax.default_matmul_precision(None)
+        precision = (self.pack("models.wan.components").matmul_precision(self.manager, self.precision)
+                     if matmul_precision else self.jax.default_matmul_precision(None))
         started = time.perf_counter()
         with self.manager.target_platform("tpu"), splash.force_interpret(False), precision:
             lowered = jitted.lower(*args)
@@ -453,13 +417,12 @@ def step_layout(programs: Programs, cfg_run: Config, transformer_config: dict, b
 def default_stages(model: str) -> tuple[str, ...]:
     """The stages a model runs: every model the four of STAGES; image-to-video also the VAE encode and, for
     Wan 2.1 I2V, the CLIP image encoder."""
-    memory_plan = load_pack()("memory_plan")
-    _, config = memory_plan.resolve_model(model)
-    if config.get("out_channels", 16) == 48:  # TI2V 5B: text- or image-to-video
-        return STAGES + IMAGE_STAGES[:1]
-    if config.get("in_channels", 16) == config.get("out_channels", 16):
+    pack = load_pack()
+    _, config = pack("memory_plan").resolve_model(model)
+    family = pack("models.wan.families").family_of_config(config)
+    if not family.takes_image:
         return STAGES
-    return STAGES + (IMAGE_STAGES if config.get("image_dim") else IMAGE_STAGES[:1])
+    return STAGES + (IMAGE_STAGES if family.clip_images else IMAGE_STAGES[:1])
 
 
 def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: bool = False,
@@ -467,90 +430,105 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
     """Compile (or refuse) each stage of one configuration. ``shared`` reuses results of programs
     that do not depend on the model or size (the text encoder; the VAE decode per size)."""
     memory_plan = programs.pack("memory_plan")
-    chip, mesh_shape = programs.chip, programs.mesh_shape
     shared = {} if shared is None else shared
     _, transformer_config = memory_plan.resolve_model(cfg_run.model)
     records = []
     for name in stages:
-        record = stage_record(name, cfg_run, chip, mesh_shape, len(programs.devices))
-        cfg = name == "step_cfg"
-        if name.startswith("step"):
-            record["layout"] = step_layout(programs, cfg_run, transformer_config, batch=2 if cfg else 1)
-        plan = _plan_for(memory_plan, cfg_run, mesh_shape, record["hbm_bytes_per_device"], cfg,
-                         record["layout"] or cfg_run.layout, chip)
-        component = PLAN_COMPONENT[name]
-        record["whole_weights"] = bool(name.startswith("step") and plan.whole_weights)
-        record["plan_bytes_per_device"] = plan.stage_peak_bytes(component) if component else None
-        record["plan_run_peak_bytes_per_device"] = plan.peak_bytes
-        record["plan_fits"] = plan.fits
-        record["plan_summary"] = plan.summary()
-        try:
-            plan.check()
-        except memory_plan.HBMPlanError as error:
-            record["plan_error"] = str(error)
-            if not ignore_plan:
-                record.update(refused=True, error=str(error))
-                records.append(record)
-                _report(record, on_stage)
-                continue
-        if name == "text_encoder":
-            key = ("text_encoder", cfg_run.precision)
-        elif name == "vae_decode":
-            key = ("vae_decode", cfg_run.height, cfg_run.width, cfg_run.frames)
+        record = stage_record(name, cfg_run, programs.chip, programs.mesh_shape, len(programs.devices))
+        refusal = _plan_stage(programs, cfg_run, name, record, transformer_config)
+        if refusal is not None and not ignore_plan:
+            record.update(refused=True, error=refusal)
         else:
-            key = None
-        if key is not None and key in shared:
-            record.update({k: v for k, v in shared[key].items() if k in _COMPILER_FIELDS})
-            record["reused_from"] = shared[key]["model"]
-        else:
-            try:
-                if name.startswith("step"):
-                    record.update(compile_step(programs, cfg_run, transformer_config, cfg, record["layout"],
-                                               record["whole_weights"]))
-                else:
-                    vae_config = memory_plan.vae_config_for(transformer_config)
-                    video = (cfg_run.height, cfg_run.width, cfg_run.frames)
-                    program_list = {
-                        "text_encoder": lambda: [(*programs.text_encoder(dict(memory_plan.UMT5_XXL_CONFIG)), 1)],
-                        "vae_decode": lambda: programs.vae_decode(vae_config, *video),
-                        "vae_encode": lambda: programs.vae_encode(vae_config, *video),
-                        "image_encoder": lambda: [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)],
-                    }[name]()
-                    record.update(compile_programs(programs, program_list,
-                                                   matmul_precision=name not in ("vae_decode", "vae_encode")))
-            except Exception as error:  # the compiler's refusal is a result
-                record.update(compiled=False, error=f"{type(error).__name__}: {error}"[:4000])
-                logger.debug("%s", traceback.format_exc())
-            if key is not None:
-                shared[key] = dict(record)
-        if record["compiled"]:
-            peak = record["peak_bytes_per_device"]
-            experts = memory_plan.MODEL_EXPERTS.get(cfg_run.model, 1)
-            if name.startswith("step") and experts > 1:
-                # The step takes one expert's weights; the other stays resident beside it.
-                _, weights, _ = programs.component("transformer", transformer_config)
-                record["resident_experts"] = experts
-                record["resident_peak_bytes_per_device"] = peak + (experts - 1) * abstract_bytes_per_device(weights)
-            compared = peak
-            if record.get("whole_weights"):
-                # The step takes whole copies of the weights it would gather; their shards stay cached beside
-                # them (the pipeline makes the copies for a run), and the plan counts both.
-                _, weights, plan_specs = programs.component("transformer", transformer_config)
-                gathered = programs.pack("sharding").sequence_gathered_weights(plan_specs.specs)
-                shards = abstract_bytes_per_device({n: w for n, w in weights.items() if n in gathered})
-                record["resident_peak_bytes_per_device"] = compared = peak + shards
-            record["fits_hbm"] = record.get("resident_peak_bytes_per_device", peak) <= record["hbm_bytes_per_device"]
-            planned = record["plan_bytes_per_device"]
-            record["plan_ratio"] = round(planned / compared, 3) if compared and planned else None
-            if name.startswith("step"):
-                ideal = record["flops_per_device"] / record["peak_flops_per_device"]
-                record["seconds_per_step_at_peak"] = round(ideal, 3)
-                record["seconds_per_step_at_38pct_mfu"] = round(ideal / MFU_ORIGINAL, 3)
-                record["projection"] = {f"at_{round(100 * m)}pct_mfu": projected_step_seconds(record, chip, m)
-                                        for m in (1.0, MFU_ORIGINAL)}
+            _compile_stage(programs, cfg_run, name, record, transformer_config, shared)
+            if record["compiled"]:
+                _memory_fields(programs, cfg_run, name, record, transformer_config)
         records.append(record)
         _report(record, on_stage)
     return records
+
+
+def _plan_stage(programs: Programs, cfg_run: Config, name: str, record: dict, transformer_config: dict) -> str | None:
+    """The HBM plan's fields of a stage's record; its refusal (None when it fits)."""
+    memory_plan = programs.pack("memory_plan")
+    cfg = name == "step_cfg"
+    if name.startswith("step"):
+        record["layout"] = step_layout(programs, cfg_run, transformer_config, batch=2 if cfg else 1)
+    plan = _plan_for(memory_plan, cfg_run, programs.mesh_shape, record["hbm_bytes_per_device"], cfg,
+                     record["layout"] or cfg_run.layout, programs.chip)
+    component = PLAN_COMPONENT[name]
+    record["whole_weights"] = bool(name.startswith("step") and plan.whole_weights)
+    record["plan_bytes_per_device"] = plan.stage_peak_bytes(component) if component else None
+    record["plan_run_peak_bytes_per_device"] = plan.peak_bytes
+    record["plan_fits"] = plan.fits
+    record["plan_summary"] = plan.summary()
+    try:
+        plan.check()
+    except memory_plan.HBMPlanError as error:
+        record["plan_error"] = str(error)
+        return str(error)
+    return None
+
+
+def _compile_stage(programs: Programs, cfg_run: Config, name: str, record: dict, transformer_config: dict,
+                   shared: dict) -> None:
+    """The compiler's fields of a stage's record (or the compiler's refusal, which is a result too);
+    programs that do not depend on the model are compiled once per size and shared."""
+    memory_plan = programs.pack("memory_plan")
+    key = {"text_encoder": ("text_encoder", cfg_run.precision),
+           "vae_decode": ("vae_decode", cfg_run.height, cfg_run.width, cfg_run.frames)}.get(name)
+    if key is not None and key in shared:
+        record.update({k: v for k, v in shared[key].items() if k in _COMPILER_FIELDS})
+        record["reused_from"] = shared[key]["model"]
+        return
+    try:
+        if name.startswith("step"):
+            record.update(compile_step(programs, cfg_run, transformer_config, name == "step_cfg", record["layout"],
+                                       record["whole_weights"]))
+        else:
+            vae_config = memory_plan.vae_config_for(transformer_config)
+            video = (cfg_run.height, cfg_run.width, cfg_run.frames)
+            program_list = {
+                "text_encoder": lambda: [(*programs.text_encoder(dict(memory_plan.UMT5_XXL_CONFIG)), 1)],
+                "vae_decode": lambda: programs.vae_decode(vae_config, *video),
+                "vae_encode": lambda: programs.vae_encode(vae_config, *video),
+                "image_encoder": lambda: [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)],
+            }[name]()
+            record.update(compile_programs(programs, program_list,
+                                           matmul_precision=name not in ("vae_decode", "vae_encode")))
+    except Exception as error:  # the compiler's refusal is a result
+        record.update(compiled=False, error=f"{type(error).__name__}: {error}"[:4000])
+        logger.debug("%s", traceback.format_exc())
+    if key is not None:
+        shared[key] = dict(record)
+
+
+def _memory_fields(programs: Programs, cfg_run: Config, name: str, record: dict, transformer_config: dict) -> None:
+    """A compiled stage's resident peak (beside the experts or shards it does not take), its fit, the
+    plan's ratio to it, and for steps the time at the chip's peak and at the original's MFU."""
+    peak = record["peak_bytes_per_device"]
+    experts = programs.pack("memory_plan").MODEL_EXPERTS.get(cfg_run.model, 1)
+    if name.startswith("step") and experts > 1:
+        # The step takes one expert's weights; the other stays resident beside it.
+        _, weights, _ = programs.component("transformer", transformer_config)
+        record["resident_experts"] = experts
+        record["resident_peak_bytes_per_device"] = peak + (experts - 1) * abstract_bytes_per_device(weights)
+    compared = peak
+    if record.get("whole_weights"):
+        # The step takes whole copies of the weights it would gather; their shards stay cached beside
+        # them (the pipeline makes the copies for a run), and the plan counts both.
+        _, weights, plan_specs = programs.component("transformer", transformer_config)
+        gathered = programs.pack("sharding").sequence_gathered_weights(plan_specs.specs)
+        shards = abstract_bytes_per_device({n: w for n, w in weights.items() if n in gathered})
+        record["resident_peak_bytes_per_device"] = compared = peak + shards
+    record["fits_hbm"] = record.get("resident_peak_bytes_per_device", peak) <= record["hbm_bytes_per_device"]
+    planned = record["plan_bytes_per_device"]
+    record["plan_ratio"] = round(planned / compared, 3) if compared and planned else None
+    if name.startswith("step"):
+        ideal = record["flops_per_device"] / record["peak_flops_per_device"]
+        record["seconds_per_step_at_peak"] = round(ideal, 3)
+        record["seconds_per_step_at_38pct_mfu"] = round(ideal / MFU_ORIGINAL, 3)
+        record["projection"] = {f"at_{round(100 * m)}pct_mfu": projected_step_seconds(record, programs.chip, m)
+                                for m in (1.0, MFU_ORIGINAL)}
 
 
 def compile_step(programs: Programs, cfg_run: Config, transformer_config: dict, cfg: bool, layout: str,
@@ -835,7 +813,7 @@ def _key(record) -> tuple:
             bool(record.get("whole_weights")))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Compile the pack's TPU programs (text encoding, denoising step with and without CFG, "
                     "VAE decode) for a TPU slice with libtpu, on a machine with no TPU. Prints and writes "
@@ -888,22 +866,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the results here (default with --table: "
                                                      "benchmarks/results/tpu_compile_table.json)")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if (args.table or args.markdown or args.export_peaks) and args.json is None:
-        args.json = os.path.join(REPO, "benchmarks", "results", "tpu_compile_table.json")
-    if args.markdown or args.export_peaks:
-        with open(args.json) as handle:
-            table = json.load(handle)
-        records = table["stages"]
-        if args.export_peaks:  # one program a line, with the machine and libtpu that compiled them
-            with open(args.export_peaks, "w") as handle:
-                handle.write('{"compiled_on": ' + json.dumps(table.get("machine")) + ',\n "peaks": [\n')
-                handle.write(",\n".join(json.dumps(entry) for entry in compiled_peaks(records)) + "\n]}\n")
-            return 0
-        print(markdown(replan(load_pack(), records) if args.replan else records))
-        return 0
+    return parser
+
+
+def _parse_lists(parser, args) -> tuple:
+    """(probe blocks or None, sizes [(width, height)], stages) from the command line, refused with the fix."""
     probe = None
     if args.probe_blocks:
         try:
@@ -922,31 +889,68 @@ def main(argv=None) -> int:
     unknown = sorted(set(stages) - set(STAGES + IMAGE_STAGES))
     if unknown:
         parser.error(f"--stages {','.join(unknown)}: use a subset of {','.join(STAGES + IMAGE_STAGES)}")
+    return probe, sizes, stages
 
-    pack = load_pack()
+
+def _from_json(args) -> int:
+    """--markdown and --export-peaks: from the results already in --json."""
+    with open(args.json) as handle:
+        table = json.load(handle)
+    records = table["stages"]
+    if args.export_peaks:  # one program a line, with the machine and libtpu that compiled them
+        with open(args.export_peaks, "w") as handle:
+            handle.write('{"compiled_on": ' + json.dumps(table.get("machine")) + ',\n "peaks": [\n')
+            handle.write(",\n".join(json.dumps(entry) for entry in compiled_peaks(records)) + "\n]}\n")
+        return 0
+    print(markdown(replan(load_pack(), records) if args.replan else records))
+    return 0
+
+
+def _configs(args, probe, sizes) -> list[Config]:
+    layouts = ["tensor", "sequence"] if args.layout == "both" else [args.layout]
+    if args.table:
+        return [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp, layout, probe,
+                       args.whole_weights)
+                for chip in args.chips.split(",") for (w, h) in sizes
+                for model in TABLE_MODELS for layout in layouts]
+    return [Config(args.model, args.height, args.width, args.frames, args.chip, args.precision, args.dp,
+                   args.tp, layout, probe, args.whole_weights) for layout in layouts]
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if (args.table or args.markdown or args.export_peaks) and args.json is None:
+        args.json = os.path.join(REPO, "benchmarks", "results", "tpu_compile_table.json")
+    if args.markdown or args.export_peaks:
+        return _from_json(args)
+    probe, sizes, stages = _parse_lists(parser, args)
     done: list[dict] = []
     if args.table and os.path.exists(args.json):
         with open(args.json) as handle:
             # Compiled and refused cells are kept; failed ones are tried again.
             done = [r for r in json.load(handle)["stages"] if r["compiled"] or r["refused"]]
     results = list(done)
-    finished = {_key(r) for r in done}
 
     def save(record):
         results.append(record)
         if args.json:
             write_json(args.json, results)
 
-    layouts = ["tensor", "sequence"] if args.layout == "both" else [args.layout]
-    if args.table:
-        configs = [Config(model, h, w, TABLE_FRAMES, chip, args.precision, args.dp, args.tp, layout, probe,
-                          args.whole_weights)
-                   for chip in args.chips.split(",") for (w, h) in sizes
-                   for model in TABLE_MODELS for layout in layouts]
-    else:
-        configs = [Config(args.model, args.height, args.width, args.frames, args.chip, args.precision, args.dp,
-                          args.tp, layout, probe, args.whole_weights) for layout in layouts]
     print(HEADER, flush=True)
+    failed = run_configs(_configs(args, probe, sizes), stages, done, args.ignore_plan, save)
+    if args.table:
+        print(markdown(results))
+    return 1 if failed else 0
+
+
+def run_configs(configs: list[Config], stages: list[str], done: list[dict], ignore_plan: bool, save) -> bool:
+    """Every stage of every configuration not in ``done`` (an earlier, interrupted table run), one chip's
+    programs at a time; True when any failed to compile."""
+    pack = load_pack()
+    finished = {_key(r) for r in done}
     programs_by_chip, shared_by_chip = {}, {}
     for record in done:  # reuse what an earlier (interrupted) table run compiled
         if record["compiled"] and record["name"] in ("text_encoder", "vae_decode"):
@@ -960,34 +964,31 @@ def main(argv=None) -> int:
         if chip.name not in programs_by_chip:
             programs_by_chip.clear()  # one chip's modules at a time
             programs_by_chip[chip.name] = Programs(pack, chip, config.precision, config.dp, config.tp)
+        programs = programs_by_chip[chip.name]
         transformer_config = memory_plan.resolve_model(config.model)[1]
-
-        def layout_of(stage):
-            if not stage.startswith("step"):
-                return None
-            return step_layout(programs_by_chip[chip.name], config, transformer_config, 2 if stage == "step_cfg" else 1)
-
-        def whole_of(stage):  # as run_config decides it: the HBM plan's, unless --whole-weights never
-            layout = layout_of(stage)
-            if layout != "sequence" or config.whole_weights == "never":
-                return False
-            programs = programs_by_chip[chip.name]
-            hbm = stage_record(stage, config, chip, programs.mesh_shape, len(programs.devices))["hbm_bytes_per_device"]
-            return _plan_for(memory_plan, config, programs.mesh_shape, hbm, stage == "step_cfg", layout,
-                             chip).whole_weights
-
-        key_of = lambda stage: (stage, config.model, config.height, config.width, config.frames, chip.name,  # noqa: E731
-                                config.precision, layout_of(stage), whole_of(stage))
-        todo = [stage for stage in stages if key_of(stage) not in finished]
-        finished |= {key_of(stage) for stage in todo}  # a second layout compiles only its steps
+        todo = [stage for stage in stages
+                if _stage_key(programs, memory_plan, config, transformer_config, stage) not in finished]
+        # a second layout compiles only its steps
+        finished |= {_stage_key(programs, memory_plan, config, transformer_config, stage) for stage in todo}
         if not todo:
             continue
-        records = run_config(programs_by_chip[chip.name], config, todo, args.ignore_plan,
-                             shared_by_chip.setdefault(chip.name, {}), on_stage=save)
+        records = run_config(programs, config, todo, ignore_plan, shared_by_chip.setdefault(chip.name, {}),
+                             on_stage=save)
         failed |= any(not r["compiled"] and not r["refused"] for r in records)
-    if args.table:
-        print(markdown(results))
-    return 1 if failed else 0
+    return failed
+
+
+def _stage_key(programs: Programs, memory_plan, config: Config, transformer_config: dict, stage: str) -> tuple:
+    """What a stage's record is found by (``_key``): its layout and whole weights as run_config decides them."""
+    chip, layout, whole = programs.chip, None, False
+    if stage.startswith("step"):
+        layout = step_layout(programs, config, transformer_config, 2 if stage == "step_cfg" else 1)
+        if layout == "sequence" and config.whole_weights != "never":  # the HBM plan's, unless --whole-weights never
+            hbm = stage_record(stage, config, chip, programs.mesh_shape, len(programs.devices))["hbm_bytes_per_device"]
+            whole = _plan_for(memory_plan, config, programs.mesh_shape, hbm, stage == "step_cfg", layout,
+                              chip).whole_weights
+    return (stage, config.model, config.height, config.width, config.frames, chip.name, config.precision, layout,
+            whole)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ logger = logging.getLogger("wan_tpu.tpu_cycles")
 
 
 # ------------------------------------------------------------------ one measurement, one process
-def _load_module(path: str, name: str):
+def load_module(path: str, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built
@@ -111,19 +111,19 @@ def _compile_job(job: dict) -> None:
         q_len, kv_len = job["q_blocks"] * block_q, job["kv_blocks"] * block_kv
         q, kv = bf16(1, q_len, HEAD_DIM), bf16(1, kv_len, HEAD_DIM)
         if kind == "maxdiffusion":  # maxdiffusion's custom Splash kernel, by path (read, never vendored)
-            peer = _load_module(job["source"], "wan_tpu_cycles_maxdiffusion")
+            peer = load_module(job["source"], "wan_tpu_cycles_maxdiffusion")
             sizes = peer._BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv_compute)
             # The VMEM budget ours asks for (v5e's 16 MiB default refuses these blocks).
             kernel = peer.make_splash_mha(block_sizes=sizes, use_fixed_m=job["fixed_m"], vmem_limit_bytes=32 * 2**20)
             with jax.default_device(device):  # its lowering asks Pallas for the chip's facts (default device)
                 jax.jit(kernel).lower(q, kv, kv).compile()
             return
-        splash = _load_module(job["source"], "wan_tpu_cycles_splash")
+        splash = load_module(job["source"], "wan_tpu_cycles_splash")
         blocks = splash.EffectiveBlocks(block_q, block_kv, block_kv_compute)
         options = {"paths": tuple(job["paths"])} if job.get("paths") else {}  # a "before" kernel has one path
 
         def run(q, k, v):
-            return splash._flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=False, **options)
+            return splash.flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=False, **options)
 
         with splash.force_interpret(False):
             jax.jit(run).lower(q, kv, kv).compile()
@@ -299,7 +299,7 @@ def kernel_sides(chip: str, splash, before: str | None = None, maxdiffusion: str
                    original=True),
     ]
     if before:  # another splash_attention.py (e.g. an older revision's) at its own default blocks
-        old = _load_module(before, "wan_tpu_cycles_splash_before")
+        old = load_module(before, "wan_tpu_cycles_splash_before")
         sides.append(KernelSide("before", (), tuple(dataclasses.astuple(old.BlockSizes())), os.path.abspath(before)))
     if maxdiffusion:  # the blocks maxdiffusion's Wan configs use
         for fixed_m in (False, True):
@@ -322,7 +322,7 @@ def _effective(splash, side, tokens, blocks=None):
 
 def kernel_table(chips, shapes, cache, parallel, maxdiffusion=None, before=None, stock=True) -> dict:
     """Every side at every shape on every chip: cycles and fractions of the chip's calibration matmul."""
-    splash = _load_module(KERNEL_SOURCE, "wan_tpu_cycles_splash_host")
+    splash = load_module(KERNEL_SOURCE, "wan_tpu_cycles_splash_host")
     jobs, plan = [], []
     for chip in chips:
         jobs += calibration_jobs(chip)

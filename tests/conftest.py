@@ -8,31 +8,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WAN_TPU_COMPILE_CACHE", "0")  # tests count compilations; a test opts in
 
-import importlib
-import importlib.util
 import sys
 
 import pytest
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK_NAME = os.path.basename(PACK_DIR)
-
-
-def load_pack():
-    """Import the repo the way ComfyUI imports a custom node: by folder path,
-    with the folder name as the module name."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, os.path.join(PACK_DIR, "__init__.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def pack_module(name: str):
-    load_pack()
-    return importlib.import_module(f"{PACK_NAME}.{name}")
+if PACK_DIR not in sys.path:
+    sys.path.append(PACK_DIR)  # last: nothing the environment already provides is shadowed
+from pack_loader import PACK_NAME, load_pack, pack_module  # noqa: E402  the pack, as ComfyUI imports it
 
 
 @pytest.fixture(scope="session")
@@ -76,16 +59,12 @@ TINY_VIDEO = dict(height=32, width=48, num_frames=5)
 def lowered_tiny_cfg_step(pipe, layout: str) -> str:
     """The StableHLO text of ``pipe``'s denoising step with CFG in ``layout``, at TINY_VIDEO (one
     1-step run first compiles it)."""
-    import numpy as np
-
     pipe.generate("a cat", "blurry", num_inference_steps=1, guidance_scale=5.0, seed=0, flow_shift=3.0,
                   layout=layout, **TINY_VIDEO)
-    transformer = pipe.transformer()
-    sample = np.zeros(pack_module("pipeline").latent_shape(32, 48, 5), np.float32)
-    return transformer.step_fns[(True, None, layout)].lower(
-        transformer.weights, (sample,) * 4, np.zeros((2, 512, 32), np.float32), np.zeros(9, np.float32),
-        np.float32(999.0), np.float32(5.0),
-    ).as_text()
+    step_program = pack_module("sampling.step_program")
+    program = pipe.transformer().step_fns[step_program.StepKind(cfg=True, layout=layout)]
+    sample_shape = pack_module("models.wan.latents").WAN21.latent_shape(**TINY_VIDEO)
+    return program.jitted.lower(*program.abstract_args(sample_shape, 512, "float32")).as_text()
 
 
 def cached_diffusers_runs(pipe):
@@ -140,7 +119,7 @@ def pytest_configure(config):
 
 # The longest files first, so that with pytest-xdist (scripts/test.sh: a file per worker at a time) no
 # worker is left running a long file alone at the end. The order within a file is kept.
-LONGEST_FILES_FIRST = ("test_tpu_compile.py", "test_image_to_video.py", "test_cli.py", "test_nodes.py",
+LONGEST_FILES_FIRST = ("test_tpu_compile.py", "test_image_to_video.py", "test_cli.py", "test_nodes.py", "test_first_last_frame.py",
                        "test_sequence_layout.py", "test_sharded_vae.py", "test_families.py")
 
 

@@ -135,7 +135,7 @@ def test_calibration_records_diffusers_ratios_and_magcache_then_uses_them(core, 
 
 def test_a_damaged_calibration_is_refused_with_the_fix(core, monkeypatch, tmp_path):
     monkeypatch.setenv("WAN_TPU_MAGCACHE_DIR", str(tmp_path))
-    source = core._ratio_source(core.transformer(), TINY_VIDEO["height"], TINY_VIDEO["width"], None)
+    source = core.ratio_source(core.transformer(), TINY_VIDEO["height"], TINY_VIDEO["width"], None)
     path = magcache.save_calibration(source, [1.0, 0.9, 0.95], {"steps": 3})
     assert magcache.load_calibration(source).tolist() == pytest.approx([1.0, 0.9, 0.95])
     with open(path, "w") as file:

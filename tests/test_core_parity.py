@@ -36,11 +36,11 @@ def transformer_forward_on_mesh(manager, model_dir, mesh):
     with torch.no_grad():
         expected = reference_module(hidden, timestep, context, return_dict=False)[0].numpy()
     module = loading.load_transformer(source, "fp32")
-    weights, plan = pipeline_mod.place_weights(manager, module, sharding.TRANSFORMER_RULES, mesh, "transformer")
+    weights, plan = pack_module("runtime.placement").place_weights(manager, module, sharding.TRANSFORMER_RULES, mesh, "transformer")
 
     @jax.jit
     def forward(weights, hidden, timestep, context):
-        return pipeline_mod.call_transformer(manager, module, weights, mesh, hidden, timestep, context)
+        return pack_module("runtime.torch_bridge").call_transformer(manager, module, weights, mesh, hidden, timestep, context)
 
     actual = np.asarray(forward(weights, hidden.numpy(), timestep.numpy(), context.numpy()))
     return actual, expected, weights, plan

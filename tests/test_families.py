@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_VIDEO, diffusers_wan_pipeline, pack_module
 
-families = pack_module("families")
+families = pack_module("models.wan.families")
 pipeline_mod = pack_module("pipeline")
 
 PROMPT, NEGATIVE = "a robot dancing in the rain", "blurry, static"

@@ -240,6 +240,6 @@ def test_sampler_node_calibrates_and_magcache_then_uses_the_saved_ratios(monkeyp
         nodes.Wan21TPUSampler().sample(positive, negative, magcache=True, magcache_threshold=1.0, unique_id="7",
                                        **inputs)
     core = pipeline_mod.WanTPUPipeline(tiny_model_dir, precision="fp32")
-    recorded = magcache.load_calibration(core._ratio_source(core.transformer(), 32, 48, None))
+    recorded = magcache.load_calibration(core.ratio_source(core.transformer(), 32, 48, None))
     ran = magcache.skip_schedule(6, recorded, magcache.MagCacheSettings(threshold=1.0)).count(True)
     assert ran < 6 and (f"MagCache: {ran} of 6 steps ran the full transformer", "7") in stubs.texts

@@ -146,7 +146,7 @@ def placed(manager, model_dir, mesh, precision="fp32"):
     """(weights on the mesh, base weights as numpy, module) of a freshly loaded transformer."""
     module = loading.load_transformer(loading.resolve_model_source(model_dir), precision)
     base = {name: _numpy(p).copy() for name, p in module.named_parameters()}
-    weights, _ = pipeline_mod.place_weights(manager, module, sharding.TRANSFORMER_RULES, mesh, "transformer")
+    weights, _ = pack_module("runtime.placement").place_weights(manager, module, sharding.TRANSFORMER_RULES, mesh, "transformer")
     return weights, base, module
 
 

@@ -287,13 +287,13 @@ def test_the_pipeline_compiles_once_per_shape_and_checks_before_each_run(monkeyp
     import jax
     import jax.numpy as jnp
 
-    pipeline = pack_module("pipeline")
+    compiled = pack_module("runtime.compiled")
     checked = []
     monkeypatch.setattr(memory_plan, "check_compiled_memory", lambda compiled, what, fix, device=None: checked.append(what))
     jitted, cache = jax.jit(lambda x: x + 1), {}
     args = (jnp.ones(4),)
-    first = pipeline.compiled_program(cache, ("k",), jitted, args, None, "the VAE decode")
-    assert pipeline.compiled_program(cache, ("k",), jitted, args, None, "the VAE decode") is first
+    first = compiled.compiled_program(cache, ("k",), jitted, args, None, "the VAE decode")
+    assert compiled.compiled_program(cache, ("k",), jitted, args, None, "the VAE decode") is first
     assert checked == ["The VAE decode"] * 2 and list(cache) == [("k",)]
 
     def refuse(compiled, what, fix, device=None):
@@ -301,7 +301,7 @@ def test_the_pipeline_compiles_once_per_shape_and_checks_before_each_run(monkeyp
 
     monkeypatch.setattr(memory_plan, "check_compiled_memory", refuse)
     with pytest.raises(memory_plan.HBMPlanError, match="The denoising step needs more. Lower"):
-        pipeline.compiled_program(cache, ("k",), jitted, args, None, "the denoising step")
+        compiled.compiled_program(cache, ("k",), jitted, args, None, "the denoising step")
 
 
 # ----------------------------------------------------------------- the plan against the compiler

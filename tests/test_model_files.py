@@ -322,10 +322,10 @@ def test_the_model_files_node(t2v, monkeypatch, tiny_model_dir):
     (files,) = nodes.WanTPUModelFiles().select("wan_t.safetensors", "wan_umt5.safetensors", "wan_vae.safetensors")
     for node in (nodes.Wan21TextEncoder, nodes.Wan21TPUSampler, nodes.Wan21TPUVAEDecoder, nodes.Wan21TPUPipeline,
                  nodes.WanTPUImageToVideo):
-        # After every other input; on the Sampler and Full Pipeline only their later settings input follows it.
+        # After every other input; only inputs added later follow it (the Sampler's and Full Pipeline's
+        # settings, the Image to Video node's end_image).
         optional = list(node.INPUT_TYPES()["optional"])
-        assert optional[optional.index("model_files") + 1:] in ([], ["settings"])
-    latents = torch.zeros(pack_module("pipeline").latent_shape(TINY_VIDEO["height"], TINY_VIDEO["width"],
-                                                               TINY_VIDEO["num_frames"]))
+        assert optional[optional.index("model_files") + 1:] in ([], ["settings"], ["end_image"])
+    latents = torch.zeros(pack_module("models.wan.latents").WAN21.latent_shape(**TINY_VIDEO))
     frames, _ = nodes.Wan21TPUVAEDecoder().decode({"samples": latents}, precision="fp32", model_files=files)
     assert tuple(frames.shape) == (TINY_VIDEO["num_frames"], TINY_VIDEO["height"], TINY_VIDEO["width"], 3)

@@ -156,7 +156,7 @@ def test_unload_all_models_frees_every_pack_array_and_the_next_run_works(nodes, 
     assert all(array.is_deleted() for array in owned)
     assert not owned_ids & {id(array) for array in jax.live_arrays()}
     assert len(jax.live_arrays()) <= live_before - len(owned)
-    assert manager._meshes == {}
+    assert manager.meshes == {}
     _, images, _ = run_three_nodes(nodes, tiny_model_dir)
     assert images.shape == (5, 32, 48, 3)
 

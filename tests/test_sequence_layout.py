@@ -103,7 +103,7 @@ def test_an_unknown_layout_is_refused_before_anything_loads(tiny_model_dir, monk
     monkeypatch.delenv(sharding.ENV_LAYOUT)
     pipe = pipeline_mod.WanTPUPipeline(tiny_model_dir)
     loaded = manager.cached_keys()
-    embeddings = pipeline_mod.WanEmbeddings(torch.zeros(1, 512, 32), torch.zeros(1, 512, 32), tiny_model_dir)
+    embeddings = pack_module("models.wan.conditioning").WanEmbeddings(torch.zeros(1, 512, 32), torch.zeros(1, 512, 32), tiny_model_dir)
     with pytest.raises(ValueError, match="layout='columns'"):
         pipe.denoise(embeddings, layout="columns", **TINY_VIDEO)
     assert manager.cached_keys() == loaded  # refused before loading
@@ -117,8 +117,8 @@ def test_whole_weights_where_the_plan_holds_them_match_diffusers_and_are_freed(
     the copies deleted when the run ends."""
     monkeypatch.setenv(memory_plan.ENV_HBM_GIB, "16")
     made = []
-    copy = pipeline_mod.whole_weight_copies
-    monkeypatch.setattr(pipeline_mod, "whole_weight_copies", lambda *args: made.append(copy(*args)) or made[-1])
+    copy = pack_module("runtime.placement").whole_weight_copies
+    monkeypatch.setattr(pack_module("sampling.denoise_run"), "whole_weight_copies", lambda *args: made.append(copy(*args)) or made[-1])
     prompt, negative = "a red fox running through snow", "blurry"
     expected = diffusers_frames(prompt, negative, 0, guidance_scale, 4)
     pipe = sequence_pipelines(*mesh)
@@ -152,7 +152,7 @@ def test_whole_weights_that_run_out_of_memory_say_so_free_their_copies_and_leave
         made.append(real_device_put(value, sharding, **kwargs))
         return made[-1]
 
-    copy = pipeline_mod.whole_weight_copies
+    copy = pack_module("runtime.placement").whole_weight_copies
 
     def copy_with_fault(*args):
         monkeypatch.setattr(jax, "device_put", failing_device_put)
@@ -161,7 +161,7 @@ def test_whole_weights_that_run_out_of_memory_say_so_free_their_copies_and_leave
         finally:
             monkeypatch.setattr(jax, "device_put", real_device_put)
 
-    monkeypatch.setattr(pipeline_mod, "whole_weight_copies", copy_with_fault)
+    monkeypatch.setattr(pack_module("sampling.denoise_run"), "whole_weight_copies", copy_with_fault)
     run = dict(num_inference_steps=2, guidance_scale=5.0, seed=3, flow_shift=3.0, **TINY_VIDEO)
     with pytest.raises(utils.DeviceMemoryError, match=r"copying the weights whole onto every device ran out of "
                                                       r"device memory \(XLA asked for 2.50 GiB\)\. Use layout='tensor'"):
@@ -169,7 +169,7 @@ def test_whole_weights_that_run_out_of_memory_say_so_free_their_copies_and_leave
     assert len(made) == 2 and all(array.is_deleted() for array in made)
     weights = pipe.transformer().weights
     assert not any(array.is_deleted() for array in weights.values())
-    monkeypatch.setattr(pipeline_mod, "whole_weight_copies", copy)
+    monkeypatch.setattr(pack_module("sampling.denoise_run"), "whole_weight_copies", copy)
     frames = pipe.generate("a boat", "blurry", **run)  # the cache as it was: the next run loads nothing
     assert pipe.transformer().weights is weights and pipe.last_run["whole_weights"] is True
     assert frames.shape[0] == TINY_VIDEO["num_frames"]

@@ -8,6 +8,7 @@ from conftest import pack_module
 
 sharding = pack_module("sharding")
 pipeline_mod = pack_module("pipeline")
+vae_chunks = pack_module("sampling.vae_chunks")
 
 SPLIT_VIDEO = dict(height=64, width=128, num_frames=5)  # latent 8x16: width splits 8 ways, height 4 or 8 ways
 
@@ -36,9 +37,9 @@ def vae_on_mesh(manager, model_dir, dp, tp):
     env_manager, loading = pack_module("env_manager"), pack_module("loading")
     mesh = env_manager.build_mesh(manager.jax.devices()[: dp * tp], dp, tp)
     module = loading.load_vae(loading.resolve_model_source(model_dir))
-    decoder, encoder = pipeline_mod.VAEChunkDecoder(manager, module, mesh), pipeline_mod.VAEChunkEncoder(
+    decoder, encoder = vae_chunks.VAEChunkDecoder(manager, module, mesh), vae_chunks.VAEChunkEncoder(
         manager, module, mesh)
-    weights, _ = pipeline_mod.place_weights(manager, module, sharding.VAE_RULES, mesh, "VAE")
+    weights, _ = pack_module("runtime.placement").place_weights(manager, module, sharding.VAE_RULES, mesh, "VAE")
     return decoder, encoder, weights, mesh.devices.flat[0]
 
 
@@ -48,7 +49,7 @@ def test_split_decode_and_encode_equal_diffusers_on_every_mesh(tiny_model_dir, d
                                                                num_frames):
     decoder, encoder, weights, device = vae_on_mesh(manager, tiny_model_dir, dp, tp)
     video = dict(SPLIT_VIDEO, num_frames=num_frames)
-    latents = torch.randn(pipeline_mod.latent_shape(**video), generator=torch.Generator().manual_seed(dp + tp))
+    latents = torch.randn(pack_module("models.wan.latents").WAN21.latent_shape(**video), generator=torch.Generator().manual_seed(dp + tp))
     frames = decoder.decode(weights, latents.numpy(), device=device)
     with torch.no_grad():
         video = diffusers_vae.decode(latents).sample  # [1, 3, F, H, W] in [-1, 1]

@@ -225,7 +225,7 @@ def test_each_query_block_takes_the_fixed_bound_only_where_it_is_safe():
     expected = splash.reference_attention(q, k, v)
 
     def run(paths):
-        out = jax.jit(lambda a, b, c: splash._flash_attention(
+        out = jax.jit(lambda a, b, c: splash.flash_attention(
             a, b, c, kv_len=700, blocks=blocks, interpret=True, paths=paths))(qk, kk, vk)
         return jnp.swapaxes(out[:, :, :700], 1, 2).reshape(1, 2, 700, 128)
 
@@ -236,7 +236,7 @@ def test_each_query_block_takes_the_fixed_bound_only_where_it_is_safe():
     assert _max_error(forced[:, 0], expected[:, 0]) <= FP32_TOLERANCE
     assert not np.allclose(forced[:, 1, 512:], np.asarray(expected)[:, 1, 512:], atol=0.1)
     with pytest.raises(ValueError, match="paths=.*give"):
-        splash._flash_attention(qk, kk, vk, kv_len=700, blocks=blocks, interpret=True, paths=("fast",))
+        splash.flash_attention(qk, kk, vk, kv_len=700, blocks=blocks, interpret=True, paths=("fast",))
 
 
 # ------------------------------------------------------------------ sharding
@@ -303,7 +303,7 @@ def test_twelve_heads_fall_back_and_say_so(batch, dp, caplog):
 
     mesh = env_manager.build_mesh(jax.devices(), dp=dp)
     q, k, v = _inputs(batch, 12, 200, 200, 64)
-    splash._logged_plans.clear()
+    splash.logged_plans.clear()
     with caplog.at_level(logging.INFO, logger="wan_tpu"):
         _sharded_equals_unsharded(mesh, q, k, v)
         _sharded_equals_unsharded(mesh, q, k, v)
@@ -408,7 +408,7 @@ def test_tiny_transformer_step_lowers_for_tpu_with_splash(splash_forced, tiny_mo
     context = jax.ShapeDtypeStruct((2, 512, 32), jnp.float32, sharding=batch)
 
     def step(weights, hidden, timestep, context):
-        return pipeline_mod.call_transformer(manager, module, weights, mesh, hidden, timestep, context)
+        return pack_module("runtime.torch_bridge").call_transformer(manager, module, weights, mesh, hidden, timestep, context)
 
     text = _exported_text(step, weights, hidden, timestep, context)
     assert len(splash_calls) == 4

@@ -24,7 +24,8 @@ from conftest import PACK_DIR, pack_module
 
 env_manager = pack_module("env_manager")
 memory_plan = pack_module("memory_plan")
-pipeline_mod = pack_module("pipeline")
+latents = pack_module("models.wan.latents")
+denoise_run = pack_module("sampling.denoise_run")
 splash = pack_module("splash_attention")
 
 _spec = importlib.util.spec_from_file_location("tpu_compile", os.path.join(PACK_DIR, "benchmarks", "tpu_compile.py"))
@@ -142,7 +143,7 @@ def test_the_tiny_models_three_stages_compile_for_v6e_8(tiny_model_dir, manager,
         compiled, _, _ = v6e_8.compile(jitted, args, matmul_precision=name != "vae_decode")
         outputs = compiled.out_info
         if name.startswith("step"):
-            assert [o.shape for o in outputs] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
+            assert [o.shape for o in outputs] == [latents.WAN21.latent_shape(32, 48, 5)] * 4
         elif name == "vae_decode":
             frames += outputs[0].shape[0]
             assert outputs[0].shape[1:] == (32, 48, 3)
@@ -162,7 +163,7 @@ def test_the_tiny_models_sequence_parallel_step_compiles_for_v6e_8(tiny_model_di
     for layout, whole in (("tensor", False), ("sequence", False), ("sequence", True)):
         jitted, args = v6e_8.step(transformer, cfg=True, layout=layout, whole_weights=whole, **video)
         compiled, _, _ = v6e_8.compile(jitted, args)
-        assert [o.shape for o in compiled.out_info] == [pipeline_mod.latent_shape(32, 48, 5)] * 4
+        assert [o.shape for o in compiled.out_info] == [latents.WAN21.latent_shape(32, 48, 5)] * 4
         memory = tpu_compile.memory_facts(compiled)
         assert memory["peak_bytes_per_device"] > 0
         found[layout, whole] = tpu_compile.collectives(compiled.as_text())
@@ -234,27 +235,31 @@ def test_the_magcache_record_and_reuse_steps_compile_for_v6e_8(tiny_model_dir, m
     and the two small programs beside them: a calibration's ratio and a preview's middle frame."""
     transformer_config, _, _ = _tiny_configs(tiny_model_dir)
     wan21_i2v = dict(transformer_config, in_channels=36, image_dim=32, added_kv_proj_dim=32)
-    latent_shape = pipeline_mod.latent_shape(32, 48, 5)
+    latent_shape = latents.WAN21.latent_shape(32, 48, 5)
     for config in (transformer_config, wan21_i2v):
-        module, weights, plan = v6e_8.component("transformer", config)
-        component = pipeline_mod.TransformerComponent(module, weights, plan, v6e_8.mesh, dict(module.config), {},
-                                                      module.dtype)
-        _, args = v6e_8.step(config, cfg=True, height=32, width=48, frames=5)
-        residual = v6e_8.pipeline._block_residual_spec(component, latent_shape, 2)
-        base, conditioning = (args[:6], args[7:]) if config is wan21_i2v else (args, ())
-        for mode, extra in (("record", (None,) if conditioning else ()), ("reuse", (residual,))):
-            compiled, _, _ = v6e_8.compile(v6e_8.pipeline._make_step_fn(component, True, mode),
-                                           base + extra + conditioning)
+        for mode in ("record", "reuse"):
+            jitted, args = v6e_8.step(config, cfg=True, height=32, width=48, frames=5, cache_mode=mode)
+            trailing = args[6:]  # MagCache's residual (a "reuse" step takes it), then the image conditioning
+            if mode == "reuse":
+                residual = trailing[0]
+                assert residual.shape == (2, 12, 32)  # [batch, tokens, inner dim]
+            if config is wan21_i2v:
+                assert len(trailing) == 2 and (trailing[0] is None) == (mode == "record")
+                condition, image_embeds = trailing[1]
+                assert condition.shape == (2, 20, 2, 4, 6) and image_embeds.shape == (2, 257, 32)
+            else:
+                assert len(trailing) == (mode == "reuse")
+            compiled, _, _ = v6e_8.compile(jitted, args)
             outputs = compiled.out_info
             state = outputs[0] if mode == "record" else outputs
             assert [o.shape for o in state] == [latent_shape] * 4
             if mode == "record":
-                assert outputs[1].shape == residual.shape
+                assert outputs[1].shape == (2, 12, 32)
     jax = manager.jax
-    compiled, _, _ = v6e_8.compile(pipeline_mod.residual_norm_ratio(jax), (residual, residual))
+    compiled, _, _ = v6e_8.compile(denoise_run.residual_norm_ratio(jax), (residual, residual))
     assert compiled.out_info.shape == (2,)  # a ratio per CFG half: only scalars leave the device
     latent = jax.ShapeDtypeStruct(latent_shape, jax.numpy.float32, sharding=args[1][0].sharding)
-    compiled, _, _ = v6e_8.compile(pipeline_mod.middle_frame(jax), (latent,))
+    compiled, _, _ = v6e_8.compile(denoise_run.middle_frame(jax), (latent,))
     assert compiled.out_info.shape == (16, 4, 6)
 
 
@@ -267,10 +272,10 @@ def test_image_to_video_programs_compile_for_v6e_8(tiny_model_dir, manager, v6e_
     wan21 = dict(wan22, image_dim=32, added_kv_proj_dim=32)
     for config in (wan22, wan21):
         jitted, args = v6e_8.step(config, cfg=True, **video)
-        condition, image_embeds = args[-1]
-        assert condition.shape == (2, 20, 2, 4, 6) and (image_embeds is None) == (config is wan22)
+        condition, *image_embeds = args[-1]
+        assert condition.shape == (2, 20, 2, 4, 6) and (not image_embeds) == (config is wan22)
         compiled, _, _ = v6e_8.compile(jitted, args)
-        assert [o.shape for o in compiled.out_info] == [pipeline_mod.latent_shape(**{
+        assert [o.shape for o in compiled.out_info] == [latents.WAN21.latent_shape(**{
             "height": 32, "width": 48, "num_frames": 5})] * 4
     chunks = v6e_8.vae_encode(vae, **video)
     assert [args[1].shape for _, args, _ in chunks] == [(1, 3, 1, 32, 48), (1, 3, 4, 32, 48)]

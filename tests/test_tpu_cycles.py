@@ -82,7 +82,7 @@ def test_the_kernel_compiles_for_each_chip_at_its_blocks(chip, device_kind):
     from jax.experimental import topologies
     from jax.sharding import SingleDeviceSharding
 
-    splash = cycles._load_module(cycles.KERNEL_SOURCE, "wan_tpu_test_cycles_splash")
+    splash = cycles.load_module(cycles.KERNEL_SOURCE, "wan_tpu_test_cycles_splash")
     device = topologies.get_topology_desc(platform="tpu", topology_name=cycles.CHIPS[chip]).devices[0]
     blocks = splash.effective_block_sizes(splash.block_sizes_for(device_kind), 33390, 33390)
     assert device.device_kind == device_kind
@@ -94,7 +94,7 @@ def test_the_kernel_compiles_for_each_chip_at_its_blocks(chip, device_kind):
         variants.append((("fixed",), 1, blocks.block_kv))
     for paths, kv_blocks, kv_len in variants:
         def run(q, k, v, paths=paths, kv_len=kv_len):
-            return splash._flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=False, paths=paths)
+            return splash.flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=False, paths=paths)
 
         kv = shape(kv_blocks * blocks.block_kv)
         with splash.force_interpret(False):

@@ -56,8 +56,8 @@ class LatentGeometry:
             if not isinstance(value, (int, np.integer)) or value < multiple or value % multiple:
                 lower = max(multiple, int(value) // multiple * multiple) if isinstance(value, (int, np.integer)) \
                     else 480
-                return (f"{name}={value}: this model needs a multiple of {multiple} (the VAE downsamples "
-                        f"{self.spatial_factor}x and the transformer patches 2x2), e.g. {lower} or {lower + multiple}")
+                return (f"{name}={value}: Wan needs a multiple of {multiple} ({lower} or {lower + multiple}): this "
+                        f"model's VAE downsamples {self.spatial_factor}x and the transformer patches 2x2")
         if num_frames is not None and (not isinstance(num_frames, (int, np.integer)) or num_frames < 1
                                        or (num_frames - 1) % TEMPORAL_FACTOR):
             lower = max(1, (int(num_frames) - 1) // 4 * 4 + 1) if isinstance(num_frames, (int, np.integer)) else 81

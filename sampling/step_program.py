@@ -1,0 +1,135 @@
+"""The one jitted denoising step, and its arguments, shared by the pipeline, the compile-for-TPU command,
+the benchmark and the tests: nobody else builds a step or its argument list.
+
+A step is: the family's model input (``family.model_input``, traced), the transformer, the CFG combine,
+and the UniPC-form update (``scheduler.unipc_update``). Prompts, guidance, timesteps and scheduler
+coefficients are data, so one compiled program serves every run of a shape.
+
+Arguments, in order: weights, state (sample, last sample, m1, m2; donated), context [batch, tokens, dim],
+coefficients, timestep, guidance_scale, then MagCache's block residual (the "reuse" step; None otherwise)
+and the family's conditioning (``family.step_conditioning``; None when it takes none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import sharding
+from ..runtime.placement import activation_sharding, batch_sharding, gather_split_weights, replicated
+from ..runtime.torch_bridge import call_transformer
+from ..scheduler import COEFFICIENT_NAMES, unipc_update
+
+CACHE_MODES = (None, "record", "reuse")  # MagCache: the plain step, a full step keeping the blocks'
+# residual, a step reusing it with the blocks skipped
+DESCRIPTIONS = {None: "the denoising step", "record": "the denoising step (MagCache, full)",
+                "reuse": "the denoising step (MagCache, skip)"}
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """What a compiled step is specialised to, beside its shapes."""
+
+    cfg: bool  # cond and uncond as one batch of 2, split over dp
+    cache_mode: str | None = None  # CACHE_MODES
+    layout: str = "tensor"  # sharding.LAYOUTS: how the step splits the transformer over the mesh
+
+    @property
+    def batch(self) -> int:
+        return 2 if self.cfg else 1
+
+
+class StepProgram:
+    """The jitted step for one transformer (``runtime.components.TransformerComponent``, whose weights may
+    be abstract), one family and one ``StepKind``."""
+
+    def __init__(self, manager, family, transformer, kind: StepKind):
+        if kind.cache_mode not in CACHE_MODES:
+            raise ValueError(f"cache_mode={kind.cache_mode!r}: use one of {CACHE_MODES}")
+        self.manager, self.family, self.transformer, self.kind = manager, family, transformer, kind
+        self.jitted = manager.jax.jit(self._step, donate_argnums=(1,))
+
+    @property
+    def description(self) -> str:
+        return DESCRIPTIONS[self.kind.cache_mode]
+
+    @property
+    def dtype(self):
+        jnp = self.manager.jax.numpy
+        return jnp.bfloat16 if "bfloat16" in str(self.transformer.dtype) else jnp.float32
+
+    def _step(self, weights, state, context, coefficients, timestep, guidance_scale, block_residual=None,
+              conditioning=None):
+        jax, manager, kind = self.manager.jax, self.manager, self.kind
+        jnp = jax.numpy
+        transformer, mesh = self.transformer, self.transformer.mesh
+        sample, last_sample, m1, m2 = state
+        split = sharding.token_split(dict(mesh.shape), kind.batch) if kind.layout == "sequence" else None
+        if split is not None:
+            weights = gather_split_weights(manager, weights, transformer.plan.specs, mesh)
+        model_input, timesteps, image_embeds = self.family.model_input(jnp, sample, timestep, conditioning,
+                                                                       kind.batch, transformer.config)
+        model_input = jax.lax.with_sharding_constraint(model_input.astype(self.dtype),
+                                                       batch_sharding(mesh, kind.batch))
+        record = kind.cache_mode == "record"
+        velocity = call_transformer(manager, transformer.module, weights, mesh, model_input, timesteps, context,
+                                    record_residual=record, block_residual=block_residual,
+                                    image_embeds=image_embeds, split=split)
+        if record:
+            velocity, block_residual = velocity
+            block_residual = jax.lax.with_sharding_constraint(
+                block_residual, activation_sharding(mesh, kind.batch, kind.layout))
+        velocity = velocity.astype(jnp.float32)
+        if kind.cfg:
+            cond, uncond = velocity[:1], velocity[1:]
+            velocity = uncond + guidance_scale * (cond - uncond)
+        next_sample, corrected, m = unipc_update(coefficients, sample, velocity, last_sample, m1, m2)
+        whole = replicated(mesh)
+        state = tuple(jax.lax.with_sharding_constraint(x, whole) for x in (next_sample, corrected, m, m1))
+        return (state, block_residual) if record else state
+
+    # ------------------------------------------------------------------ arguments
+    def trailing(self, block_residual, conditioning) -> tuple:
+        """The optional trailing arguments: MagCache's residual (the "reuse" step), then the conditioning."""
+        residual = block_residual if self.kind.cache_mode == "reuse" else None
+        if conditioning is None:
+            return (residual,) if residual is not None else ()
+        return (residual, conditioning)
+
+    def residual_spec(self, sample_shape):
+        """The MagCache residual's shape, dtype and sharding: [batch, tokens, inner_dim], split over dp like
+        the batch, and in the sequence layout over its tokens too (the "record" step constrains it to this)."""
+        config, mesh = self.transformer.config, self.transformer.mesh
+        _, _, frames, height, width = sample_shape
+        p_t, p_h, p_w = config["patch_size"]
+        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+        dim = config["num_attention_heads"] * config["attention_head_dim"]
+        return self.manager.jax.ShapeDtypeStruct((self.kind.batch, tokens, dim), self.dtype,
+                                                 sharding=activation_sharding(mesh, self.kind.batch, self.kind.layout))
+
+    def place_conditioning(self, inputs) -> tuple | None:
+        """The family's conditioning inputs on the mesh: host values put, abstract ones as ShapeDtypeStructs."""
+        if inputs is None:
+            return None
+        jax, mesh = self.manager.jax, self.transformer.mesh
+        placed = []
+        for item in inputs:
+            where = batch_sharding(mesh, self.kind.batch) if item.placement == "batch" else replicated(mesh)
+            placed.append(jax.ShapeDtypeStruct(item.shape, jax.numpy.dtype(item.dtype), sharding=where)
+                          if item.value is None else jax.device_put(item.value, where))
+        return tuple(placed)
+
+    def abstract_args(self, sample_shape, text_tokens: int, context_dtype: str) -> tuple:
+        """Every argument as a ShapeDtypeStruct with its sharding (the weights as the transformer holds them),
+        for ``jitted.lower`` without a model: the compile command and the tests."""
+        jax, mesh, kind = self.manager.jax, self.transformer.mesh, self.kind
+        jnp = jax.numpy
+        whole = replicated(mesh)
+        latents = jax.ShapeDtypeStruct(tuple(sample_shape), jnp.float32, sharding=whole)
+        context = jax.ShapeDtypeStruct((kind.batch, text_tokens, self.transformer.config["text_dim"]),
+                                       jnp.dtype(context_dtype), sharding=batch_sharding(mesh, kind.batch))
+        coefficients = jax.ShapeDtypeStruct((len(COEFFICIENT_NAMES),), jnp.float32, sharding=whole)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=whole)
+        conditioning = self.place_conditioning(self.family.abstract_conditioning(
+            self.transformer.config, tuple(sample_shape), kind.batch, context_dtype))
+        args = (self.transformer.weights, (latents,) * 4, context, coefficients, scalar, scalar)
+        return args + self.trailing(self.residual_spec(sample_shape), conditioning)
