@@ -16,6 +16,7 @@ import time
 
 from . import loading
 from .env_manager import ATTENTION_BACKENDS
+from .models.wan.modules import PRECISIONS
 from .tiny_wan import TINY_FAMILIES
 
 logger = logging.getLogger("wan_tpu")
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--flow-shift", type=float, help="5.0 for 720P, 3.0 for 480P (default: by height)")
     parser.add_argument("--fps", type=int, default=16)
-    parser.add_argument("--precision", choices=loading.PRECISIONS, default="bf16")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--dp", type=int, help="data-parallel mesh axis (default 2 on an even device count)")
     parser.add_argument("--tp", type=int, help="tensor-parallel mesh axis (default: the remaining devices)")
     parser.add_argument("--layout", choices=("auto", "tensor", "sequence"), default=None,

@@ -21,15 +21,12 @@ import os
 import re
 from dataclasses import dataclass
 
-from .models.wan import configs, modules
+from .models.wan import modules
 from .runtime import environment, paths
-from .runtime.paths import confined_path  # noqa: F401  (its old home: model_files uses it from here)
 
 logger = logging.getLogger("wan_tpu")
 
 DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
-PRECISIONS = modules.PRECISIONS
-MAX_SEQUENCE_LENGTH = configs.TEXT_TOKENS  # diffusers' WanPipeline default; the original pack used 226 by mistake
 
 MODEL_ROOTS_ENV = environment.MODEL_ROOTS  # extra folders (os.pathsep-separated) that may hold models
 OFFLINE_ENV = environment.OFFLINE  # 1: local folders only, never the hub
@@ -256,8 +253,6 @@ def load_model_index(source: ModelSource) -> dict:
     return load_json_config(source, "", "model_index.json")
 
 
-torch_dtype = modules.torch_dtype
-
 
 def load_tokenizer(source: ModelSource):
     if _files(source):
@@ -286,14 +281,14 @@ def _from_pretrained(source: ModelSource, component: str, precision: str | None 
 
 def load_text_encoder(source: ModelSource, precision: str):
     if _files(source):
-        return _files(source).load_text_encoder(source, torch_dtype(precision))
+        return _files(source).load_text_encoder(source, modules.torch_dtype(precision))
     return _from_pretrained(source, "text_encoder", precision)
 
 
 def load_transformer(source: ModelSource, precision: str, subfolder: str = "transformer"):
     """A Wan transformer: ``transformer`` or, for Wan 2.2 A14B's low-noise expert, ``transformer_2``."""
     if _files(source):
-        return _files(source).load_transformer(source, torch_dtype(precision), subfolder)
+        return _files(source).load_transformer(source, modules.torch_dtype(precision), subfolder)
     return _from_pretrained(source, "transformer", precision, subfolder)
 
 

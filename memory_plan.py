@@ -15,8 +15,8 @@ plus the largest stage's activations; the stages never run at the same time.
 and available per device, and what to change. ``check_compiled_memory`` refuses a compiled program whose
 own memory analysis does not fit; ``resolve_layout`` is the one rule for the step's layout.
 
-The model registry is ``models.wan.configs``, the chips ``runtime.chips``; the names re-exported below
-keep their old home working. Importing this module imports neither torch nor jax (ComfyUI imports every
+The model registry is ``models.wan.configs``, the activation formulas ``models.wan.activations``, the chips
+``runtime.chips``. Importing this module imports neither torch nor jax (ComfyUI imports every
 pack at start-up); they are imported on first use.
 """
 
@@ -28,18 +28,11 @@ from typing import Mapping
 
 from . import sharding
 from .models.wan import configs
-from .models.wan.activations import (  # noqa: F401  (their old home)
-    SEQUENCE_GATHERED_BLOCKS, TENSOR_REPEATED_BATCH_SHARE, TEXT_ENCODER_ACTIVATION_SAFETY,
-    TRANSFORMER_ACTIVATION_SAFETY, VAE_ACTIVATION_SAFETY, VAE_CACHE_T, VAE_SPLIT_OVERHEAD,
-    text_encoder_activation_bytes, transformer_activation_bytes, transformer_tokens, vae_decode_activation_bytes,
-    whole_copies_bytes,
-)
-from .models.wan.configs import (  # noqa: F401  (their old home)
-    CLIP_TOKENS, CLIP_VIT_H_CONFIG, MODEL_ALIASES, MODEL_EXPERTS, UMT5_XXL_CONFIG, WAN21_CONFIGS, WAN21_VAE_CONFIG,
-    WAN22_VAE_CONFIG, resolve_model, vae_config_for,
-)
+from .models.wan.activations import (text_encoder_activation_bytes, transformer_activation_bytes, transformer_tokens,
+                                     vae_decode_activation_bytes)
+from .models.wan.configs import MODEL_EXPERTS, UMT5_XXL_CONFIG, WAN21_CONFIGS, resolve_model, vae_config_for
 from .models.wan.latents import LatentGeometry
-from .models.wan.modules import PRECISIONS, abstract_weights, meta_module, parameter_count  # noqa: F401
+from .models.wan.modules import PRECISIONS, abstract_weights
 from .runtime import chips, environment
 
 logger = logging.getLogger("wan_tpu")
@@ -47,7 +40,6 @@ logger = logging.getLogger("wan_tpu")
 GiB = 2**30
 ENV_HBM_GIB = environment.HBM_GIB
 COMPONENTS = ("text_encoder", "transformer", "vae")
-TEXT_SEQUENCE_LENGTH = configs.TEXT_TOKENS  # every prompt is padded to it
 # Whole weights: the sequence layout can instead copy the weights it gathers whole onto every device once per
 # run (freed when the run ends), so that no step gathers them. Planned where the run's peak with the copies
 # stays within this share of HBM: every 1.3B run, 14B on v5p; never 14B on a 32-GiB v6e (22 GiB of copies).

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from . import loading
 from .models.wan import families
+from .models.wan.configs import TEXT_TOKENS
+from .runtime import environment, paths
 
 logger = logging.getLogger("wan_tpu")
 
@@ -66,7 +68,7 @@ WAN22_LATENTS_STD = (
 _SCALE_SUFFIXES = ("scale_weight", "weight_scale")
 _DROPPED = ("scale_input", "input_scale", "comfy_quant")  # fp8 runtime hints; the weights need none of them
 _FOLDER_FIX = (f"put the file in ComfyUI's models/<folder> (diffusion_models, text_encoders, vae, clip_vision) or "
-               f"add its folder to {loading.MODEL_ROOTS_ENV}")
+               f"add its folder to {environment.MODEL_ROOTS}")
 
 
 class ModelFileError(ValueError):
@@ -137,7 +139,7 @@ def resolve_file(name: str, kind: str) -> str:
                 return os.path.realpath(candidate)
         raise ModelFileError(f"{label}={name!r}: no such file (looked for {os.path.abspath(path)})")
     roots = loading.real_model_roots(FOLDERS[kind])
-    found = loading.confined_path(name, roots, "file", label, "model file name",
+    found = paths.confined_path(name, roots, "file", label, "model file name",
                                   f"none (ComfyUI has no models/{FOLDERS[kind]} folder)", _FOLDER_FIX)
     if found is None:
         allowed = ", ".join(given for given, _ in roots)
@@ -872,7 +874,7 @@ class SentencePieceTokenizer:
     def ids(self, text: str) -> list[int]:
         return list(self.processor.encode(text))
 
-    def __call__(self, texts, padding="max_length", max_length=loading.MAX_SEQUENCE_LENGTH, truncation=True,
+    def __call__(self, texts, padding="max_length", max_length=TEXT_TOKENS, truncation=True,
                  add_special_tokens=True, return_attention_mask=True, return_tensors="np"):
         import numpy as np
 

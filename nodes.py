@@ -21,6 +21,7 @@ import time
 from . import loading, sampler_settings
 from .env_manager import TorchaxEnvManager
 from .lora import EXPERTS as LORA_EXPERTS
+from .models.wan.modules import PRECISIONS
 
 logger = logging.getLogger("wan_tpu")
 
@@ -43,7 +44,7 @@ MODEL_ID = (
 )
 OPTIONAL_DEVICE_INPUTS = {
     "precision": (
-        list(loading.PRECISIONS),
+        list(PRECISIONS),
         {"default": "bf16", "tooltip": "Weights and activations of the text encoder and transformer. bf16 halves "
                                        "memory and is what the TPU runs fastest. fp32 stores fp32 and asks XLA for "
                                        "full-precision matmuls (on TPU its default would multiply fp32 in bf16 "
@@ -260,8 +261,8 @@ def validate_common(model_id=None, precision=None, dp=None, tp=None) -> str | bo
             loading.resolve_model_source(str(model_id))
         except ValueError as error:
             return str(error)
-    if precision is not None and precision not in loading.PRECISIONS:
-        return f"precision={precision!r}: use one of {', '.join(loading.PRECISIONS)}"
+    if precision is not None and precision not in PRECISIONS:
+        return f"precision={precision!r}: use one of {', '.join(PRECISIONS)}"
     for name, value in (("dp", dp), ("tp", tp)):
         if value is not None and int(value) < 0:
             return f"{name}={value}: use 0 for automatic or a positive mesh size"

@@ -27,6 +27,7 @@ from .magcache import MagCacheSettings, RatioSource, save_calibration, step_mode
 from .models.wan.components import WanComponents
 from .models.wan.conditioning import (WanEmbeddings, WanImageConditioning, check_embeddings,
                                       check_image_conditioning)
+from .models.wan.configs import TEXT_TOKENS
 from .models.wan.latents import to_vae_latents
 from .runtime import environment
 from .runtime.placement import batch_sharding
@@ -86,8 +87,6 @@ class WanTPUPipeline(WanComponents):
         import torch
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
-        from . import loading
-
         if not isinstance(prompt, str):
             raise ValueError(f"prompt={prompt!r}: give the prompt as text")
         self.announce_loading(on_status, "text_encoder")
@@ -98,7 +97,7 @@ class WanTPUPipeline(WanComponents):
         with self.timer("encode"):
             tokens = component.tokenizer(
                 [prompt_clean(prompt), prompt_clean(negative_prompt or "")],
-                padding="max_length", max_length=loading.MAX_SEQUENCE_LENGTH, truncation=True,
+                padding="max_length", max_length=TEXT_TOKENS, truncation=True,
                 add_special_tokens=True, return_attention_mask=True, return_tensors="np",
             )
             pair = batch_sharding(component.mesh, 2)

@@ -198,7 +198,7 @@ def to_named_shardings(plan: ShardingPlan, mesh) -> dict:
 #             reaches it (FSDP-style); self-attention swaps tokens for heads with all-to-alls around the
 #             kernel (Ulysses-style). A CFG pair still splits over dp; one video (no CFG) splits its
 #             tokens over dp x tp. Where the HBM plan holds them (memory_plan.WHOLE_WEIGHTS_HBM_SHARE), a run
-#             copies those weights whole once instead (pipeline.whole_weight_copies) and no step gathers.
+#             copies those weights whole once instead (runtime.placement.whole_weight_copies) and no step gathers.
 LAYOUTS = ("tensor", "sequence")
 # cross-attention's context: UMT5 tokens, Wan 2.1 I2V's CLIP tokens
 TEXT_TOKENS, IMAGE_TOKENS = configs.TEXT_TOKENS, configs.CLIP_TOKENS

@@ -11,7 +11,7 @@ exactly the ones the pack runs, built the way the pack builds them:
 - the functions ``WanTPUPipeline`` jits (``_make_encode_fn``, ``_make_step_fn``
   with CFG and without; the VAE decode's chunk programs, ``VAEChunkDecoder``);
 - the diffusers / transformers modules built on torch's meta device with the
-  dtypes the loaders give (``memory_plan.meta_module``);
+  dtypes the loaders give (``models.wan.modules.meta_module``);
 - weights as abstract arrays carrying the shardings of ``sharding.py`` on the
   mesh of ``env_manager.build_mesh`` (dp=2, tp the rest);
 - the real Mosaic Splash kernel (``splash.force_interpret(False)``), with the
@@ -72,24 +72,11 @@ logger = logging.getLogger("wan_tpu.tpu_compile")
 
 
 # ------------------------------------------------------------------ chips
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    peak_flops: float  # bf16 FLOP/s per chip
-    hbm_gib: float  # per chip
-    cores_per_chip: int  # the "-N" of a slice name counts cores (v4, v5p) or chips (v5e, v6e)
-    three_d: bool  # topology names are AxBxC (v4, v5p) or AxB (v5e, v6e)
-    ici_gbps: float  # inter-chip interconnect bandwidth per chip, Gbit/s, all links together
-    device_kind: str  # jax's name for its devices, which the pack's layout rule and HBM plan match on
-
-
-# Google Cloud's published per-chip figures (cloud.google.com/tpu/docs/v5e, /v6e, /v5p, /v4): peak bf16
-# FLOP/s, HBM and ICI bandwidth (v5e 1,600 Gbps, v6e 3,584 Gbps, v5p 4,800 Gbps, v4 2,400 Gbps).
-GENERATIONS = {
-    "v5e": Generation(197e12, 16, 1, False, 1600, "TPU v5 lite"),
-    "v6e": Generation(918e12, 32, 1, False, 3584, "TPU v6 lite"),
-    "v5p": Generation(459e12, 95, 2, True, 4800, "TPU v5"),
-    "v4": Generation(275e12, 32, 2, True, 2400, "TPU v4"),
-}
+def generation(name: str):
+    """The pack's facts of a TPU generation ("v6e"): ``runtime.chips``' one table (peak bf16 FLOP/s, HBM and
+    ICI bandwidth per chip as Google Cloud publishes them, cores per chip, 2-D or 3-D topology, jax's
+    device_kind)."""
+    return load_pack()("runtime.chips").BY_NAME[name]
 
 
 def projected_step_seconds(record: dict, chip: "Chip", mfu: float = MFU_ORIGINAL) -> dict:
@@ -129,8 +116,8 @@ class Chip:
     topology: str  # libtpu's topology name, "v6e:2x4"
 
     @property
-    def spec(self) -> Generation:
-        return GENERATIONS[self.generation]
+    def spec(self):
+        return generation(self.generation)
 
 
 def _grid(chips: int, dims: int) -> str:
@@ -151,12 +138,12 @@ def parse_chip(name: str) -> Chip:
     match = re.fullmatch(r"(v5e|v6e|v5p|v4)-(\d+)", name.strip().lower())
     if not match:
         raise ValueError(f"chip={name!r}: give a TPU slice such as v6e-8, v5e-8, v5p-8, v4-8, v6e-16 or v5p-16")
-    generation, size = match.group(1), int(match.group(2))
-    spec = GENERATIONS[generation]
+    kind, size = match.group(1), int(match.group(2))
+    spec = generation(kind)
     if size % spec.cores_per_chip:
-        raise ValueError(f"chip={name!r}: a {generation} slice counts {spec.cores_per_chip} cores per chip")
+        raise ValueError(f"chip={name!r}: a {kind} slice counts {spec.cores_per_chip} cores per chip")
     chips = size // spec.cores_per_chip
-    return Chip(name, generation, chips, f"{generation}:{_grid(chips, 3 if spec.three_d else 2)}")
+    return Chip(name, kind, chips, f"{kind}:{_grid(chips, 3 if spec.three_d else 2)}")
 
 
 def topology_devices(chip: Chip) -> list:
@@ -258,13 +245,13 @@ class Programs:
         self.mesh_shape = tuple(self.mesh.shape.values())
         self._modules: dict = {}
 
-    # -- abstract weights, as pipeline.place_weights would place them
+    # -- abstract weights, as runtime.placement.place_weights would place them
     def component(self, component: str, config: dict):
-        memory_plan, sharding = self.pack("memory_plan"), self.pack("sharding")
+        sharding = self.pack("sharding")
         key = (component, json.dumps(config, sort_keys=True, default=list))
         if key not in self._modules:
             precision = "fp32" if component in ("vae", "image_encoder") else self.precision
-            module = memory_plan.meta_module(component, config, precision)
+            module = self.pack("models.wan.modules").meta_module(component, config, precision)
             state = dict(module.named_parameters(remove_duplicate=False))
             state.update(dict(module.named_buffers(remove_duplicate=False)))
             plan = sharding.plan_shardings({n: tuple(t.shape) for n, t in state.items()}, sharding.RULES[component],
@@ -315,7 +302,7 @@ class Programs:
         return program.jitted, program.abstract_args(shape, self.pack("models.wan.configs").TEXT_TOKENS, context_dtype)
 
     def vae_decode(self, vae_config: dict, height: int, width: int, frames: int):
-        """The VAE decode's chunk programs (``pipeline.VAEChunkDecoder``): [(jitted, args, runs per decode)],
+        """The VAE decode's chunk programs (``sampling.vae_chunks.VAEChunkDecoder``): [(jitted, args, runs per decode)],
         first latent frame, second, and the steady one that runs for every later frame."""
         module, weights, _ = self.component("vae", vae_config)
         decoder = self.pack("sampling.vae_chunks").VAEChunkDecoder(self.manager, module, self.mesh)
@@ -327,7 +314,7 @@ class Programs:
         return [(decoder.jitted, args + (markers,), count) for (markers, args), count in zip(kinds, runs)]
 
     def vae_encode(self, vae_config: dict, height: int, width: int, frames: int):
-        """Image-to-video's VAE encode chunk programs (``pipeline.VAEChunkEncoder``): the first frame, the
+        """Image-to-video's VAE encode chunk programs (``sampling.vae_chunks.VAEChunkEncoder``): the first frame, the
         first 4-frame chunk and the steady one."""
         module, weights, _ = self.component("vae", vae_config)
         encoder = self.pack("sampling.vae_chunks").VAEChunkEncoder(self.manager, module, self.mesh)
@@ -418,7 +405,7 @@ def default_stages(model: str) -> tuple[str, ...]:
     """The stages a model runs: every model the four of STAGES; image-to-video also the VAE encode and, for
     Wan 2.1 I2V, the CLIP image encoder."""
     pack = load_pack()
-    _, config = pack("memory_plan").resolve_model(model)
+    _, config = pack("models.wan.configs").resolve_model(model)
     family = pack("models.wan.families").family_of_config(config)
     if not family.takes_image:
         return STAGES
@@ -429,9 +416,8 @@ def run_config(programs: Programs, cfg_run: Config, stages=STAGES, ignore_plan: 
                shared: dict | None = None, on_stage=None) -> list[dict]:
     """Compile (or refuse) each stage of one configuration. ``shared`` reuses results of programs
     that do not depend on the model or size (the text encoder; the VAE decode per size)."""
-    memory_plan = programs.pack("memory_plan")
     shared = {} if shared is None else shared
-    _, transformer_config = memory_plan.resolve_model(cfg_run.model)
+    _, transformer_config = programs.pack("models.wan.configs").resolve_model(cfg_run.model)
     records = []
     for name in stages:
         record = stage_record(name, cfg_run, programs.chip, programs.mesh_shape, len(programs.devices))
@@ -473,7 +459,7 @@ def _compile_stage(programs: Programs, cfg_run: Config, name: str, record: dict,
                    shared: dict) -> None:
     """The compiler's fields of a stage's record (or the compiler's refusal, which is a result too);
     programs that do not depend on the model are compiled once per size and shared."""
-    memory_plan = programs.pack("memory_plan")
+    configs = programs.pack("models.wan.configs")
     key = {"text_encoder": ("text_encoder", cfg_run.precision),
            "vae_decode": ("vae_decode", cfg_run.height, cfg_run.width, cfg_run.frames)}.get(name)
     if key is not None and key in shared:
@@ -485,13 +471,13 @@ def _compile_stage(programs: Programs, cfg_run: Config, name: str, record: dict,
             record.update(compile_step(programs, cfg_run, transformer_config, name == "step_cfg", record["layout"],
                                        record["whole_weights"]))
         else:
-            vae_config = memory_plan.vae_config_for(transformer_config)
+            vae_config = configs.vae_config_for(transformer_config)
             video = (cfg_run.height, cfg_run.width, cfg_run.frames)
             program_list = {
-                "text_encoder": lambda: [(*programs.text_encoder(dict(memory_plan.UMT5_XXL_CONFIG)), 1)],
+                "text_encoder": lambda: [(*programs.text_encoder(dict(configs.UMT5_XXL_CONFIG)), 1)],
                 "vae_decode": lambda: programs.vae_decode(vae_config, *video),
                 "vae_encode": lambda: programs.vae_encode(vae_config, *video),
-                "image_encoder": lambda: [(*programs.image_encoder(dict(memory_plan.CLIP_VIT_H_CONFIG)), 1)],
+                "image_encoder": lambda: [(*programs.image_encoder(dict(configs.CLIP_VIT_H_CONFIG)), 1)],
             }[name]()
             record.update(compile_programs(programs, program_list,
                                            matmul_precision=name not in ("vae_decode", "vae_encode")))
@@ -506,7 +492,7 @@ def _memory_fields(programs: Programs, cfg_run: Config, name: str, record: dict,
     """A compiled stage's resident peak (beside the experts or shards it does not take), its fit, the
     plan's ratio to it, and for steps the time at the chip's peak and at the original's MFU."""
     peak = record["peak_bytes_per_device"]
-    experts = programs.pack("memory_plan").MODEL_EXPERTS.get(cfg_run.model, 1)
+    experts = programs.pack("models.wan.configs").MODEL_EXPERTS.get(cfg_run.model, 1)
     if name.startswith("step") and experts > 1:
         # The step takes one expert's weights; the other stays resident beside it.
         _, weights, _ = programs.component("transformer", transformer_config)
@@ -965,7 +951,7 @@ def run_configs(configs: list[Config], stages: list[str], done: list[dict], igno
             programs_by_chip.clear()  # one chip's modules at a time
             programs_by_chip[chip.name] = Programs(pack, chip, config.precision, config.dp, config.tp)
         programs = programs_by_chip[chip.name]
-        transformer_config = memory_plan.resolve_model(config.model)[1]
+        transformer_config = pack("models.wan.configs").resolve_model(config.model)[1]
         todo = [stage for stage in stages
                 if _stage_key(programs, memory_plan, config, transformer_config, stage) not in finished]
         # a second layout compiles only its steps

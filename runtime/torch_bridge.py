@@ -8,7 +8,10 @@ Imports torch and jax inside its functions only.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from ..sharding import TokenSplit
 
 
 def method_as_forward(module, method):

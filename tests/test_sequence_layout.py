@@ -12,8 +12,8 @@ sharding = pack_module("sharding")
 memory_plan = pack_module("memory_plan")
 env_manager = pack_module("env_manager")
 
-WAN_14B = memory_plan.WAN21_CONFIGS["14B"]
-WAN_1_3B = memory_plan.WAN21_CONFIGS["1.3B"]
+WAN_14B = pack_module("models.wan.configs").WAN21_CONFIGS["14B"]
+WAN_1_3B = pack_module("models.wan.configs").WAN21_CONFIGS["1.3B"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_a_second_layout_compiles_its_own_step_and_keeps_the_weights(sequence_pi
 
 # ------------------------------------------------------------------ choice and errors (no compiling)
 def test_auto_picks_sequence_where_it_moves_fewer_bytes_and_tensor_on_one_device():
-    tokens_720p = memory_plan.transformer_tokens(WAN_14B, 720, 1280, 81)
+    tokens_720p = pack_module("models.wan.activations").transformer_tokens(WAN_14B, 720, 1280, 81)
     layout, why = sharding.choose_layout(WAN_14B, tokens_720p, {"dp": 2, "tp": 4}, batch=2)
     assert layout == "sequence" and "tensor layout" in why
     moved = sharding.layer_collective_bytes(WAN_14B, tokens_720p, {"dp": 2, "tp": 4}, batch=2)
@@ -72,7 +72,7 @@ def test_auto_picks_sequence_where_it_moves_fewer_bytes_and_tensor_on_one_device
     # Without CFG the tensor layout runs the same work on both dp halves; the sequence layout splits it.
     assert sharding.parallel_devices("tensor", {"dp": 2, "tp": 4}, 1) == 4
     assert sharding.parallel_devices("sequence", {"dp": 2, "tp": 4}, 1) == 8
-    tokens_480p = memory_plan.transformer_tokens(WAN_1_3B, 480, 832, 81)
+    tokens_480p = pack_module("models.wan.activations").transformer_tokens(WAN_1_3B, 480, 832, 81)
     assert sharding.choose_layout(WAN_1_3B, tokens_480p, {"dp": 2, "tp": 4}, batch=1)[0] == "sequence"
     assert sharding.choose_layout(WAN_14B, tokens_720p, {"dp": 1, "tp": 1}, batch=2)[0] == "tensor"
     # A handful of tokens: gathering a 14B layer's weights costs more than summing its outputs.

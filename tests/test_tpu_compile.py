@@ -170,7 +170,7 @@ def test_the_tiny_models_sequence_parallel_step_compiles_for_v6e_8(tiny_model_di
         arguments[layout, whole] = memory["argument_bytes_per_device"]
     tensor, sequence, whole = found["tensor", False], found["sequence", False], found["sequence", True]
     weight = transformer["num_attention_heads"] * transformer["attention_head_dim"]
-    # Whole weights (pipeline.whole_weight_copies): the step gathers no weight; the copies are its arguments.
+    # Whole weights (runtime.placement.whole_weight_copies): the step gathers no weight; the copies are its arguments.
     weights_gathered = 6 * transformer["num_layers"] * weight * weight * 2  # bf16: see below
     assert whole["all-gather"]["bytes_per_device"] <= sequence["all-gather"]["bytes_per_device"] - weights_gathered
     assert whole["all-gather"]["bytes_per_device"] < weight * weight * 4, found  # what is left: the tokens' output
@@ -193,7 +193,7 @@ def test_real_width_step_compiles_with_splash_and_one_all_reduce_per_sublayer(ma
     its three row-parallel outputs (self-attention, cross-attention, FFN),
     [1, S, D] bf16 per device with the CFG pair split over dp, plus small
     reductions (the q/k RMS norms across the split heads)."""
-    config = dict(memory_plan.WAN21_CONFIGS["14B"], num_layers=2)
+    config = dict(pack_module("models.wan.configs").WAN21_CONFIGS["14B"], num_layers=2)
     height, width, frames = 480, 832, 25
     jitted, args = v6e_8.step(config, height, width, frames, cfg=True)
     compiled, _, _ = v6e_8.compile(jitted, args)
@@ -202,7 +202,7 @@ def test_real_width_step_compiles_with_splash_and_one_all_reduce_per_sublayer(ma
     assert tpu_compile.custom_call_count(text) == 2, found
     assert found["all-gather"]["count"] == 0, found
     assert found["reduce-scatter"]["count"] == found["all-to-all"]["count"] == 0, found
-    tokens = memory_plan.transformer_tokens(config, height, width, frames)
+    tokens = pack_module("models.wan.activations").transformer_tokens(config, height, width, frames)
     sublayer = tokens * 5120 * 2  # bf16 [1, S, D] per device
     all_reduce = found["all-reduce"]
     assert 3 * 2 <= all_reduce["count"], found
@@ -218,14 +218,14 @@ def test_real_width_step_compiles_with_splash_and_one_all_reduce_per_sublayer(ma
 @pytest.mark.slow_tpu_compile
 def test_the_whole_1_3b_step_compiles_for_v6e_8(manager, v6e_8):
     """The real 1.3B step at 832x480, 81 frames, CFG: 30 Splash calls, 3 all-reduces of [1, S, D] per block."""
-    config = memory_plan.WAN21_CONFIGS["1.3B"]
+    config = pack_module("models.wan.configs").WAN21_CONFIGS["1.3B"]
     jitted, args = v6e_8.step(config, 480, 832, 81, cfg=True)
     compiled, _, _ = v6e_8.compile(jitted, args)
     text = compiled.as_text()
     assert tpu_compile.custom_call_count(text) == config["num_layers"]
     found = tpu_compile.collectives(text)
     assert found["all-gather"]["count"] == 0
-    sublayer = memory_plan.transformer_tokens(config, 480, 832, 81) * 1536 * 2
+    sublayer = pack_module("models.wan.activations").transformer_tokens(config, 480, 832, 81) * 1536 * 2
     assert 3 * 30 * sublayer <= found["all-reduce"]["bytes_per_device"] < 3 * 30 * sublayer * 1.1
 
 

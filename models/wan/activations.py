@@ -54,7 +54,7 @@ def _split(size: int, parts: int) -> int:
 
 
 def _local_batch(batch: int, dp: int) -> int:
-    # pipeline._batch_sharding: the batch is split over dp when dp divides it.
+    # runtime.placement.batch_sharding: the batch is split over dp when dp divides it.
     return batch // dp if dp > 1 and batch % dp == 0 else batch
 
 
@@ -211,7 +211,7 @@ def vae_decode_activation_bytes(vae_config: Mapping, height: int, width: int, nu
 
     For the Wan 2.1 VAE that is ~2400 + ~1700 elements per output pixel (caches + working) plus the video:
     at 720P (1280x720, 81 frames) 16.9 GB before the factor, at 480P (832x480) 7.3 GB, with the whole
-    video; the pipeline decodes one latent frame per compiled call (``pipeline.VAEChunkDecoder``), so only
+    video; the pipeline decodes one latent frame per compiled call (``sampling.vae_chunks.VAEChunkDecoder``), so only
     one chunk's frames count. The safety factor is fitted to libtpu's compiled chunk programs at 1280x720
     on v6e-8 (24.0 GiB peak per device; the plan gives 24.5), and the split's overhead to the same programs
     split 8 ways over space (4.79 GiB).

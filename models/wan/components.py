@@ -23,6 +23,7 @@ from ...scheduler import UniPCFlowSchedule
 from ...utils import StageTimer
 from . import families
 from .latents import LatentGeometry
+from .modules import PRECISIONS
 
 logger = logging.getLogger("wan_tpu")
 
@@ -67,8 +68,8 @@ class WanComponents:
 
     def __init__(self, model_id: str = loading.DEFAULT_MODEL_ID, precision: str = "bf16", dp: int | None = None,
                  tp: int | None = None, manager: TorchaxEnvManager | None = None):
-        if precision not in loading.PRECISIONS:
-            raise ValueError(f"precision={precision!r}: use one of {loading.PRECISIONS}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
         from ...model_files import FileSource, check_files
 
         # model_id: a repo id or diffusers folder, or ComfyUI single files (model_files.FileSource).

@@ -149,7 +149,7 @@ def _abstract_tensors(component: str, config_key: str, precision: str) -> tuple[
 def abstract_weights(component: str, config: Mapping, precision: str = "bf16") -> tuple[dict, dict]:
     """({name: shape}, {name: itemsize}) of the distinct tensors ``component`` places.
 
-    Tied weights appear once, as in ``pipeline.place_weights``.
+    Tied weights appear once, as in ``runtime.placement.place_weights``.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
