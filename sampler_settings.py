@@ -38,7 +38,7 @@ class SamplerSettings:
     tp: int = 0
 
     def __post_init__(self):
-        from .loading import PRECISIONS
+        from .models.wan.modules import PRECISIONS
         from .magcache import MagCacheSettings
         from .scheduler import SAMPLERS, parse_timesteps
         from .sharding import check_layout
