@@ -13,6 +13,13 @@ if [ -z "${WAN_TPU_REQUIREMENTS:-}" ]; then
 else
   requirements=$WAN_TPU_REQUIREMENTS
 fi
+#   WAN_TPU_VENV_FROM=path   start a new venv as hard links to this one (seconds, no disk), then install
+#                            only what differs; pip replaces files rather than writing into them, so the
+#                            other venv is left as it was
+if [ ! -x "$venv/bin/python" ] && [ -n "${WAN_TPU_VENV_FROM:-}" ] && [ -x "$WAN_TPU_VENV_FROM/bin/python" ]; then
+  cp -al "$WAN_TPU_VENV_FROM" "$venv"
+  rm -f "$venv/.wan-tpu-requirements"  # its own stamp follows; this one is the other venv's file
+fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 stamp="$venv/.wan-tpu-requirements"
 wanted=$(cat "$requirements" requirements.txt "$0" | sha256sum | cut -d' ' -f1)

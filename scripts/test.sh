@@ -16,7 +16,8 @@ parallel=()
 [ "$workers" -gt 1 ] && parallel=(-n "$workers" --dist loadfile)
 bash scripts/setup_venv.sh
 "${WAN_TPU_VENV:-.venv}/bin/python" -m pytest "${parallel[@]}" tests "$@"
-WAN_TPU_VENV=.venv-transformers4 WAN_TPU_REQUIREMENTS=requirements-test-transformers4.txt bash scripts/setup_venv.sh
+WAN_TPU_VENV=.venv-transformers4 WAN_TPU_VENV_FROM="${WAN_TPU_VENV:-.venv}" \
+    WAN_TPU_REQUIREMENTS=requirements-test-transformers4.txt bash scripts/setup_venv.sh
 # Few tests: in one process (a second would build every shared fixture again).
 exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py::test_text_encoder_matches_diffusers_encode_prompt \
     "tests/test_core_parity.py::test_end_to_end_matches_diffusers_wan_pipeline[5.0-0]" \

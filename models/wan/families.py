@@ -244,8 +244,8 @@ class WanTextImageToVideo(WanFamily):
 
     def model_input(self, jnp, sample, timestep, conditioning, batch, config):
         given, keep = conditioning
-        sample = (1 - keep) * given + keep * sample
         model_input = jnp.concatenate([sample] * batch) if batch > 1 else sample
+        model_input = (1 - keep) * given + keep * model_input  # the given frame in place, in each of the batch
         p_t, p_h, p_w = config["patch_size"]
         per_token = (keep[0, 0, ::p_t, ::p_h, ::p_w] * timestep).reshape(-1)
         return model_input, jnp.broadcast_to(per_token, (batch, per_token.shape[0])), None
