@@ -2,7 +2,8 @@
 node outputs, its checks, and how it replaces the nodes' own advanced widgets.
 
 Precedence: a connected settings node supplies every value it holds; the receiving node's widgets of
-the same names are then ignored. Not connected, the node's widgets apply as before (saved workflows
+the same names are then ignored, and ComfyUI's check before the run does not check them either
+(``unchecked_when_connected``). Not connected, the node's widgets apply as before (saved workflows
 and API prompts without the link run unchanged).
 
 ComfyUI-free, and imports neither jax nor torch.
@@ -85,6 +86,22 @@ def check_inputs(**inputs) -> str | bool:
     except (TypeError, ValueError) as error:
         return str(error)
     return True
+
+
+# The 'settings' default of the Sampler's and Full Pipeline's VALIDATE_INPUTS. ComfyUI's check before the run
+# passes an input linked from another node as None (its value does not exist yet) and leaves an unconnected
+# optional input out, so this default means "not connected".
+NOT_CONNECTED = object()
+
+
+def unchecked_when_connected(settings, **widgets) -> dict:
+    """For the receiving node's ``VALIDATE_INPUTS``: its ``widgets`` (by input name) with those a connected
+    settings node replaces set to None, so that values which will not be used do not block the run (the
+    settings node checks its own; the run checks its timesteps against num_inference_steps). Not
+    connected (``settings`` is ``NOT_CONNECTED``): ``widgets`` unchanged."""
+    if settings is NOT_CONNECTED:
+        return dict(widgets)
+    return {name: None if name in NAMES else value for name, value in widgets.items()}
 
 
 def apply(widgets: dict, settings) -> dict:

@@ -391,3 +391,205 @@ def test_a_browser_sees_the_preview_under_the_sampler_after_run(server, tiny_mod
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert shot.stat().st_size > 0
+
+
+# The Run button in a real browser, for the original pack's workflow and each of our UI examples: the page loads
+# the workflow, the widgets are edited by name as a user would (the tiny model, 256x256, 17 frames, 2 steps, a
+# seed of the test's own), Run is pressed, and the script waits for the prompt's history entry. It prints what the
+# page loaded, what it sent to /prompt and how the run ended, as JSON.
+_BROWSER_RUN = _BROWSER_OPEN + r"""
+import time
+with open(sys.argv[2]) as handle:
+    job = json.load(handle)
+page.wait_for_function("window.app && window.app.graph", timeout=120000)
+page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", job["workflow"])
+NODES = "(window.app.graph.nodes || window.app.graph._nodes)"
+loaded = page.evaluate("() => " + NODES + ".map(node => ({id: node.id, type: node.type,"
+                       " widgets: Object.fromEntries((node.widgets || []).map(w => [w.name, w.value]))}))")
+edited = page.evaluate("(edits) => { const done = []; for (const node of " + NODES + ") {"
+                       " for (const widget of node.widgets || []) { let value = undefined;"
+                       " if (Object.hasOwn(edits.by_name, widget.name)) value = edits.by_name[widget.name];"
+                       " if (widget.name === 'model_id' && Object.hasOwn(edits.model_ids, String(widget.value)))"
+                       " value = edits.model_ids[widget.value];"
+                       " if (value !== undefined) { widget.value = value; done.push(node.id + '.' + widget.name); } } }"
+                       " return done; }", job["edits"])
+with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST",
+                          timeout=60000) as answer:
+    page.get_by_role("button", name="Run").first.click()  # the Run button, as a user presses it
+response = answer.value
+report = {"loaded": loaded, "edited": edited, "sent": response.request.post_data_json.get("prompt"),
+          "answer": response.status}
+entry = None
+if response.status == 200:
+    prompt_id = response.json()["prompt_id"]
+    deadline = time.monotonic() + float(sys.argv[4])
+    while time.monotonic() < deadline:
+        entry = page.evaluate("async (id) => (await (await fetch('/api/history/' + id)).json())[id] || null",
+                              prompt_id)
+        status = (entry or {}).get("status") or {}
+        if status.get("completed") or status.get("status_str") == "error":
+            break
+        time.sleep(2)
+    page.wait_for_timeout(2000)  # let the page draw the outputs it was sent
+    report["videos_in_page"] = page.evaluate("() => document.querySelectorAll('video').length")
+else:
+    report["refusal"] = response.text()[:3000]
+report["entry"] = entry
+page.screenshot(path=sys.argv[3])
+print(json.dumps(report))
+browser.close()
+playwright.stop()
+"""
+
+ORIGINAL_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+# Our examples' model ids -> the tiny model of the family, built beside the tiny Wan 2.1 model (the folder names the
+# Wan 2.2 API example test uses, so one session builds each once).
+_TINY_FAMILIES = {"Wan-AI/Wan2.2-I2V-A14B-Diffusers": ("wan22_tpu_i2v_a14b_720p", "TINY_I2V_A14B"),
+                  "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ("wan22_tpu_t2v_a14b_720p", "TINY_A14B")}
+UI_EXAMPLES = sorted(os.path.basename(path)[:-len(".json")] for path in os.listdir(os.path.join(PACK_DIR, "examples"))
+                     if path.endswith(".json"))
+
+
+def original_ui_workflow() -> dict:
+    """The original pack's UI example (yangwhale/gpu-tpu-pedia, tpu/ComfyUI/custom_nodes/ComfyUI-Wan2.1-TPU/examples/
+    wan21_t2v_720p.json), rebuilt from the facts tests/original_interface.py records: its node ids, links and
+    widget values as its frontend (1.35.9) saved them. Its Sampler saved 9 widget values; ours has more widgets,
+    which the page gives their defaults."""
+    from original_interface import ORIGINAL_EXAMPLE_WIDGETS
+
+    def node(node_id, kind, inputs, outputs, widgets, x, y=200):
+        return {"id": node_id, "type": kind, "pos": [x, y], "size": [350, 300], "flags": {}, "order": len(nodes),
+                "mode": 0, "properties": {"Node name for S&R": kind}, "widgets_values": widgets,
+                "inputs": [{"name": name, "type": kind, "link": link} for name, kind, link in inputs],
+                "outputs": [{"name": name, "type": kind, "slot_index": slot, "links": links}
+                            for slot, (name, kind, links) in enumerate(outputs)]}
+
+    nodes = []
+    nodes.append(node(1, "Wan21TextEncoder", [], [("prompt_embeds", "TENSOR", [1]),
+                                                  ("negative_prompt_embeds", "TENSOR", [2])],
+                      ORIGINAL_EXAMPLE_WIDGETS["Wan21TextEncoder"], 100))
+    nodes.append(node(2, "Wan21TPUSampler", [("prompt_embeds", "TENSOR", 1), ("negative_prompt_embeds", "TENSOR", 2)],
+                      [("latents", "LATENT", [3]), ("num_frames", "INT", None)],
+                      ORIGINAL_EXAMPLE_WIDGETS["Wan21TPUSampler"], 550))
+    nodes.append(node(3, "Wan21TPUVAEDecoder", [("latents", "LATENT", 3)],
+                      [("frames", "IMAGE", [6]), ("fps", "INT", None)], ORIGINAL_EXAMPLE_WIDGETS["Wan21TPUVAEDecoder"],
+                      950))
+    nodes.append(node(6, "CreateVideo", [("images", "IMAGE", 6), ("audio", "AUDIO", None)], [("VIDEO", "VIDEO", [7])],
+                      [16], 1300, 100))
+    nodes.append(node(7, "SaveVideo", [("video", "VIDEO", 7)], [], ["video/ComfyUI", "auto", "auto"], 1300, 360))
+    links = [[1, 1, 0, 2, 0, "TENSOR"], [2, 1, 1, 2, 1, "TENSOR"], [3, 2, 0, 3, 0, "LATENT"], [6, 3, 0, 6, 0, "IMAGE"],
+             [7, 6, 0, 7, 0, "VIDEO"]]
+    return {"last_node_id": 7, "last_link_id": 7, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {"frontendVersion": "1.35.9"}, "version": 0.4}
+
+
+def _tiny_model_for(model_id, tiny_model_dir) -> tuple[str, str]:
+    """(the value for the model_id widget, the folder) of the tiny model standing in for ``model_id``."""
+    if model_id == ORIGINAL_MODEL_ID:
+        return str(tiny_model_dir), str(tiny_model_dir)
+    from conftest import pack_module
+
+    tiny_wan = pack_module("tiny_wan")
+    name, family = _TINY_FAMILIES[model_id]
+    folder = os.path.join(os.path.dirname(str(tiny_model_dir)), name)
+    if not os.path.isdir(folder):
+        tiny_wan.build_tiny_wan(folder, getattr(tiny_wan, family))
+    return name, folder  # a name under an allowed root, as users give it
+
+
+@pytest.mark.skipif(not (os.path.exists(BROWSER_PYTHON) and os.path.exists("/usr/bin/chromium")),
+                    reason="needs chromium and playwright (COMFYUI_BROWSER_PYTHON)")
+@pytest.mark.parametrize("example", ["original_wan21_t2v_720p", *UI_EXAMPLES])
+def test_a_browser_runs_the_workflow_from_the_run_button(server, tiny_model_dir, tmp_path, example):
+    import zlib
+
+    if example.startswith("original_"):
+        workflow = original_ui_workflow()
+    else:
+        with open(os.path.join(PACK_DIR, "examples", f"{example}.json")) as handle:
+            workflow = json.load(handle)
+    model_ids = {value for node in workflow["nodes"] for value in node.get("widgets_values") or []
+                 if isinstance(value, str) and value.startswith("Wan-AI/")}
+    tiny = {model_id: _tiny_model_for(model_id, tiny_model_dir) for model_id in model_ids}
+    assert len(tiny) == 1, model_ids  # one family per workflow
+    (widget_value, folder), = tiny.values()
+    # Tiny LoRAs under the names the example's LoRA nodes pick (widgets: lora_name, strength, expert), before the
+    # page loads ComfyUI's list of LoRA files.
+    _write_example_loras({str(node["id"]): {"class_type": node["type"], "inputs": dict(zip(
+        ("lora_name", "strength", "expert"), node["widgets_values"]))} for node in workflow["nodes"]
+        if node["type"] == "Wan21TPULoRA"}, folder, server["loras"])
+    seed = 1000 + zlib.crc32(example.encode()) % 100000  # the test's own: no cached result from another test
+    edits = {"model_ids": {model_id: value for model_id, (value, _) in tiny.items()},
+             "by_name": {"height": 256, "width": 256, "num_frames": 17, "num_inference_steps": 2, "seed": seed}}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"workflow": workflow, "edits": edits}))
+    shot = tmp_path / f"{example}.png"
+    started = time.monotonic()
+    done = subprocess.run([BROWSER_PYTHON, "-c", _BROWSER_RUN, server["url"], str(path), str(shot), "900"],
+                          capture_output=True, text=True, timeout=1000)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{example}: {time.monotonic() - started:.0f} s, {report.get('videos_in_page')} video(s) in the page, "
+          f"screenshot {shot}")
+    assert report["answer"] == 200, report.get("refusal")
+
+    # Every node of the workflow is in the page, and the prompt the page sent carries the edits.
+    assert sorted(node["id"] for node in report["loaded"]) == sorted(node["id"] for node in workflow["nodes"])
+    sent = report["sent"]
+    for node in sent.values():
+        inputs = node["inputs"]
+        assert inputs.get("model_id", widget_value) == widget_value, node
+        if "height" in inputs:
+            assert (inputs["height"], inputs["width"], inputs["num_frames"]) == (256, 256, 17), node
+    if example.startswith("original_"):  # its 9 saved values on the first 9 widgets, our later ones at defaults
+        sampler = next(node["widgets"] for node in report["loaded"] if node["type"] == "Wan21TPUSampler")
+        assert (sampler["model_id"], sampler["flow_shift"], sampler["num_inference_steps"]) == (
+            ORIGINAL_MODEL_ID, 5, 50)
+        assert (sampler["precision"], sampler["sampler"], sampler["magcache"]) == ("bf16", "unipc", False)
+        assert {node["class_type"] for node in sent.values()} == {"Wan21TextEncoder", "Wan21TPUSampler",
+                                                                  "Wan21TPUVAEDecoder", "CreateVideo", "SaveVideo"}
+
+    entry = report["entry"]
+    assert entry is not None, "no history entry within the time limit"
+    status = entry["status"]
+    assert status["status_str"] == "success" and status["completed"], json.dumps(status["messages"])[:3000]
+    assert "execution_success" in [message[0] for message in status["messages"]]
+    videos = [server["output"] / path for path in _load_queue_script().output_files(entry) if path.endswith(".mp4")]
+    assert videos and all(video.stat().st_size > 0 for video in videos)
+    assert shot.stat().st_size > 0
+
+
+SETTINGS_DEFAULTS = {"sampler": "unipc", "timesteps": "", "guidance_scale_2": -1.0, "magcache": False,
+                     "magcache_threshold": 0.06, "magcache_max_skip_steps": 3, "magcache_retention_ratio": 0.2,
+                     "magcache_calibrate": False, "layout": "auto", "precision": "bf16", "dp": 0, "tp": 0}
+
+
+def _refusal(url, prompt) -> str:
+    request = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as error:
+        return error.read().decode()
+    raise AssertionError("the prompt was accepted")
+
+
+def test_a_linked_settings_node_runs_and_its_values_win(server, tiny_model_dir):
+    """'Wan TPU Sampler Settings' linked into the Sampler: ComfyUI accepts the prompt although the Sampler's own
+    sampler/timesteps widgets (which the settings replace) would be refused on their own, the run succeeds, and
+    the settings' values are the ones used."""
+    workflow = tiny_480p_workflow(tiny_model_dir, 2, seed=53)
+    sampler_id = next(key for key, node in workflow.items() if node["class_type"] == "Wan21TPUSampler")
+    workflow[sampler_id]["inputs"].update(sampler="unipc", timesteps="999,500")  # UniPC takes no timesteps
+    assert "need sampler='euler'" in _refusal(server["url"], workflow)  # not linked: the widgets are checked
+
+    workflow["90"] = {"class_type": "WanTPUSamplerSettings",
+                      "inputs": dict(SETTINGS_DEFAULTS, sampler="euler", timesteps="999,500")}
+    workflow[sampler_id]["inputs"]["settings"] = ["90", 0]
+    started = time.monotonic()
+    files = _load_queue_script().queue_and_wait(server["url"], workflow, timeout=900)
+    print(f"settings run: {time.monotonic() - started:.0f} s")
+    videos = [server["output"] / path for path in files if path.endswith(".mp4")]
+    assert videos and all(video.stat().st_size > 0 for video in videos)
+    assert "Wan TPU Sampler Settings connected: its values replace the node's widgets sampler='unipc' -> 'euler'" in \
+        server["log"].read_text()
