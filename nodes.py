@@ -390,9 +390,11 @@ class Wan21TextEncoder:
     def encode(self, prompt, negative_prompt, model_id=loading.DEFAULT_MODEL_ID, precision="bf16", dp=0, tp=0,
                unique_id=None, model_files=None):
         check_interrupted()
+        report, started = status_reporter(unique_id), time.perf_counter()
         embeddings = make_pipeline(model_id, precision, dp, tp, model_files).encode(
-            prompt, negative_prompt, on_status=status_reporter(unique_id)
+            prompt, negative_prompt, on_status=report
         )
+        report(f"done: prompt encoded in {time.perf_counter() - started:.0f} s")
         return (embeddings.prompt_embeds, embeddings.negative_prompt_embeds)
 
 
@@ -531,7 +533,7 @@ class Wan21TPUPipeline:
         step_inputs = with_settings(settings, num_inference_steps, precision=precision, dp=dp, tp=tp, **step_inputs)
         precision, dp, tp = (step_inputs.pop(name) for name in ("precision", "dp", "tp"))
         pipe = make_pipeline(model_id, precision, dp, tp, model_files)
-        report = status_reporter(unique_id)
+        report, started = status_reporter(unique_id), time.perf_counter()
         embeddings = pipe.encode(prompt, negative_prompt, on_status=report)
         start_image = step_inputs.pop("start_image", None)
         if start_image is not None:
@@ -540,7 +542,9 @@ class Wan21TPUPipeline:
         latents = run_denoise(pipe, embeddings, unique_id, height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed,
                               flow_shift=flow_shift, **step_inputs)
-        return (pipe.decode(latents, on_status=report), fps)
+        frames = pipe.decode(latents, on_status=report)
+        report(f"done: {frames.shape[0]} frames in {time.perf_counter() - started:.0f} s")
+        return (frames, fps)
 
 
 class WanTPUImageToVideo:
@@ -578,8 +582,11 @@ class WanTPUImageToVideo:
                dp=0, tp=0, unique_id=None, model_files=None, end_image=None):
         check_interrupted()
         pipe = make_pipeline(model_id, precision, dp, tp, model_files)
-        return (pipe.encode_image(start_image, height=height, width=width, num_frames=num_frames,
-                                  on_status=status_reporter(unique_id), end_image=end_image),)
+        report, started = status_reporter(unique_id), time.perf_counter()
+        image = pipe.encode_image(start_image, height=height, width=width, num_frames=num_frames, on_status=report,
+                                  end_image=end_image)
+        report(f"done: {'images' if end_image is not None else 'image'} encoded in {time.perf_counter() - started:.0f} s")
+        return (image,)
 
 
 def lora_file_choices() -> list[str] | None:

@@ -70,7 +70,8 @@ def test_the_nodes_match_diffusers_and_new_images_compile_nothing(monkeypatch, f
     from comfy_stubs import ComfyStubs
     from conftest import load_pack
 
-    ComfyStubs().install(monkeypatch)
+    comfy = ComfyStubs()
+    comfy.install(monkeypatch)
     load_pack()
     nodes = pack_module("nodes")
 
@@ -78,7 +79,8 @@ def test_the_nodes_match_diffusers_and_new_images_compile_nothing(monkeypatch, f
         with torch.inference_mode():
             positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, flf2v_dir, precision="fp32")
             (image,) = nodes.WanTPUImageToVideo().encode(comfy_image(start_seed), model_id=flf2v_dir,
-                                                         precision="fp32", end_image=comfy_image(end_seed), **VIDEO)
+                                                         precision="fp32", end_image=comfy_image(end_seed),
+                                                         unique_id="9", **VIDEO)
             latents, _ = nodes.Wan21TPUSampler().sample(positive, negative, num_inference_steps=3, guidance_scale=5.0,
                                                         seed=seed, model_id=flf2v_dir, flow_shift=3.0,
                                                         precision="fp32", image=image, **VIDEO)
@@ -87,6 +89,7 @@ def test_the_nodes_match_diffusers_and_new_images_compile_nothing(monkeypatch, f
 
     first = run(3, 5, 1)
     assert np.abs(first - flf2v_diffusers(3, 5, 1)).max() <= BOUND
+    assert [text for text, node in comfy.texts if node == "9"][-1].startswith("done: images encoded in ")
     compiles = manager.compile_count()
     second = run(6, 7, 2)
     assert manager.compile_count() == compiles

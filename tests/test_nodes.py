@@ -252,6 +252,18 @@ def test_progress_text_says_loading_compiling_then_steps_and_the_eta_counts_step
     assert not [t for t in texts if t.startswith(("loading", "compiling"))]
 
 
+def test_every_node_ends_in_a_final_done_state(nodes, comfy, tiny_model_dir):
+    """The last text under each node says it finished (not "encoding the prompt" or "decoding the video")."""
+    with torch.inference_mode():
+        positive, negative = nodes.Wan21TextEncoder().encode(PROMPT, NEGATIVE, tiny_model_dir, precision="fp32",
+                                                             unique_id="31")
+        nodes.Wan21TPUPipeline().generate(PROMPT, NEGATIVE, 32, 48, 5, 2, 5.0, 0, tiny_model_dir, precision="fp32",
+                                          unique_id="32")
+    for node, final in (("31", "done: prompt encoded in "), ("32", "done: 5 frames in ")):
+        texts = [text for text, unique_id in comfy.texts if unique_id == node]
+        assert texts and texts[-1].startswith(final), texts[-3:]
+
+
 def test_step_progress_eta_excludes_what_came_before_step_zero(nodes, comfy, monkeypatch):
     clock = iter([100.0, 103.0, 105.0])  # step 0 at t=100 (after a long load), steps of 3 s and 2 s
     monkeypatch.setattr(nodes.time, "perf_counter", lambda: next(clock))
