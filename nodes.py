@@ -278,6 +278,17 @@ def validate_video(height=None, width=None, num_frames=None) -> str | bool:
     return error or True
 
 
+def validate_sampling(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None,
+                      sampler=None, timesteps=None, num_inference_steps=None, settings=sampler_settings.NOT_CONNECTED):
+    """The Sampler's and Full Pipeline's ``VALIDATE_INPUTS`` (ComfyUI passes the inputs this signature names).
+    A connected settings node replaces precision, dp, tp, sampler and timesteps: those widgets are not checked."""
+    own = sampler_settings.unchecked_when_connected(settings, precision=precision, dp=dp, tp=tp, sampler=sampler,
+                                                    timesteps=timesteps)
+    return _first_error(validate_video(height, width, num_frames),
+                        validate_common(model_id, own["precision"], own["dp"], own["tp"]),
+                        validate_steps(own["sampler"], own["timesteps"], num_inference_steps))
+
+
 def validate_steps(sampler=None, timesteps=None, num_inference_steps=None) -> str | bool:
     from .scheduler import SAMPLERS, parse_timesteps
 
@@ -428,16 +439,7 @@ class Wan21TPUSampler:
             "hidden": dict(HIDDEN),
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None,
-                        sampler=None, timesteps=None, num_inference_steps=None,
-                        settings=sampler_settings.NOT_CONNECTED):
-        # A connected settings node replaces precision, dp, tp, sampler and timesteps: those widgets are not checked.
-        own = sampler_settings.unchecked_when_connected(settings, precision=precision, dp=dp, tp=tp, sampler=sampler,
-                                                        timesteps=timesteps)
-        return _first_error(validate_video(height, width, num_frames),
-                            validate_common(model_id, own["precision"], own["dp"], own["tp"]),
-                            validate_steps(own["sampler"], own["timesteps"], num_inference_steps))
+    VALIDATE_INPUTS = classmethod(validate_sampling)
 
     def sample(self, prompt_embeds, negative_prompt_embeds, height, width, num_frames, num_inference_steps,
                guidance_scale, seed, model_id=loading.DEFAULT_MODEL_ID, flow_shift=5.0, precision="bf16", dp=0, tp=0,
@@ -515,16 +517,7 @@ class Wan21TPUPipeline:
             "hidden": dict(HIDDEN),
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None,
-                        sampler=None, timesteps=None, num_inference_steps=None,
-                        settings=sampler_settings.NOT_CONNECTED):
-        # A connected settings node replaces precision, dp, tp, sampler and timesteps: those widgets are not checked.
-        own = sampler_settings.unchecked_when_connected(settings, precision=precision, dp=dp, tp=tp, sampler=sampler,
-                                                        timesteps=timesteps)
-        return _first_error(validate_video(height, width, num_frames),
-                            validate_common(model_id, own["precision"], own["dp"], own["tp"]),
-                            validate_steps(own["sampler"], own["timesteps"], num_inference_steps))
+    VALIDATE_INPUTS = classmethod(validate_sampling)
 
     def generate(self, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
                  seed, model_id=loading.DEFAULT_MODEL_ID, fps=16, flow_shift=5.0, precision="bf16", dp=0, tp=0,
