@@ -119,3 +119,12 @@ def test_a_one_image_model_refuses_an_end_image(tmp_path):
 
     with pytest.raises(ValueError, match="starts from one image: disconnect the end image, or use a first-last-frame"):
         image_module.check_images_wanted(Components(), i2v, picture(0))
+
+
+def test_a_text_to_video_family_refuses_image_conditioning_with_the_fix():
+    t2v = families.WAN21_T2V
+    with pytest.raises(ValueError, match="Wan 2.1 T2V is a text-to-video model: it takes no image. Use an image-to"):
+        t2v.video_to_encode(np.zeros((1, 3, 32, 48), np.float32), 5, None)
+    with pytest.raises(ValueError, match="it takes no image"):
+        t2v.condition_from_latents(np.zeros((1, 16, 2, 4, 6), np.float32))
+    assert t2v.step_conditioning(None, None, (1, 16, 2, 4, 6), 2, "float32") is None

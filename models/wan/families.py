@@ -93,13 +93,18 @@ class WanFamily:
     def check_video(self, geometry: LatentGeometry, height, width, num_frames) -> None:
         geometry.check_video(height, width, num_frames)
 
+    def refuse_image(self) -> None:
+        """A text-to-video family has no image conditioning: say so, and what to use instead."""
+        raise ValueError(f"{self.name} is a text-to-video model: it takes no image. Use an image-to-video model "
+                         f"(e.g. Wan-AI/Wan2.2-I2V-A14B-Diffusers), or leave the image out")
+
     def video_to_encode(self, pixels: np.ndarray, num_frames: int, end_pixels: np.ndarray | None) -> np.ndarray:
         """The clip the VAE encoder takes for the image conditioning: [1, 3, F, H, W]."""
-        raise NotImplementedError(f"{self.name} takes no image")
+        self.refuse_image()
 
     def condition_from_latents(self, latents: np.ndarray) -> np.ndarray:
         """The conditioning the step takes, from the encoded clip's normalised latents."""
-        raise NotImplementedError(f"{self.name} takes no image")
+        self.refuse_image()
 
     def condition_channels(self, config: dict) -> int:
         """The channels of ``condition_from_latents``'s output for a transformer of this ``config``."""
