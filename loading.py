@@ -38,6 +38,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 # Weight files each component folder must have, as safetensors.
 _COMPONENT_WEIGHTS = {
     "text_encoder": ("model.safetensors", "model.safetensors.index.json"),
+    "text_encoder_2": ("model.safetensors", "model.safetensors.index.json"),
     "transformer": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
     "transformer_2": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
     "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
@@ -269,14 +270,19 @@ def _from_pretrained(source: ModelSource, component: str, precision: str | None 
     """``component``'s module class (``models.wan.modules``) from the folder or the hub, in eval mode, at
     the dtype ``modules.component_dtype`` gives; safetensors only, remote code never trusted."""
     subfolder = subfolder or component
+    entry = modules.COMPONENT_CLASSES["transformer" if component == "transformer_2" else component]
+    return load_module(source, subfolder, modules.component_class(component),
+                       modules.component_dtype(component, precision), entry.library)
+
+
+def load_module(source: ModelSource, subfolder: str, module_class, torch_dtype, library: str):
+    """``module_class`` (a diffusers or transformers class) from ``subfolder`` of the folder or the hub, in
+    eval mode: safetensors only, remote code never trusted. Any model family's loader ends here."""
     check_component(source, subfolder)
     _log_hub(source, f"{subfolder}/")
-    entry = modules.COMPONENT_CLASSES["transformer" if component == "transformer_2" else component]
-    untrusted = {"trust_remote_code": False} if entry.library == "transformers" else {}
-    return modules.component_class(component).from_pretrained(
-        source.location, subfolder=subfolder, torch_dtype=modules.component_dtype(component, precision),
-        use_safetensors=True, **untrusted,
-    ).eval()
+    untrusted = {"trust_remote_code": False} if library == "transformers" else {}
+    return module_class.from_pretrained(source.location, subfolder=subfolder, torch_dtype=torch_dtype,
+                                        use_safetensors=True, **untrusted).eval()
 
 
 def load_text_encoder(source: ModelSource, precision: str):

@@ -196,7 +196,26 @@ def flow_match_euler_schedule(num_inference_steps: int, shift: float, timesteps=
         base = np.float32(shift) * base / (1 + (np.float32(shift) - 1) * base)
         sigmas = np.linspace(base[0] * train, base[-1] * train, steps).astype(np.float32) / np.float32(train)
     sigmas = (np.float32(shift) * sigmas / (1 + (np.float32(shift) - 1) * sigmas)).astype(np.float32)
-    timesteps_out = given if given is not None else (sigmas * np.float32(train)).astype(np.float32)
+    return _euler_schedule(sigmas, given if given is not None else (sigmas * np.float32(train)).astype(np.float32))
+
+
+def flow_match_sigmas_schedule(num_inference_steps: int, shift: float,
+                               num_train_timesteps: int = 1000) -> UniPCFlowSchedule:
+    """HunyuanVideo 1.5's schedule as UniPC-form Euler coefficients: its diffusers pipeline gives
+    ``FlowMatchEulerDiscreteScheduler(shift=shift)`` the sigmas ``linspace(1, 0, steps + 1)[:-1]``, which
+    the scheduler shifts once (in float32) and conditions the transformer on sigma x num_train_timesteps."""
+    steps = int(num_inference_steps)
+    if steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps}: use at least 1 step")
+    if not shift > 0:
+        raise ValueError(f"shift={shift}: use a positive flow shift (HunyuanVideo 1.5 uses 7.0 at 720P)")
+    sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
+    sigmas = (np.float32(shift) * sigmas / (1 + (np.float32(shift) - 1) * sigmas)).astype(np.float32)
+    return _euler_schedule(sigmas, (sigmas * np.float32(num_train_timesteps)).astype(np.float32))
+
+
+def _euler_schedule(sigmas: np.ndarray, timesteps_out: np.ndarray) -> UniPCFlowSchedule:
+    """Euler steps from each of the shifted ``sigmas`` to the next (and from the last to 0)."""
     sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
     rows = np.zeros((len(timesteps_out), len(COEFFICIENT_NAMES)), np.float64)
     s = sigmas.astype(np.float64)

@@ -88,10 +88,10 @@ class DenoiseRun:
     def kind_of(self) -> Callable[[str | None], StepKind]:
         return lambda mode: StepKind(self.cfg, mode, self.layout)
 
-    def run(self, noise: np.ndarray, context: np.ndarray, condition, image_embeds,
+    def run(self, noise: np.ndarray, context, condition, image_embeds,
             callbacks: Callbacks = Callbacks()) -> np.ndarray:
         """The final latents (normalised space, host) from ``noise`` [1, C, T, h, w] and the prompt
-        ``context`` [batch, tokens, dim] (host); ``condition`` / ``image_embeds``: the family's image
+        ``context`` (host: Wan's [batch, tokens, dim], or the family's tuple); ``condition`` / ``image_embeds``: the family's image
         conditioning, or None."""
         transformer = self.experts[0]
         mesh = transformer.mesh
@@ -101,9 +101,10 @@ class DenoiseRun:
             # The state is donated to each step, so each slot needs a buffer of its own.
             state = (sample, *(jax.numpy.zeros(sample.shape, jax.numpy.float32, device=replicated(mesh))
                                for _ in range(3)))
-            context = jax.device_put(context, batch_sharding(mesh, context.shape[0]))
+            pair = batch_sharding(mesh, 2 if self.cfg else 1)
+            context = jax.tree_util.tree_map(lambda part: jax.device_put(part, pair), context)
             inputs = self.family.step_conditioning(condition, image_embeds, noise.shape, 2 if self.cfg else 1,
-                                                   str(context.dtype))
+                                                   str(jax.tree_util.tree_leaves(context)[0].dtype))
             step_weights = self._step_weights(run_scope, callbacks)
             programs = self._compile(step_weights[0], state, context, inputs, callbacks)
             state = self._loop(programs, step_weights, state, context, callbacks)

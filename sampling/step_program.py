@@ -1,12 +1,14 @@
 """The one jitted denoising step, and its arguments, shared by the pipeline, the compile-for-TPU command,
 the benchmark and the tests: nobody else builds a step or its argument list.
 
-A step is: the family's model input (``family.model_input``, traced), the transformer, the CFG combine,
+A step is: the family's model input (``family.model_input``, traced), its transformer (``family.velocity``), the CFG combine,
 and the UniPC-form update (``scheduler.unipc_update``). Prompts, guidance, timesteps and scheduler
 coefficients are data, so one compiled program serves every run of a shape.
 
-Arguments, in order: weights, state (sample, last sample, m1, m2; donated), context [batch, tokens, dim],
-coefficients, timestep, guidance_scale, then MagCache's block residual (the "reuse" step; None otherwise)
+Arguments, in order: weights, state (sample, last sample, m1, m2; donated), context (Wan: [batch, tokens, dim];
+another family's may be a tuple, ``family.context_shapes``),
+coefficients, timestep, guidance_scale, then the block cache (MagCache's residual, DeepCache's outputs: the
+"reuse" step; None otherwise)
 and the family's conditioning (``family.step_conditioning``; None when it takes none).
 """
 
@@ -16,7 +18,6 @@ from dataclasses import dataclass
 
 from .. import sharding
 from ..runtime.placement import activation_sharding, batch_sharding, gather_split_weights, replicated
-from ..runtime.torch_bridge import call_transformer
 from ..scheduler import COEFFICIENT_NAMES, unipc_update
 
 CACHE_MODES = (None, "record", "reuse")  # MagCache: the plain step, a full step keeping the blocks'
@@ -71,13 +72,13 @@ class StepProgram:
         model_input = jax.lax.with_sharding_constraint(model_input.astype(self.dtype),
                                                        batch_sharding(mesh, kind.batch))
         record = kind.cache_mode == "record"
-        velocity = call_transformer(manager, transformer.module, weights, mesh, model_input, timesteps, context,
-                                    record_residual=record, block_residual=block_residual,
-                                    image_embeds=image_embeds, split=split)
+        velocity = self.family.velocity(manager, transformer, weights, model_input, timesteps, context,
+                                        image_embeds, record=record, block_residual=block_residual, split=split)
         if record:
             velocity, block_residual = velocity
-            block_residual = jax.lax.with_sharding_constraint(
-                block_residual, activation_sharding(mesh, kind.batch, kind.layout))
+            where = activation_sharding(mesh, kind.batch, kind.layout)
+            block_residual = jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, where),
+                                                    block_residual)
         velocity = velocity.astype(jnp.float32)
         if kind.cfg:
             cond, uncond = velocity[:1], velocity[1:]
@@ -96,15 +97,15 @@ class StepProgram:
         return (residual, conditioning)
 
     def residual_spec(self, sample_shape):
-        """The MagCache residual's shape, dtype and sharding: [batch, tokens, inner_dim], split over dp like
-        the batch, and in the sequence layout over its tokens too (the "record" step constrains it to this)."""
-        config, mesh = self.transformer.config, self.transformer.mesh
-        _, _, frames, height, width = sample_shape
-        p_t, p_h, p_w = config["patch_size"]
-        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
-        dim = config["num_attention_heads"] * config["attention_head_dim"]
-        return self.manager.jax.ShapeDtypeStruct((self.kind.batch, tokens, dim), self.dtype,
-                                                 sharding=activation_sharding(mesh, self.kind.batch, self.kind.layout))
+        """The block cache's shapes (``family.residual_shapes``: MagCache's residual [batch, tokens, inner_dim]
+        for Wan), dtype and sharding: split over dp like the batch, and in the sequence layout over its
+        tokens too (the "record" step constrains it to this)."""
+        jax, mesh, kind = self.manager.jax, self.transformer.mesh, self.kind
+        where = activation_sharding(mesh, kind.batch, kind.layout)
+        shapes = self.family.residual_shapes(self.transformer.config, tuple(sample_shape), kind.batch)
+        return jax.tree_util.tree_map(lambda shape: jax.ShapeDtypeStruct(shape, self.dtype, sharding=where), shapes,
+                                      is_leaf=lambda node: isinstance(node, tuple) and all(
+                                          isinstance(n, int) for n in node))
 
     def place_conditioning(self, inputs) -> tuple | None:
         """The family's conditioning inputs on the mesh: host values put, abstract ones as ShapeDtypeStructs."""
@@ -125,8 +126,10 @@ class StepProgram:
         jnp = jax.numpy
         whole = replicated(mesh)
         latents = jax.ShapeDtypeStruct(tuple(sample_shape), jnp.float32, sharding=whole)
-        context = jax.ShapeDtypeStruct((kind.batch, text_tokens, self.transformer.config["text_dim"]),
-                                       jnp.dtype(context_dtype), sharding=batch_sharding(mesh, kind.batch))
+        pair = batch_sharding(mesh, kind.batch)
+        context = tuple(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=pair) for shape, dtype in
+                        self.family.context_shapes(self.transformer.config, kind.batch, text_tokens, context_dtype))
+        context = context[0] if len(context) == 1 else context
         coefficients = jax.ShapeDtypeStruct((len(COEFFICIENT_NAMES),), jnp.float32, sharding=whole)
         scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=whole)
         conditioning = self.place_conditioning(self.family.abstract_conditioning(

@@ -99,11 +99,12 @@ class WanComponents:
             # Check the folder before the old component of this kind is released for it.
             loading.check_component(self.source, kind)
         # Another model's component of this kind goes first; so does another model's second
-        # expert when its first is replaced (a Wan 2.1 model after a Wan 2.2 A14B one).
+        # expert when its first is replaced (a Wan 2.1 model after a Wan 2.2 A14B one), and every
+        # component of another family (their kinds say it: models.hunyuan.components.KIND_PREFIX).
         kinds = ("transformer", "transformer_2") if kind == "transformer" else (kind,)
         return self.manager.cached_component(
             key, build, replaces=lambda other: other[0] == kind or (other[0] in kinds and other[1] != key[1])
-        )
+            or other[0] not in LABELS)
 
     def announce_loading(self, on_status: Callable | None, kind: str) -> None:
         """Tell ``on_status`` when ``kind`` is about to be loaded (not cached yet)."""

@@ -136,6 +136,28 @@ class WanFamily:
         model_input = jnp.concatenate([sample] * batch) if batch > 1 else sample
         return model_input, jnp.full((batch,), timestep, jnp.float32), None
 
+    def velocity(self, manager, transformer, weights, model_input, timesteps, context, image_embeds, *,
+                 record: bool, block_residual, split):
+        """The transformer's flow prediction for ``model_input`` (and with ``record``, MagCache's residual too;
+        with ``block_residual``, the blocks skipped and it reused). ``transformer``: its component."""
+        from ...runtime.torch_bridge import call_transformer
+
+        return call_transformer(manager, transformer.module, weights, transformer.mesh, model_input, timesteps,
+                                context, record_residual=record, block_residual=block_residual,
+                                image_embeds=image_embeds, split=split)
+
+    # ---------------------------------------------------------------- the step's arrays (shapes only)
+    def context_shapes(self, config: dict, batch: int, text_tokens: int, dtype: str) -> tuple:
+        """((shape, dtype), ...) of the step's prompt context: Wan's is one array [batch, tokens, text_dim]."""
+        return (((batch, text_tokens, config["text_dim"]), dtype),)
+
+    def residual_shapes(self, config: dict, sample_shape: tuple, batch: int):
+        """The shape of MagCache's block residual: [batch, tokens, inner_dim]."""
+        _, _, frames, height, width = sample_shape
+        p_t, p_h, p_w = config["patch_size"]
+        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+        return (batch, tokens, config["num_attention_heads"] * config["attention_head_dim"])
+
     # ---------------------------------------------------------------- after the run (host)
     def finish(self, latents: np.ndarray, conditioning: tuple | None) -> np.ndarray:
         """The final latents (normalised space), given the host values of the step's conditioning."""

@@ -1,0 +1,205 @@
+"""HunyuanVideo 1.5 on the core: frames equal diffusers' own pipelines on tiny random models (fp32,
+4 steps, two seeds), DeepCache runs the steps its rule says, a second prompt compiles nothing, and
+switching between Wan and HunyuanVideo frees the first one's arrays."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import pack_module
+
+hunyuan = pack_module("models.hunyuan.pipeline")
+deepcache = pack_module("models.hunyuan.deepcache")
+hunyuan_transformer = pack_module("models.hunyuan.transformer")
+tiny_hunyuan = pack_module("tiny_hunyuan")
+
+BOUND = 1e-4  # frames in [0, 1]; measured about 2e-6
+VIDEO = dict(height=32, width=32, num_frames=9)
+STEPS = 4
+PROMPT = 'a cat holding a sign that says "OPEN"'  # the quoted text goes through ByT5
+NEGATIVE = "blurry, low quality"
+
+
+def picture(seed: int, size=(40, 56)):
+    from PIL import Image
+
+    return Image.fromarray((np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def t2v_dir(tmp_path_factory):
+    return tiny_hunyuan.build_tiny_hunyuan(tmp_path_factory.mktemp("models") / "tiny-hunyuan-t2v")
+
+
+@pytest.fixture(scope="module")
+def i2v_dir(tmp_path_factory):
+    return tiny_hunyuan.build_tiny_hunyuan(tmp_path_factory.mktemp("models") / "tiny-hunyuan-i2v",
+                                           tiny_hunyuan.TINY_I2V)
+
+
+def diffusers_frames(pipe, seed, prompt=PROMPT, **inputs):
+    return pipe(prompt=prompt, negative_prompt=NEGATIVE, num_inference_steps=STEPS, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(seed), **inputs).frames[0]
+
+
+@pytest.fixture(scope="module")
+def t2v_reference(t2v_dir):
+    from diffusers import HunyuanVideo15Pipeline
+
+    pipe = HunyuanVideo15Pipeline.from_pretrained(t2v_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def t2v(t2v_dir, manager):
+    manager.release()
+    return hunyuan.HunyuanVideoPipeline(t2v_dir, precision="fp32")
+
+
+def test_text_to_video_matches_diffusers_for_two_seeds_and_a_second_prompt_compiles_nothing(
+        t2v, t2v_reference, manager):
+    first = t2v.generate(PROMPT, NEGATIVE, seed=0, num_inference_steps=STEPS, **VIDEO).numpy()
+    assert first.shape == (9, 32, 32, 3)
+    assert np.abs(first - diffusers_frames(t2v_reference, 0, **VIDEO)).max() <= BOUND
+    compiles = manager.compile_count()
+    second = t2v.generate("a quiet lake at dawn", NEGATIVE, seed=7, num_inference_steps=STEPS, **VIDEO).numpy()
+    assert manager.compile_count() == compiles  # new prompt (no quoted text), new seed: the same programs
+    assert np.abs(second - diffusers_frames(t2v_reference, 7, "a quiet lake at dawn", **VIDEO)).max() <= BOUND
+    assert np.abs(first - second).max() > 0.05
+
+
+def test_components_are_split_over_the_mesh_by_rules(t2v):
+    transformer = t2v.transformer()
+    assert transformer.plan.unmatched == []
+    specs = transformer.plan.specs
+    assert specs["transformer_blocks.0.attn.to_q.weight"] == ("tp", None)
+    assert specs["transformer_blocks.0.attn.to_out.0.weight"] == (None, "tp")
+    assert specs["transformer_blocks.0.norm1.linear.weight"] == (None, "tp")
+    assert transformer.weights["transformer_blocks.0.ff.net.0.proj.weight"].sharding.spec[0] == "tp"
+    qwen = t2v.component("text_encoder")
+    assert qwen.plan.unmatched == [] and qwen.plan.specs["layers.0.mlp.gate_proj.weight"] == (("dp", "tp"), None)
+    assert t2v.component("text_encoder_2").plan.unmatched == []
+
+
+def test_text_packing_puts_each_prompts_valid_tokens_first_in_diffusers_order():
+    tokens = [torch.arange(6.0).reshape(1, 3, 2) + 10 * k for k in range(3)]
+    masks = [torch.tensor([[True, False, True]]), torch.tensor([[False, True, False]]), torch.tensor([[True] * 3])]
+    packed, mask = hunyuan_transformer.pack_text_tokens(tokens, masks, (False, True, True))
+    first = packed[0, :, 0].tolist()
+    # valid: image 0, 2; glyph 1; text 0, 1, 2 -- then invalid: image 1 (kept), glyph 0, 2 (zeroed)
+    assert first == [0.0, 4.0, 12.0, 20.0, 22.0, 24.0, 2.0, 0.0, 0.0]
+    assert mask[0].tolist() == [True] * 6 + [False] * 3
+
+
+@pytest.fixture(scope="module")
+def i2v(i2v_dir):
+    return hunyuan.HunyuanVideoPipeline(i2v_dir, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def i2v_reference(i2v_dir):
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    pipe = HunyuanVideo15ImageToVideoPipeline.from_pretrained(i2v_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_image_to_video_matches_diffusers_for_two_seeds(i2v, i2v_reference):
+    for seed, image in ((0, picture(1)), (5, picture(2))):
+        frames = i2v.generate(PROMPT, NEGATIVE, seed=seed, image=image, num_frames=9,
+                              num_inference_steps=STEPS).numpy()
+        expected = diffusers_frames(i2v_reference, seed, image=image, num_frames=9)
+        assert frames.shape == expected.shape == (9, 28, 36, 3)  # diffusers' size bucket for a 56x40 image
+        assert np.abs(frames - expected).max() <= BOUND
+    with pytest.raises(ValueError, match="give the start image"):
+        i2v.denoise(i2v.encode(PROMPT), num_inference_steps=1, **VIDEO)
+
+
+def test_a_text_to_video_model_refuses_an_image_with_the_fix(t2v):
+    with pytest.raises(ValueError, match="text-to-video model: it takes no image.*image-to-video"):
+        t2v.encode_image(picture(0))
+
+
+def full_steps_by_the_documents_rule(start, end, interval, steps):
+    """The original HunyuanVideo 1.5 TPU notes' DeepCache: full before ``start``, every ``interval``-th
+    from ``start``, and all from ``end``."""
+    return [i for i in range(steps) if i < start or i >= end or (i - start) % interval == 0]
+
+
+def test_deepcache_schedule_is_the_documents():
+    assert deepcache.full_steps(deepcache.DeepCacheSettings(), 50) == full_steps_by_the_documents_rule(11, 45, 4, 50)
+    assert len(deepcache.full_steps(deepcache.DeepCacheSettings(), 50)) == 25  # half the steps cached
+    for start, end, interval, steps in ((2, 5, 2, 6), (1, 3, 3, 4), (3, 3, 1, 8), (4, 9, 5, 12)):
+        settings = deepcache.DeepCacheSettings(start, end, interval)
+        assert deepcache.full_steps(settings, steps) == full_steps_by_the_documents_rule(start, end, interval, steps)
+    with pytest.raises(ValueError, match="interval=0"):
+        deepcache.DeepCacheSettings(interval=0)
+
+
+def deepcache_reference(pipe, full):
+    """diffusers' pipeline with each block's forward wrapped as the original's DeepCache helper does it:
+    on a cached step every block but the last returns its output from the last full step (one cache
+    per CFG branch: diffusers runs cond and uncond as separate calls)."""
+    blocks = pipe.transformer.transformer_blocks
+    seen, cache = [], {}
+
+    def note_step(module, args, kwargs):
+        timestep = float(kwargs["timestep"][0])
+        if seen and seen[-1][0] == timestep:
+            seen[-1][1] += 1
+        else:
+            seen.append([timestep, 0])
+
+    handle = pipe.transformer.register_forward_pre_hook(note_step, with_kwargs=True)
+    for index, block in enumerate(blocks):
+        def wrapped(*args, _index=index, _forward=block.forward, **kwargs):
+            step, branch = len(seen) - 1, seen[-1][1]
+            if step in full or _index == len(blocks) - 1:
+                cache[(branch, _index)] = _forward(*args, **kwargs)
+            return cache[(branch, _index)]
+
+        block.forward = wrapped
+    return handle
+
+
+def test_deepcache_runs_its_rules_steps_and_equals_a_reference_of_the_document(i2v, i2v_dir):
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    settings, steps = deepcache.DeepCacheSettings(start=2, end=5, interval=2), 6
+    full = full_steps_by_the_documents_rule(2, 5, 2, steps)
+    assert full == [0, 1, 2, 4, 5]
+    embeddings = i2v.encode(PROMPT, NEGATIVE)
+    image = i2v.encode_image(picture(3))
+    run = dict(image=image, height=image.height, width=image.width, num_frames=9, num_inference_steps=steps, seed=2)
+    cached = i2v.decode(i2v.denoise(embeddings, deepcache=settings, **run)).numpy()
+    assert i2v.last_run["transformer_evaluations"] == len(full) and i2v.last_run["skipped_steps"] == 1
+
+    reference = HunyuanVideo15ImageToVideoPipeline.from_pretrained(i2v_dir, torch_dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    deepcache_reference(reference, set(full))
+    expected = reference(image=picture(3), prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                         num_frames=9, output_type="np", generator=torch.Generator("cpu").manual_seed(2)).frames[0]
+    assert np.abs(cached - expected).max() <= BOUND
+
+    plain = i2v.decode(i2v.denoise(embeddings, **run)).numpy()
+    assert np.abs(plain - cached).max() > 1e-3  # the cached step changed the video
+    every_step = i2v.decode(i2v.denoise(embeddings, deepcache=deepcache.DeepCacheSettings(interval=1), **run)).numpy()
+    assert i2v.last_run["skipped_steps"] == 0
+    assert np.abs(every_step - plain).max() <= 1e-5  # caching disabled: the uncached run
+
+
+def test_switching_between_wan_and_hunyuanvideo_frees_the_first_ones_arrays(t2v, tiny_model_dir, manager):
+    import jax
+
+    wan = pack_module("pipeline").WanTPUPipeline(tiny_model_dir, precision="fp32")
+    wan.text_encoder()
+    wan_arrays = manager.owned_arrays()
+    t2v.component("text_encoder")
+    assert all(array.is_deleted() for array in wan_arrays)
+    assert not {id(a) for a in wan_arrays} & {id(a) for a in jax.live_arrays()}
+    assert all(str(key[0]).startswith("hunyuan_") for key in manager.cached_keys())
+    hunyuan_arrays = manager.owned_arrays()
+    wan.text_encoder()
+    assert all(array.is_deleted() for array in hunyuan_arrays)
+    assert [key[0] for key in manager.cached_keys()] == ["text_encoder"]
