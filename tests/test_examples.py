@@ -6,9 +6,9 @@ import json
 import os
 
 import pytest
-from conftest import PACK_DIR, pack_module
+from conftest import PACK_DIR, load_pack
 
-nodes = pack_module("nodes")
+nodes = load_pack()  # what ComfyUI registers: NODE_CLASS_MAPPINGS of the Wan and HunyuanVideo nodes
 CORE_NODES = {"CreateVideo", "SaveVideo", "LoadImage"}  # ComfyUI's own; checked against a real ComfyUI in test_comfyui_server.py
 UI_EXAMPLES = sorted(glob.glob(os.path.join(PACK_DIR, "examples", "*.json")))
 API_EXAMPLES = sorted(glob.glob(os.path.join(PACK_DIR, "examples", "api", "*.json")))
@@ -31,9 +31,9 @@ def expected_widgets(node_class):
     return widgets
 
 
-def test_there_are_seven_ui_examples_and_their_api_twins():
+def test_there_are_nine_ui_examples_and_their_api_twins():
     names = [os.path.basename(path)[:-5] for path in UI_EXAMPLES]
-    assert names == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p", "wan21_tpu_full_pipeline",
+    assert names == ["hunyuan15_tpu_i2v_720p", "hunyuan15_tpu_t2v_720p", "wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p", "wan21_tpu_full_pipeline",
                      "wan22_tpu_i2v_a14b_720p", "wan22_tpu_t2v_a14b_4step_lora", "wan22_tpu_t2v_a14b_720p"]
     assert [os.path.basename(path) for path in API_EXAMPLES] == [f"{name}_api.json" for name in names]
 
@@ -174,3 +174,18 @@ def test_the_wan22_lora_example_puts_a_pair_on_the_two_experts():
         experts.append(node["inputs"]["expert"])
         chain = node["inputs"].get("lora")
     assert sorted(experts) == ["high_noise", "low_noise"]
+
+
+def test_the_hunyuanvideo_examples_are_720p_121_frames_and_the_i2v_one_starts_from_load_image():
+    for task in ("t2v", "i2v"):
+        with open(os.path.join(PACK_DIR, "examples", "api", f"hunyuan15_tpu_{task}_720p_api.json")) as handle:
+            workflow = json.load(handle)
+        by_class = {node["class_type"]: node for node in workflow.values()}
+        sampler = by_class["HunyuanVideo15TPUSampler"]["inputs"]
+        assert (sampler["width"], sampler["height"], sampler["num_frames"]) == (1280, 720, 121)
+        assert sampler["model_id"] == f"hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_{task}"
+        assert {"CreateVideo", "SaveVideo"} <= set(by_class)
+        if task == "i2v":
+            assert workflow[sampler["start_image"][0]]["class_type"] == "LoadImage"
+        else:
+            assert "start_image" not in sampler

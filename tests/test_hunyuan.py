@@ -91,6 +91,32 @@ def test_text_packing_puts_each_prompts_valid_tokens_first_in_diffusers_order():
     assert mask[0].tolist() == [True] * 6 + [False] * 3
 
 
+@pytest.fixture
+def hunyuan_nodes(monkeypatch):
+    """The HunyuanVideo nodes with ComfyUI's progress bar, progress text and Cancel stood in."""
+    from comfy_stubs import ComfyStubs
+
+    stubs = ComfyStubs().install(monkeypatch)
+    return pack_module("hunyuan_nodes"), stubs
+
+
+def test_the_node_chain_matches_diffusers_text_to_video(hunyuan_nodes, t2v_dir, t2v_reference, manager):
+    nodes, stubs = hunyuan_nodes
+    widgets = dict(width=32, height=32, num_frames=9, num_inference_steps=STEPS, guidance_scale=6.0, seed=0)
+    assert nodes.HunyuanVideo15TPUSampler.VALIDATE_INPUTS(width=32, height=32, num_frames=9, model_id=t2v_dir) is True
+    (embeddings,) = nodes.HunyuanVideo15TPUTextEncoder().encode(PROMPT, NEGATIVE, t2v_dir, "fp32", unique_id="1")
+    compiles = manager.compile_count()
+    latent, frames_out = nodes.HunyuanVideo15TPUSampler().sample(embeddings, model_id=t2v_dir, precision="fp32",
+                                                                 unique_id="2", **widgets)
+    assert manager.compile_count() == compiles  # the core's run compiled this step: the nodes share it
+    images, fps = nodes.HunyuanVideo15TPUVAEDecoder().decode(latent, t2v_dir, 24, "fp32", unique_id="3")
+    assert (frames_out, fps) == (9, 24) and latent["samples"].shape == (1, 4, 5, 8, 8)
+    assert np.abs(images.numpy() - diffusers_frames(t2v_reference, 0, **VIDEO)).max() <= BOUND
+    texts = [text for text, _ in stubs.texts]
+    assert any(text.startswith("done: 4 steps") for text in texts)
+    assert any(text.startswith("done: 9 frames decoded") for text in texts)
+
+
 @pytest.fixture(scope="module")
 def i2v(i2v_dir):
     return hunyuan.HunyuanVideoPipeline(i2v_dir, precision="fp32")
@@ -187,6 +213,32 @@ def test_deepcache_runs_its_rules_steps_and_equals_a_reference_of_the_document(i
     every_step = i2v.decode(i2v.denoise(embeddings, deepcache=deepcache.DeepCacheSettings(interval=1), **run)).numpy()
     assert i2v.last_run["skipped_steps"] == 0
     assert np.abs(every_step - plain).max() <= 1e-5  # caching disabled: the uncached run
+
+
+def test_the_full_pipeline_node_matches_diffusers_image_to_video_with_deepcache(hunyuan_nodes, i2v_dir, i2v):
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+
+    nodes, stubs = hunyuan_nodes
+    image = torch.from_numpy(np.asarray(picture(4), np.float32) / 255)[None]  # ComfyUI's IMAGE [1, H, W, 3]
+    frames, fps = nodes.HunyuanVideo15TPUPipeline().generate(
+        PROMPT, NEGATIVE, width=36, height=28, num_frames=9, num_inference_steps=6, guidance_scale=6.0, seed=3,
+        model_id=i2v_dir, precision="fp32", start_image=image, deepcache=True, deepcache_start=2, deepcache_end=5,
+        deepcache_interval=2, unique_id="9")
+    assert any("DeepCache: 5 of 6 steps ran in full" in text for text, _ in stubs.texts)
+    reference = HunyuanVideo15ImageToVideoPipeline.from_pretrained(i2v_dir, torch_dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    deepcache_reference(reference, {0, 1, 2, 4, 5})
+    expected = reference(image=picture(4), prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6,
+                         num_frames=9, output_type="np", generator=torch.Generator("cpu").manual_seed(3)).frames[0]
+    assert fps == 24 and np.abs(frames.numpy() - expected).max() <= BOUND
+
+
+def test_the_sampler_refuses_bad_sizes_and_deepcache_settings_naming_the_fix(hunyuan_nodes):
+    nodes, _ = hunyuan_nodes
+    validate = nodes.HunyuanVideo15TPUSampler.VALIDATE_INPUTS
+    assert "num_frames=120" in validate(width=1280, height=720, num_frames=120) and "121" in validate(num_frames=120)
+    assert "width=1000" in validate(width=1000, height=720, num_frames=121)
+    assert "end=3 is before start=11" in validate(deepcache_start=11, deepcache_end=3, deepcache_interval=4)
 
 
 def test_switching_between_wan_and_hunyuanvideo_frees_the_first_ones_arrays(t2v, tiny_model_dir, manager):

@@ -33,7 +33,9 @@ def comfy(monkeypatch):
 @pytest.fixture
 def nodes(comfy):
     module = pack_module("nodes")
-    assert module.NODE_CLASS_MAPPINGS is sys.modules[PACK_NAME].NODE_CLASS_MAPPINGS
+    registered = sys.modules[PACK_NAME].NODE_CLASS_MAPPINGS  # the Wan nodes and the HunyuanVideo ones
+    assert registered == {**module.NODE_CLASS_MAPPINGS, **pack_module("hunyuan_nodes").NODE_CLASS_MAPPINGS}
+    assert all(registered[name] is node for name, node in module.NODE_CLASS_MAPPINGS.items())
     return module
 
 
@@ -209,8 +211,8 @@ def test_sampler_latent_is_in_the_vae_space(nodes, tiny_model_dir, diffusers_fra
 
 
 def test_every_input_has_a_tooltip_and_every_node_a_description(nodes):
-    for name, node in nodes.NODE_CLASS_MAPPINGS.items():
-        assert node.DESCRIPTION and node.CATEGORY == "TPU/Wan2.1"
+    for name, node in sys.modules[PACK_NAME].NODE_CLASS_MAPPINGS.items():
+        assert node.DESCRIPTION and node.CATEGORY == ("TPU/HunyuanVideo" if "Hunyuan" in name else "TPU/Wan2.1")
         spec = node.INPUT_TYPES()
         for section in ("required", "optional"):
             for input_name, (kind, *options) in spec.get(section, {}).items():

@@ -309,6 +309,9 @@ def family_from_model_index(model_index: dict, model_id: str = "the model",
     pipeline_class = model_index.get("_class_name", "WanPipeline")
     two = _present(model_index.get("transformer_2"))
     boundary = model_index.get("boundary_ratio")
+    if pipeline_class.startswith("HunyuanVideo15"):
+        raise ValueError(f"{model_id} is HunyuanVideo 1.5 ({pipeline_class}): use the 'HunyuanVideo 1.5 ... (TPU)' "
+                         f"nodes (category TPU/HunyuanVideo), or models.hunyuan.pipeline.HunyuanVideoPipeline")
     if pipeline_class not in ("WanPipeline", "WanImageToVideoPipeline"):
         raise ValueError(f"{model_id} has pipeline {pipeline_class!r}, not a Wan pipeline: use a Wan T2V or I2V "
                          f"diffusers folder (WanPipeline or WanImageToVideoPipeline)")
