@@ -200,12 +200,15 @@ class TorchaxEnvManager:
         """
         return self._attention_policy.choose(query_shape, key_shape, self.platform, planned)
 
-    def attention(self, query, key, value, *, attn_mask=None, is_causal=False, scale=None):
-        """The single attention dispatch. jax arrays in torch SDPA layout [B, H, S, D]."""
+    def attention(self, query, key, value, *, attn_mask=None, is_causal=False, scale=None, key_lengths=None,
+                  min_key_len: int = 0):
+        """The single attention dispatch. jax arrays in torch SDPA layout [B, H, S, D]; ``key_lengths``:
+        a per-row prefix of valid keys (``runtime.attention.dispatch``)."""
         return _attention.dispatch(
             query, key, value, choose=self.choose_attention, platform=self.platform,
             mesh=self._trace.mesh, token_split=self._trace.token_split,
-            attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+            attn_mask=attn_mask, is_causal=is_causal, scale=scale, key_lengths=key_lengths,
+            min_key_len=min_key_len,
         )
 
     # ---------------------------------------------------- component cache

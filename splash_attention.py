@@ -252,6 +252,8 @@ def _flash_kernel(
     block_kv: int,
     block_kv_compute: int,
     paths: tuple[str, ...],
+    row_length=None,
+    length_from: int | None = None,
 ):
     kv_index = pl.program_id(2)
     block_q = q_ref.shape[0]
@@ -278,7 +280,18 @@ def _flash_kernel(
                 if masked:  # the chunk holding the last real key: padded keys get no weight
                     position = kv_index * block_kv + start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
                     s = jnp.where(position < kv_len, s, MASK_VALUE)
-                update(s, v, m_ref, l_ref, acc_ref, block_q)
+                if row_length is None:
+                    update(s, v, m_ref, l_ref, acc_ref, block_q)
+                    return
+
+                def with_length_mask():  # keys from row_length on (this row's invalid ones) get no weight
+                    position = kv_index * block_kv + start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                    update(jnp.where(position < row_length, s, MASK_VALUE), v, m_ref, l_ref, acc_ref, block_q)
+
+                # Keys before length_from are valid in every row: only chunks reaching past it are masked.
+                reaches = kv_index * block_kv + start + block_kv_compute > length_from
+                pl.when(reaches)(with_length_mask)
+                pl.when(jnp.logical_not(reaches))(lambda: update(s, v, m_ref, l_ref, acc_ref, block_q))
 
             if start >= tail:
                 # Wholly padding in the last kv block, where it is skipped rather
@@ -304,16 +317,20 @@ def _flash_kernel(
         o_ref[...] = (acc_ref[...] * inverse).astype(o_ref.dtype)
 
 
-def fixed_bounds(q, k, block_q: int):
+def fixed_bounds(q, k, block_q: int, lengths=None):
     """Per query row, the fixed softmax reference; per (head, query block), whether it is safe.
 
     q: [heads, q_pad, head_dim] pre-scaled, k: [heads, kv_pad, head_dim] mean-subtracted (padding zero).
+    ``lengths`` [heads] (optional): each row's valid keys; the bound is taken over those alone.
     Returns (m0 [heads, 1, q_pad] fp32: ceil(|q_i| max_j |k_j|) - RECENTER where the block is safe, else
     MASK_VALUE, which starts the online softmax; fixed [heads, q_pad // block_q] int32).
     """
     heads, q_pad, _ = q.shape
     q_norm = jnp.sqrt(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1))  # [heads, q_pad]
-    k_norm = jnp.sqrt(jnp.max(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=-1), axis=-1))  # [heads]
+    k_square = jnp.sum(jnp.square(k.astype(jnp.float32)), axis=-1)  # [heads, kv_pad]
+    if lengths is not None:
+        k_square = jnp.where(jnp.arange(k.shape[1])[None, :] < lengths[:, None], k_square, 0.0)
+    k_norm = jnp.sqrt(jnp.max(k_square, axis=-1))  # [heads]
     bound = q_norm * k_norm[:, None]
     safe = jnp.all((bound <= FIXED_BOUND_GATE).reshape(heads, q_pad // block_q, block_q), axis=-1)
     m0 = jnp.where(jnp.repeat(safe, block_q, axis=1), jnp.ceil(bound) - FIXED_BOUND_RECENTER, MASK_VALUE)
@@ -327,7 +344,7 @@ VMEM_LIMIT_BYTES = 32 * 2**20
 
 
 def flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret: bool,
-                     paths: tuple[str, ...] = KERNEL_PATHS):
+                     paths: tuple[str, ...] = KERNEL_PATHS, lengths=None, length_from: int = 0):
     """The Pallas call on padded, head-flattened arrays.
 
     q: [heads, q_pad, head_dim]   pre-scaled by scale * log2(e); q_pad a multiple of block_q
@@ -336,6 +353,8 @@ def flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret:
     paths: the bodies compiled. Both (the default) picks per (head, query block) at run time; one alone
     lets the cycle model see that side (it cannot tell a runtime branch's sides apart). ("online",) is
     exact everywhere; ("fixed",) only where ``fixed_bounds`` says safe, so it is for measuring only.
+    lengths: [heads] int32 (optional): each row's valid keys are its first ``lengths[h]`` (at least
+    ``length_from``, a static floor: only chunks past it pay for the mask). None: every real key counts.
     returns [heads, head_dim_v, q_pad]
     """
     heads, q_pad, head_dim = q.shape
@@ -348,11 +367,15 @@ def flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret:
         m0 = jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32)
         fixed = jnp.zeros((heads, q_pad // block_q), jnp.int32)
     else:
-        m0, fixed = fixed_bounds(q, k, block_q)
+        m0, fixed = fixed_bounds(q, k, block_q, lengths)
     kernel = functools.partial(
         _flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
         block_kv_compute=block_kv_compute, paths=tuple(paths),
     )
+    prefetched = (fixed,)
+    if lengths is not None:  # a second scalar prefetch: the row's length, read by the kernel per grid step
+        kernel = functools.partial(_with_row_length, kernel=kernel, length_from=int(length_from))
+        prefetched = (fixed, lengths.astype(jnp.int32))
     # Keys and values are read once per query block.
     elements = 2 * q_pad * head_dim_v + (q_pad // block_q) * kv_pad * (head_dim + head_dim_v)
     cost = pl.CostEstimate(
@@ -363,15 +386,15 @@ def flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret:
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=len(prefetched),
             grid=(heads, q_pad // block_q, num_kv_blocks),  # kv innermost: the reduction axis
             in_specs=[
-                pl.BlockSpec((None, block_q, head_dim), lambda h, i, j, fixed: (h, i, 0)),
-                pl.BlockSpec((None, block_kv, head_dim), lambda h, i, j, fixed: (h, j, 0)),
-                pl.BlockSpec((None, block_kv, head_dim_v), lambda h, i, j, fixed: (h, j, 0)),
-                pl.BlockSpec((None, 1, block_q), lambda h, i, j, fixed: (h, 0, i)),
+                pl.BlockSpec((None, block_q, head_dim), lambda h, i, j, *_: (h, i, 0)),
+                pl.BlockSpec((None, block_kv, head_dim), lambda h, i, j, *_: (h, j, 0)),
+                pl.BlockSpec((None, block_kv, head_dim_v), lambda h, i, j, *_: (h, j, 0)),
+                pl.BlockSpec((None, 1, block_q), lambda h, i, j, *_: (h, 0, i)),
             ],
-            out_specs=pl.BlockSpec((None, head_dim_v, block_q), lambda h, i, j, fixed: (h, 0, i)),
+            out_specs=pl.BlockSpec((None, head_dim_v, block_q), lambda h, i, j, *_: (h, 0, i)),
             scratch_shapes=[
                 pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
                 pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
@@ -384,7 +407,11 @@ def flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret:
         cost_estimate=cost,
         interpret=interpret,
         name="wan_splash_attention",
-    )(fixed, q, k, v, m0)
+    )(*prefetched, q, k, v, m0)
+
+
+def _with_row_length(fixed_ref, lengths_ref, *refs, kernel, length_from: int):
+    kernel(fixed_ref, *refs, row_length=lengths_ref[pl.program_id(0)], length_from=length_from)
 
 
 def _pad_axis(x, length: int, axis: int):
@@ -400,10 +427,12 @@ def _attention_local(
     query,  # [batch, heads, q_len, head_dim]
     key,  # [batch, heads, kv_len, head_dim]
     value,  # [batch, heads, kv_len, head_dim_v]
+    kv_lengths=None,  # [batch] int32, optional: each batch row's valid keys come first
     *,
     scale: float,
     block_sizes: BlockSizes,
     interpret: bool,
+    min_kv_len: int = 0,
 ):
     """Attention on one device's arrays: smoothing, scaling, padding, the kernel.
 
@@ -414,13 +443,20 @@ def _attention_local(
     blocks = effective_block_sizes(block_sizes, q_len, kv_len)
     q = (query.astype(jnp.float32) * (scale * LOG2_E)).astype(query.dtype)
     k32 = key.astype(jnp.float32)
-    # Mean over the real keys only, taken before padding.
-    k = (k32 - k32.mean(axis=2, keepdims=True)).astype(key.dtype)
+    # Mean over the real keys only, taken before padding (and with lengths, over each row's valid keys).
+    if kv_lengths is None:
+        mean = k32.mean(axis=2, keepdims=True)
+    else:
+        valid = (jnp.arange(kv_len)[None, :] < kv_lengths[:, None]).astype(jnp.float32)[:, None, :, None]
+        mean = (k32 * valid).sum(axis=2, keepdims=True) / jnp.maximum(valid.sum(axis=2, keepdims=True), 1.0)
+    k = (k32 - mean).astype(key.dtype)
     q_pad, kv_pad = _round_up(q_len, blocks.block_q), _round_up(kv_len, blocks.block_kv)
     q = _pad_axis(q.reshape(batch * heads, q_len, head_dim), q_pad, 1)  # [batch*heads, q_pad, head_dim]
     k = _pad_axis(k.reshape(batch * heads, kv_len, head_dim), kv_pad, 1)  # [batch*heads, kv_pad, head_dim]
     v = _pad_axis(value.reshape(batch * heads, kv_len, head_dim_v), kv_pad, 1)  # [batch*heads, kv_pad, head_dim_v]
-    out = flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)  # [batch*heads, dv, q_pad]
+    rows = None if kv_lengths is None else jnp.repeat(kv_lengths.astype(jnp.int32), heads)  # [batch*heads]
+    out = flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret, lengths=rows,
+                          length_from=min_kv_len)  # [batch*heads, dv, q_pad]
     out = jnp.swapaxes(out[:, :, :q_len], 1, 2)  # padded query rows dropped
     return out.reshape(batch, heads, q_len, head_dim_v).astype(query.dtype)
 
@@ -430,12 +466,16 @@ def reference_attention(
     key,  # [batch, heads, kv_len, head_dim]
     value,  # [batch, heads, kv_len, head_dim_v]
     scale: float | None = None,
+    kv_lengths=None,  # [batch], optional: keys from kv_lengths[b] on get no weight
 ):
     """Plain fp32 softmax(Q K^T * scale) V -> [batch, heads, q_len, head_dim_v] float32."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     highest = lax.Precision.HIGHEST  # TPU would otherwise multiply fp32 in bf16 passes
     q, k, v = (x.astype(jnp.float32) for x in (query, key, value))
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=highest) * scale
+    if kv_lengths is not None:
+        valid = jnp.arange(key.shape[2])[None, :] < jnp.asarray(kv_lengths)[:, None]  # [batch, kv_len]
+        scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
     return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v, precision=highest)
 
 
@@ -556,8 +596,14 @@ def splash_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     scale: float | None = None,
+    kv_lengths=None,
+    min_kv_len: int = 0,
 ):
     """softmax(Q K^T * scale) V with the Pallas kernel -> [batch, heads, q_len, head_dim_v], query's dtype.
+
+    ``kv_lengths`` [batch] int32 (optional, traced): only each batch row's first ``kv_lengths[b]`` keys
+    count (HunyuanVideo's prompts, packed valid tokens first); ``min_kv_len`` (static): a length every row
+    has, so the chunks before it skip the mask.
 
     ``mesh``: a ('dp', 'tp') mesh to shard over (``plan_sharding``), or None
     for one device. Works inside ``jax.jit`` on sharded inputs.
@@ -580,17 +626,20 @@ def splash_attention(
         block_sizes = block_sizes_for(getattr(device, "device_kind", None))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     local = functools.partial(
-        _attention_local, scale=scale, block_sizes=block_sizes, interpret=resolve_interpret(interpret)
+        _attention_local, scale=scale, block_sizes=block_sizes, interpret=resolve_interpret(interpret),
+        min_kv_len=int(min_kv_len),
     )
+    lengths = () if kv_lengths is None else (jnp.asarray(kv_lengths, jnp.int32),)
     if mesh is None or mesh.size == 1:
-        return local(query, key, value)
+        return local(query, key, value, *lengths)
     plan = plan_sharding(query.shape, key.shape, mesh.shape)
     _log_plan_once(plan, query.shape, key.shape, mesh.shape)
     q_len = query.shape[2]
     query = _pad_axis(query, _round_up(q_len, plan.seq_shards), 2)  # padded rows are dropped below
-    specs = (plan.q_spec, plan.kv_spec, plan.kv_spec)
-    query, key, value = (_match_explicit_mesh(x, mesh, spec) for x, spec in zip((query, key, value), specs))
-    out = _shard_map(local, mesh, specs, plan.q_spec)(query, key, value)
+    specs = (plan.q_spec, plan.kv_spec, plan.kv_spec) + ((P(_axes_entry(plan.batch_axes)),) if lengths else ())
+    arrays = (query, key, value, *lengths)
+    arrays = tuple(_match_explicit_mesh(x, mesh, spec) for x, spec in zip(arrays, specs))
+    out = _shard_map(local, mesh, specs, plan.q_spec)(*arrays)
     if out.shape[2] == q_len:
         return out
     # An explicit mesh cannot slice unevenly along a split axis: gather the sequence first.

@@ -87,14 +87,19 @@ class AttentionPolicy:
 
 
 def dispatch(query, key, value, *, choose, platform: str, mesh=None, token_split=None,
-             attn_mask=None, is_causal=False, scale=None):
+             attn_mask=None, is_causal=False, scale=None, key_lengths=None, min_key_len: int = 0):
     """Attention on jax arrays in torch SDPA layout [B, H, S, D].
+
+    ``key_lengths`` [B] (optional): only each batch row's first ``key_lengths[b]`` keys count (a prefix
+    mask, which Splash takes as data: HunyuanVideo's packed prompts); ``min_key_len``: a static length
+    every row has.
 
     ``choose(query_shape, key_shape, planned)`` names the kernel; ``mesh`` is the active mesh (attention
     under it is planned), ``token_split`` the sequence layout's split of the tokens (``sharding.TokenSplit``):
     attention's output goes back to its tokens split over the devices.
     """
-    run = dict(choose=choose, platform=platform, mesh=mesh, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    run = dict(choose=choose, platform=platform, mesh=mesh, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+               key_lengths=key_lengths, min_key_len=min_key_len)
     if token_split is None:
         return _attend(query, key, value, **run)
     # The sequence layout: the projections run on each device's own tokens and attention
@@ -111,7 +116,8 @@ def dispatch(query, key, value, *, choose, platform: str, mesh=None, token_split
     return constrain(_attend(query, key, value, **run), tokens)
 
 
-def _attend(query, key, value, *, choose, platform, mesh, attn_mask, is_causal, scale):
+def _attend(query, key, value, *, choose, platform, mesh, attn_mask, is_causal, scale, key_lengths=None,
+            min_key_len=0):
     import jax
     import jax.numpy as jnp
 
@@ -122,11 +128,14 @@ def _attend(query, key, value, *, choose, platform, mesh, attn_mask, is_causal, 
     if choice == "splash":
         from .. import splash_attention as splash
 
-        return splash.splash_attention(query, key, value, mesh=mesh, scale=scale)
+        return splash.splash_attention(query, key, value, mesh=mesh, scale=scale, kv_lengths=key_lengths,
+                                       min_kv_len=min_key_len)
     # A CPU measure only: TPU and GPU programs keep XLA's own attention, which their compilers fuse.
     if (choice == "xla" and platform == "cpu" and attn_mask is None and not is_causal
             and score_bytes(query.shape, key.shape) > XLA_SCORE_BLOCK_BYTES):
-        return query_chunked_attention(query, key, value, scale=scale)
+        return query_chunked_attention(query, key, value, scale=scale, key_lengths=key_lengths)
+    if key_lengths is not None:  # [B, 1, 1, Skv]: broadcast over heads and queries, never materialised whole
+        attn_mask = (jnp.arange(key.shape[2])[None, :] < key_lengths[:, None])[:, None, None, :]
     # jax.nn.dot_product_attention takes [B, S, H, D].
     # Its bias/mask layout [B, H, Sq, Skv] is torch's.
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
@@ -147,11 +156,12 @@ def score_bytes(query_shape, key_shape) -> int:
     return batch * heads * q_len * key_shape[2] * 4
 
 
-def query_chunked_attention(query, key, value, *, scale=None):
+def query_chunked_attention(query, key, value, *, scale=None, key_lengths=None):
     """softmax(Q K^T * scale) V over query chunks, in torch SDPA layout [B, H, S, D].
 
     Each chunk's scores stay under ``XLA_SCORE_BLOCK_BYTES``; softmax is per
-    query row, so chunking changes memory traffic, not the result.
+    query row, so chunking changes memory traffic, not the result. ``key_lengths`` [B]: only each
+    row's first keys count.
     """
     import jax
     import jax.numpy as jnp
@@ -166,6 +176,9 @@ def query_chunked_attention(query, key, value, *, scale=None):
 
     def attend(block):  # [B, H, chunk, D] -> [B, H, chunk, Dv]
         scores = jnp.einsum("bhqd,bhkd->bhqk", block, key, preferred_element_type=jnp.float32) * scale
+        if key_lengths is not None:
+            valid = jnp.arange(kv_len)[None, :] < key_lengths[:, None]
+            scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
         weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
         return jnp.einsum("bhqk,bhkd->bhqd", weights, value, preferred_element_type=jnp.float32).astype(query.dtype)
 

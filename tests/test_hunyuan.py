@@ -255,3 +255,28 @@ def test_switching_between_wan_and_hunyuanvideo_frees_the_first_ones_arrays(t2v,
     wan.text_encoder()
     assert all(array.is_deleted() for array in hunyuan_arrays)
     assert [key[0] for key in manager.cached_keys()] == ["text_encoder"]
+
+
+def test_with_the_splash_kernel_the_joint_attention_still_matches_diffusers(t2v, t2v_reference, manager,
+                                                                            monkeypatch):
+    """The double-stream blocks' attention on the Splash kernel (interpret mode), each prompt's text length
+    as data: the frames equal diffusers' masked SDPA."""
+    splash = pack_module("splash_attention")
+    calls, kernel = [], splash.splash_attention
+
+    def recording(query, key, value, **kwargs):
+        calls.append((tuple(key.shape), kwargs.get("kv_lengths") is not None, kwargs.get("min_kv_len")))
+        return kernel(query, key, value, **kwargs)
+
+    monkeypatch.setattr(splash, "splash_attention", recording)
+    manager.set_attention_backend("splash", splash_min_kv_len=1)
+    try:
+        frames = t2v.generate(PROMPT, NEGATIVE, seed=0, num_inference_steps=2, **VIDEO).numpy()
+    finally:
+        manager.set_attention_backend(None)
+    video_tokens = 5 * 8 * 8
+    joint = (2, 4, video_tokens + 729 + 256 + 1000, 8)  # [batch (CFG), heads, video + text tokens, head_dim]
+    assert calls and all(call == (joint, True, video_tokens) for call in calls)  # the two blocks, traced once
+    expected = t2v_reference(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=2, output_type="np",
+                             generator=torch.Generator("cpu").manual_seed(0), **VIDEO).frames[0]
+    assert np.abs(frames - expected).max() <= BOUND

@@ -191,6 +191,31 @@ def test_padded_keys_are_masked():
     assert _max_error(unmasked, expected) > 50 * FP32_TOLERANCE
 
 
+@pytest.mark.parametrize("lengths, min_len, block_sizes", [
+    ((300, 217), 200, LANE),  # HunyuanVideo's shape: valid video keys, then each prompt's own text length
+    ((131, 260), 0, LANE),  # a length inside the first block, and one at the end
+    ((520, 333), 300, SMALL),
+])
+def test_key_lengths_mask_each_rows_invalid_keys(lengths, min_len, block_sizes):
+    """Per batch row, only the first kv_lengths[b] keys count; keys past them (garbage, large) get no weight;
+    sharded over the mesh too."""
+    import jax
+    import jax.numpy as jnp
+
+    q, k, v = _inputs(2, 4, 300, max(lengths) + 7, 64)
+    garbage = (jnp.arange(k.shape[2]) >= jnp.asarray(lengths)[:, None])[:, None, :, None]
+    k, v = jnp.where(garbage, 40.0, k), jnp.where(garbage, 1e4, v)  # would dominate if they counted
+    run = jax.jit(lambda q, k, v, n: splash.splash_attention(q, k, v, kv_lengths=n, min_kv_len=min_len,
+                                                             block_sizes=block_sizes))
+    lengths = jnp.asarray(lengths, jnp.int32)
+    expected = splash.reference_attention(q, k, v, kv_lengths=lengths)
+    assert _max_error(run(q, k, v, lengths), expected) <= FP32_TOLERANCE
+    mesh = env_manager.build_mesh(jax.devices(), dp=2, tp=4)
+    sharded = jax.jit(lambda q, k, v, n: splash.splash_attention(q, k, v, kv_lengths=n, min_kv_len=min_len,
+                                                                 block_sizes=block_sizes, mesh=mesh))
+    assert _max_error(sharded(q, k, v, lengths), expected) <= FP32_TOLERANCE
+
+
 # ------------------------------------------------------------------ the fixed softmax bound
 def _kernel_inputs(q, k, v, blocks):
     """What _attention_local hands the kernel: scaled queries, smoothed keys, heads flattened, padded."""

@@ -21,6 +21,7 @@ from ...runtime.components import TransformerComponent
 from ...runtime.placement import place_weights, unique_arrays
 from ...utils import StageTimer
 from ..wan.modules import PRECISIONS, torch_dtype
+from . import attention
 from . import family as families
 
 logger = logging.getLogger("wan_tpu")
@@ -203,6 +204,7 @@ class HunyuanComponents:
         def build():
             scheduler = loading.load_json_config(self.source, "scheduler", "scheduler_config.json")
             module, weights, plan, _ = self._load("transformer")
+            attention.install(module, self.manager)  # the joint attention as a prefix mask: Splash takes it
             component = TransformerComponent(module, weights, plan, self.mesh, dict(module.config), scheduler,
                                              module.dtype)
             return component, unique_arrays(weights)
