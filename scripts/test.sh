@@ -4,8 +4,8 @@
 # .venv-transformers4 (transformers 4.x and huggingface-hub 0.x, the other
 # generation a ComfyUI venv may hold) and runs again there what transformers
 # and the hub touch: the text encoder, two end-to-end runs, the node chain,
-# loading and its errors, and Wan 2.1 I2V (whose CLIP differs between the two), and the UMT5 and CLIP
-# single files.
+# loading and its errors, and Wan 2.1 I2V (whose CLIP differs between the two), the UMT5 and CLIP
+# single files, and HunyuanVideo 1.5's text-to-video (Qwen2.5-VL's mask differs between the two).
 # Extra arguments go to both pytest runs.
 # Tests run in WAN_TPU_TEST_WORKERS processes (default 2, pytest-xdist), a file per process at a time:
 # most of the time is single-threaded tracing and compiling. 1 runs them in this process.
@@ -25,4 +25,5 @@ exec .venv-transformers4/bin/python -m pytest tests/test_core_parity.py::test_te
     tests/test_nodes.py::test_three_node_chain_matches_diffusers tests/test_loading_errors.py \
     "tests/test_image_to_video.py::test_wan21_i2v_matches_diffusers[0]" \
     tests/test_model_files.py::test_text_encoder_vae_and_tokenizer_files \
-    tests/test_model_files.py::test_the_families_load_from_their_files "$@"
+    tests/test_model_files.py::test_the_families_load_from_their_files \
+    tests/test_hunyuan.py::test_text_to_video_matches_diffusers_for_two_seeds_and_a_second_prompt_compiles_nothing "$@"

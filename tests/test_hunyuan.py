@@ -81,6 +81,17 @@ def test_components_are_split_over_the_mesh_by_rules(t2v):
     assert t2v.component("text_encoder_2").plan.unmatched == []
 
 
+def test_the_hbm_plan_counts_the_weights_each_device_holds_and_refuses_what_will_not_fit(t2v):
+    memory = pack_module("models.hunyuan.memory")
+    transformer = t2v.transformer()
+    device = transformer.mesh.devices.flat[0]
+    held = sum(shard.data.nbytes for array in transformer.weights.values() for shard in array.addressable_shards
+               if shard.device == device)
+    assert memory.weights_bytes_per_device(transformer.config, dict(transformer.mesh.shape), itemsize=4) == held
+    plan = memory.plan_step(transformer.config, dict(transformer.mesh.shape), 720, 1280, 121, True, hbm_bytes=2**20)
+    assert not plan.fits and "lower the resolution or num_frames" in plan.message()
+
+
 def test_text_packing_puts_each_prompts_valid_tokens_first_in_diffusers_order():
     tokens = [torch.arange(6.0).reshape(1, 3, 2) + 10 * k for k in range(3)]
     masks = [torch.tensor([[True, False, True]]), torch.tensor([[False, True, False]]), torch.tensor([[True] * 3])]

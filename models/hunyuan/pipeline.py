@@ -101,10 +101,21 @@ class HunyuanVideoPipeline(HunyuanComponents):
             format_text_input(prompts, system_message), add_generation_prompt=True, tokenize=True, return_dict=True,
             padding="max_length", max_length=TEXT_TOKENS + TEMPLATE_CROP, truncation=True, return_tensors="np")
         jax = self.manager.jax
+        jnp = jax.numpy
+
+        layer_types = set(getattr(component.module.config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(f"the Qwen text encoder has layers {sorted(layer_types)}: HunyuanVideo 1.5's has only "
+                             f"full attention (use_sliding_window false); use the released text_encoder/")
 
         def encode(weights, ids, mask):  # the third-last hidden state, as diffusers' num_hidden_layers_to_skip=2
-            return call_torch_module(self.manager, component.module, weights, "forward", (ids, mask),
-                                     {"output_hidden_states": True}, pick=lambda out: out.hidden_states[-3])
+            # The causal mask with each prompt's padding, made here: transformers would test the padding's
+            # values to skip it, which a traced program cannot.
+            causal = jnp.tril(jnp.ones((ids.shape[1], ids.shape[1]), bool))
+            full = causal[None, None] & (mask[:, None, None, :] > 0)  # [B, 1, S, S], True: attend
+            return call_torch_module(self.manager, component.module, weights, "forward", (ids,),
+                                     {"attention_mask": {"full_attention": full}, "output_hidden_states": True},
+                                     pick=lambda out: out.hidden_states[-3])
 
         program = self.program(component, "encode", lambda: jax.jit(encode))
         pair = batch_sharding(component.mesh, 2)
@@ -212,6 +223,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
         schedule = flow_match_sigmas_schedule(num_inference_steps, schedule_shift,
                                               self._scheduler_config().get("num_train_timesteps", 1000))
         modes = deep_cache.step_modes(deepcache, num_inference_steps)
+        self.check_memory(transformer_config, height, width, num_frames, guidance_scale > 1.0)
         self.announce_loading(on_status, "transformer")
         transformer = self.transformer()
         cfg = guidance_scale > 1.0
@@ -236,6 +248,21 @@ class HunyuanVideoPipeline(HunyuanComponents):
         import torch
 
         return torch.from_numpy(latents / np.float32(self._vae_config()["scaling_factor"]))
+
+    def check_memory(self, transformer_config: dict, height: int, width: int, num_frames: int, cfg: bool):
+        """The HBM plan (``models.hunyuan.memory``), before anything loads: raises ``HBMPlanError`` naming
+        the fix when the step will not fit one device's HBM (unknown devices, e.g. CPU, are not checked)."""
+        from ... import memory_plan
+        from ...runtime import chips
+        from .memory import plan_step
+
+        mesh = self.mesh
+        plan = plan_step(transformer_config, dict(mesh.shape), height, width, num_frames, cfg,
+                         chips.hbm_bytes(mesh.devices.flat[0].device_kind))
+        logger.info("HBM plan: %s", plan.summary())
+        if not plan.fits:
+            raise memory_plan.HBMPlanError(plan.message())
+        return plan
 
     def _check_inputs(self, embeddings, image, height: int, width: int) -> None:
         family, model = self.family, repr(self.source.model_id)
