@@ -91,8 +91,9 @@ def load_module(path: str, name: str):
     return module
 
 
-def _compile_job(job: dict) -> None:
-    """Compile the program a job describes for its topology's first chip (in the worker process)."""
+def _compile_job(job: dict) -> dict | None:
+    """Compile the program a job describes for its topology's first chip (in the worker process); what else
+    it reports (a step probe: its optimised HLO's ops), or None."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -102,6 +103,9 @@ def _compile_job(job: dict) -> None:
     place = SingleDeviceSharding(device)
     bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=place)  # noqa: E731
     kind = job["kind"]
+    if kind in ("step_probe", "rotary_probe"):  # the pack's step, or its rotary embedding (benchmarks/step_cycles.py)
+        step_cycles = load_module(os.path.join(REPO, "benchmarks", "step_cycles.py"), "wan_tpu_step_cycles")
+        return (step_cycles.compile_probe if kind == "step_probe" else step_cycles.compile_rotary)(job)
     if kind == "matmul":
         n = job["size"]
         jax.jit(lambda a, b: a @ b).lower(bf16(n, n), bf16(n, n)).compile()
@@ -143,8 +147,8 @@ def _compile_job(job: dict) -> None:
 def _worker(job_json: str) -> None:
     job = json.loads(job_json)
     start = time.perf_counter()
-    _compile_job(job)
-    sys.stdout.write(json.dumps({"compile_seconds": round(time.perf_counter() - start, 2)}) + "\n")
+    extra = _compile_job(job) or {}
+    sys.stdout.write(json.dumps(dict(extra, compile_seconds=round(time.perf_counter() - start, 2))) + "\n")
 
 
 _ESTIMATE = re.compile(r'hlo_op_name:\s*"(?P<name>[^"]+)"\s*estimated_cycles:\s*(?P<cycles>\d+)')
