@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
-from .nodes import (HIDDEN, MAX_SEED, NEGATIVE_INPUT, OPTIONAL_DEVICE_INPUTS, PROMPT_INPUT, StepProgress,
-                    check_interrupted, status_reporter, validate_common)
+from .nodes import (HIDDEN, MAX_SEED, NEGATIVE_INPUT, OPTIONAL_DEVICE_INPUTS, PROMPT_INPUT, FramesOutput,
+                    StepProgress, check_interrupted, decode_latents, status_reporter, validate_common)
 
 CATEGORY = "TPU/HunyuanVideo"
 DEFAULT_T2V = "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v"
@@ -172,14 +172,11 @@ class HunyuanVideo15TPUSampler:
         return ({"samples": latents}, num_frames)
 
 
-class HunyuanVideo15TPUVAEDecoder:
+class HunyuanVideo15TPUVAEDecoder(FramesOutput):
     DESCRIPTION = ("Decodes a HunyuanVideo 1.5 LATENT (from its TPU Sampler) into frames on the TPU. Connect "
                    "IMAGE to Create Video -> Save Video.")
     CATEGORY = CATEGORY
     FUNCTION = "decode"
-    RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("frames", "fps")
-    OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -192,23 +189,15 @@ class HunyuanVideo15TPUVAEDecoder:
         return validate_common(model_id, precision, dp, tp)
 
     def decode(self, latents, model_id=DEFAULT_T2V, fps=24, precision="bf16", dp=0, tp=0, unique_id=None):
-        check_interrupted()
-        if not isinstance(latents, dict) or "samples" not in latents:
-            raise ValueError("latents has no 'samples': connect the HunyuanVideo 1.5 TPU Sampler's LATENT output")
-        report, started = status_reporter(unique_id), time.perf_counter()
-        frames = make_pipeline(model_id, precision, dp, tp).decode(latents["samples"], on_status=report)
-        report(f"done: {frames.shape[0]} frames decoded in {time.perf_counter() - started:.0f} s")
-        return (frames, fps)
+        return decode_latents(lambda: make_pipeline(model_id, precision, dp, tp), latents, fps, unique_id,
+                              "the HunyuanVideo 1.5 TPU Sampler's LATENT output")
 
 
-class HunyuanVideo15TPUPipeline:
+class HunyuanVideo15TPUPipeline(FramesOutput):
     DESCRIPTION = ("HunyuanVideo 1.5 in one node: text encoders, sampler and VAE decoder on the TPU, sharing the "
                    "loaded models with the separate nodes (a second run loads and compiles nothing).")
     CATEGORY = CATEGORY
     FUNCTION = "generate"
-    RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("frames", "fps")
-    OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -346,6 +346,18 @@ def with_settings(settings, num_inference_steps, **widgets) -> dict:
     return values
 
 
+def decode_latents(make_pipe, latents, fps: int, unique_id, source: str) -> tuple:
+    """A VAE Decoder node's work: (frames, fps) from a LATENT dict, with progress text and Cancel.
+    ``make_pipe()`` gives the family's core; ``source`` names what to connect when ``latents`` is wrong."""
+    check_interrupted()
+    if not isinstance(latents, dict) or "samples" not in latents:
+        raise ValueError(f"latents has no 'samples': connect {source}")
+    report, started = status_reporter(unique_id), time.perf_counter()
+    frames = make_pipe().decode(latents["samples"], on_status=report)
+    report(f"done: {frames.shape[0]} frames decoded in {time.perf_counter() - started:.0f} s")
+    return (frames, fps)
+
+
 def make_pipeline(model_id: str, precision: str = "bf16", dp: int = 0, tp: int = 0, model_files=None):
     """The core for ``model_id``, or for ``model_files`` (a ``model_files.FileSource``) when given."""
     from .pipeline import WanTPUPipeline
@@ -375,6 +387,14 @@ def embeddings_from_tensors(prompt_embeds, negative_prompt_embeds, model_id: str
 
 
 # -------------------------------------------------------------------- nodes
+class FramesOutput:
+    """The outputs of a node that ends in frames (every family's VAE Decoder and Full Pipeline)."""
+
+    RETURN_TYPES = ("IMAGE", "INT")
+    RETURN_NAMES = ("frames", "fps")
+    OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
+
+
 class Wan21TextEncoder:
     DESCRIPTION = (
         "Encodes the prompt and negative prompt with Wan 2.1's UMT5-XXL text encoder on the TPU (512 tokens, as "
@@ -455,16 +475,13 @@ class Wan21TPUSampler:
         return ({"samples": latents}, num_frames)
 
 
-class Wan21TPUVAEDecoder:
+class Wan21TPUVAEDecoder(FramesOutput):
     DESCRIPTION = (
         "Decodes a Wan 2.1 LATENT (from the TPU Sampler or ComfyUI's own Wan nodes) into frames on the TPU. "
         "Connect IMAGE to Create Video -> Save Video, or to VHS Video Combine."
     )
     CATEGORY = CATEGORY
     FUNCTION = "decode"
-    RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("frames", "fps")
-    OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -482,16 +499,11 @@ class Wan21TPUVAEDecoder:
 
     def decode(self, latents, model_id=loading.DEFAULT_MODEL_ID, fps=16, precision="bf16", dp=0, tp=0,
                unique_id=None, model_files=None):
-        check_interrupted()
-        if not isinstance(latents, dict) or "samples" not in latents:
-            raise ValueError("latents has no 'samples': connect a LATENT output such as the TPU Sampler's")
-        report, started = status_reporter(unique_id), time.perf_counter()
-        frames = make_pipeline(model_id, precision, dp, tp, model_files).decode(latents["samples"], on_status=report)
-        report(f"done: {frames.shape[0]} frames decoded in {time.perf_counter() - started:.0f} s")
-        return (frames, fps)
+        return decode_latents(lambda: make_pipeline(model_id, precision, dp, tp, model_files), latents, fps,
+                              unique_id, "a LATENT output such as the TPU Sampler's")
 
 
-class Wan21TPUPipeline:
+class Wan21TPUPipeline(FramesOutput):
     DESCRIPTION = (
         "Text to video in one node: text encoder, sampler and VAE decoder on the TPU. It shares the loaded models "
         "with the separate nodes, so nothing is loaded twice and a second run loads and compiles nothing. A "
@@ -500,9 +512,6 @@ class Wan21TPUPipeline:
     )
     CATEGORY = CATEGORY
     FUNCTION = "generate"
-    RETURN_TYPES = ("IMAGE", "INT")
-    RETURN_NAMES = ("frames", "fps")
-    OUTPUT_TOOLTIPS = ("Frames [frames, height, width, 3] in [0, 1].", "The frame rate, for the video node.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -12,7 +12,6 @@ costs nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -71,6 +70,8 @@ def build_tiny_hunyuan(path: str | os.PathLike, config: TinyHunyuanConfig = TINY
     import torch
     from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline
 
+    from .tiny_wan import edit_json
+
     path = os.fspath(path)
     torch.manual_seed(config.seed)
     components = dict(transformer=_transformer(config), vae=_vae(config), scheduler=_scheduler(config),
@@ -82,18 +83,10 @@ def build_tiny_hunyuan(path: str | os.PathLike, config: TinyHunyuanConfig = TINY
         pipe = HunyuanVideo15Pipeline(**components)
     pipe.save_pretrained(path, safe_serialization=True)
     # transformers 5 names its fast tokenizer "TokenizersBackend", which 4.x cannot load.
-    _edit_json(os.path.join(path, "tokenizer", "tokenizer_config.json"),
+    edit_json(os.path.join(path, "tokenizer", "tokenizer_config.json"),
                lambda settings: settings.update(tokenizer_class="Qwen2TokenizerFast"))
     logger.info("wrote a random HunyuanVideo 1.5 model to %s", path)
     return path
-
-
-def _edit_json(path: str, edit) -> None:
-    with open(path, encoding="utf-8") as handle:
-        content = json.load(handle)
-    edit(content)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(content, handle, indent=2)
 
 
 def _perturb(module):

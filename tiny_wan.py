@@ -149,15 +149,16 @@ def _build(path: str, config: TinyWanConfig) -> None:
         pipe = WanPipeline(**components, expand_timesteps=config.ti2v)
     pipe.save_pretrained(path, safe_serialization=True)
     if clip:  # name the processor as Wan-AI's folders do (without torchvision, transformers 5 made a "...Pil" one)
-        _edit_json(os.path.join(path, "model_index.json"),
+        edit_json(os.path.join(path, "model_index.json"),
                    lambda index: index.update(image_processor=["transformers", "CLIPImageProcessor"]))
     # transformers 5 names its fast tokenizer "TokenizersBackend", which 4.x
     # cannot load; PreTrainedTokenizerFast reads the same tokenizer.json in both.
-    _edit_json(os.path.join(path, "tokenizer", "tokenizer_config.json"),
+    edit_json(os.path.join(path, "tokenizer", "tokenizer_config.json"),
                lambda settings: settings.update(tokenizer_class="PreTrainedTokenizerFast"))
 
 
-def _edit_json(path: str, edit) -> None:
+def edit_json(path: str, edit) -> None:
+    """Rewrite the JSON file at ``path`` after ``edit(content)`` changed it in place."""
     with open(path, encoding="utf-8") as handle:
         content = json.load(handle)
     edit(content)
