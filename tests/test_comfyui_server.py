@@ -107,6 +107,8 @@ def test_our_nodes_are_listed(server):
     assert OUR_NODES <= set(info)
     assert info["Wan21TPUSampler"]["category"] == "TPU/Wan2.1"
     assert info["Wan21TPUSampler"]["display_name"] == "Wan 2.1 TPU Sampler"
+    assert info["HunyuanVideo15TPUSampler"]["category"] == "TPU/HunyuanVideo"
+    assert info["HunyuanVideo15TPUSampler"]["display_name"] == "HunyuanVideo 1.5 TPU Sampler"
     # The settings node, and the Sampler's and Full Pipeline's input for it, last (after every saved link).
     assert info["WanTPUSamplerSettings"]["output"] == ["WAN_TPU_SETTINGS"]
     assert info["WanTPUSamplerSettings"]["display_name"] == "Wan TPU Sampler Settings"
@@ -117,7 +119,8 @@ def test_our_nodes_are_listed(server):
 
 def test_examples_are_served_as_workflow_templates(server):
     templates = _get(server["url"] + "/api/workflow_templates")
-    assert sorted(templates["ComfyUI-Wan-TPU"]) == ["wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p",
+    assert sorted(templates["ComfyUI-Wan-TPU"]) == ["hunyuan15_tpu_i2v_720p", "hunyuan15_tpu_t2v_720p",
+                                                    "wan21_tpu_480p", "wan21_tpu_4step_lora", "wan21_tpu_720p",
                                                     "wan21_tpu_full_pipeline", "wan22_tpu_i2v_a14b_720p",
                                                     "wan22_tpu_t2v_a14b_4step_lora", "wan22_tpu_t2v_a14b_720p"]
     workflow = _get(server["url"] + "/api/workflow_templates/ComfyUI-Wan-TPU/wan21_tpu_720p.json")
@@ -445,7 +448,10 @@ ORIGINAL_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 # Our examples' model ids -> the tiny model of the family, built beside the tiny Wan 2.1 model (the folder names the
 # Wan 2.2 API example test uses, so one session builds each once).
 _TINY_FAMILIES = {"Wan-AI/Wan2.2-I2V-A14B-Diffusers": ("wan22_tpu_i2v_a14b_720p", "TINY_I2V_A14B"),
-                  "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ("wan22_tpu_t2v_a14b_720p", "TINY_A14B")}
+                  "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ("wan22_tpu_t2v_a14b_720p", "TINY_A14B"),
+                  "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v": ("hunyuan15_t2v", "TINY_T2V"),
+                  "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_i2v": ("hunyuan15_i2v", "TINY_I2V")}
+MODEL_PREFIXES = ("Wan-AI/", "hunyuanvideo-community/")
 UI_EXAMPLES = sorted(os.path.basename(path)[:-len(".json")] for path in os.listdir(os.path.join(PACK_DIR, "examples"))
                      if path.endswith(".json"))
 
@@ -489,11 +495,15 @@ def _tiny_model_for(model_id, tiny_model_dir) -> tuple[str, str]:
         return str(tiny_model_dir), str(tiny_model_dir)
     from conftest import pack_module
 
-    tiny_wan = pack_module("tiny_wan")
     name, family = _TINY_FAMILIES[model_id]
     folder = os.path.join(os.path.dirname(str(tiny_model_dir)), name)
     if not os.path.isdir(folder):
-        tiny_wan.build_tiny_wan(folder, getattr(tiny_wan, family))
+        if model_id.startswith("hunyuanvideo-community/"):
+            tiny_hunyuan = pack_module("tiny_hunyuan")
+            tiny_hunyuan.build_tiny_hunyuan(folder, getattr(tiny_hunyuan, family))
+        else:
+            tiny_wan = pack_module("tiny_wan")
+            tiny_wan.build_tiny_wan(folder, getattr(tiny_wan, family))
     return name, folder  # a name under an allowed root, as users give it
 
 
@@ -509,7 +519,7 @@ def test_a_browser_runs_the_workflow_from_the_run_button(server, tiny_model_dir,
         with open(os.path.join(PACK_DIR, "examples", f"{example}.json")) as handle:
             workflow = json.load(handle)
     model_ids = {value for node in workflow["nodes"] for value in node.get("widgets_values") or []
-                 if isinstance(value, str) and value.startswith("Wan-AI/")}
+                 if isinstance(value, str) and value.startswith(MODEL_PREFIXES)}
     tiny = {model_id: _tiny_model_for(model_id, tiny_model_dir) for model_id in model_ids}
     assert len(tiny) == 1, model_ids  # one family per workflow
     (widget_value, folder), = tiny.values()
@@ -519,8 +529,11 @@ def test_a_browser_runs_the_workflow_from_the_run_button(server, tiny_model_dir,
         ("lora_name", "strength", "expert"), node["widgets_values"]))} for node in workflow["nodes"]
         if node["type"] == "Wan21TPULoRA"}, folder, server["loras"])
     seed = 1000 + zlib.crc32(example.encode()) % 100000  # the test's own: no cached result from another test
+    # HunyuanVideo's tiny model attends ~2,000 text tokens beside the video: a smaller video keeps it quick.
+    size = (64, 64, 9) if example.startswith("hunyuan") else (256, 256, 17)
     edits = {"model_ids": {model_id: value for model_id, (value, _) in tiny.items()},
-             "by_name": {"height": 256, "width": 256, "num_frames": 17, "num_inference_steps": 2, "seed": seed}}
+             "by_name": {"height": size[0], "width": size[1], "num_frames": size[2], "num_inference_steps": 2,
+                         "seed": seed}}
     path = tmp_path / "job.json"
     path.write_text(json.dumps({"workflow": workflow, "edits": edits}))
     shot = tmp_path / f"{example}.png"
@@ -540,7 +553,7 @@ def test_a_browser_runs_the_workflow_from_the_run_button(server, tiny_model_dir,
         inputs = node["inputs"]
         assert inputs.get("model_id", widget_value) == widget_value, node
         if "height" in inputs:
-            assert (inputs["height"], inputs["width"], inputs["num_frames"]) == (256, 256, 17), node
+            assert (inputs["height"], inputs["width"], inputs["num_frames"]) == size, node
     if example.startswith("original_"):  # its 9 saved values on the first 9 widgets, our later ones at defaults
         sampler = next(node["widgets"] for node in report["loaded"] if node["type"] == "Wan21TPUSampler")
         assert (sampler["model_id"], sampler["flow_shift"], sampler["num_inference_steps"]) == (

@@ -128,6 +128,19 @@ def test_the_node_chain_matches_diffusers_text_to_video(hunyuan_nodes, t2v_dir, 
     assert any(text.startswith("done: 9 frames decoded") for text in texts)
 
 
+def test_the_default_bf16_precision_runs_the_node_chain_close_to_fp32(hunyuan_nodes, t2v_dir, t2v_reference):
+    """bf16 (the nodes' default) end to end: the Qwen encodings come back to the host as float32, and the
+    frames stay within bf16 rounding of diffusers' fp32 ones."""
+    nodes, _ = hunyuan_nodes
+    (embeddings,) = nodes.HunyuanVideo15TPUTextEncoder().encode(PROMPT, NEGATIVE, t2v_dir)
+    assert embeddings.prompt[0].dtype == torch.float32
+    latent, _ = nodes.HunyuanVideo15TPUSampler().sample(embeddings, 32, 32, 9, 2, 6.0, 0, model_id=t2v_dir)
+    images, _ = nodes.HunyuanVideo15TPUVAEDecoder().decode(latent, t2v_dir)
+    expected = t2v_reference(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=2, output_type="np",
+                             generator=torch.Generator("cpu").manual_seed(0), **VIDEO).frames[0]
+    assert np.isfinite(images.numpy()).all() and np.abs(images.numpy() - expected).max() <= 0.1
+
+
 @pytest.fixture(scope="module")
 def i2v(i2v_dir):
     return hunyuan.HunyuanVideoPipeline(i2v_dir, precision="fp32")

@@ -122,7 +122,8 @@ class HunyuanVideoPipeline(HunyuanComponents):
         ids = jax.device_put(np.asarray(tokens["input_ids"], np.int32), pair)
         mask = np.asarray(tokens["attention_mask"], np.int32)
         with device_errors("the Qwen2.5-VL text encoder", "Use a mesh with more devices."):
-            hidden = np.asarray(program(component.weights, ids, jax.device_put(mask, pair)))
+            # float32 on the host in either precision (numpy's bfloat16 is not one torch takes)
+            hidden = np.asarray(program(component.weights, ids, jax.device_put(mask, pair)), np.float32)
         return hidden[:, TEMPLATE_CROP:], mask[:, TEMPLATE_CROP:]
 
     def _byt5(self, component, prompts):
