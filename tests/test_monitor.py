@@ -7,6 +7,8 @@ from conftest import TINY_VIDEO, pack_module
 
 
 def test_the_monitor_report_after_a_run_lists_devices_and_what_the_pack_holds(tiny_model_dir, manager):
+    # From an empty cache: another test file's model (an I2V one's CLIP, say) may still be resident.
+    manager.release()
     pipe = pack_module("pipeline").WanTPUPipeline(tiny_model_dir, precision="fp32")
     pipe.generate("a cat", "", num_inference_steps=1, guidance_scale=5.0, seed=0, flow_shift=3.0, **TINY_VIDEO)
     report = pack_module("server_routes").device_report()
