@@ -116,10 +116,12 @@ def test_the_node_chain_matches_diffusers_text_to_video(hunyuan_nodes, t2v_dir, 
     widgets = dict(width=32, height=32, num_frames=9, num_inference_steps=STEPS, guidance_scale=6.0, seed=0)
     assert nodes.HunyuanVideo15TPUSampler.VALIDATE_INPUTS(width=32, height=32, num_frames=9, model_id=t2v_dir) is True
     (embeddings,) = nodes.HunyuanVideo15TPUTextEncoder().encode(PROMPT, NEGATIVE, t2v_dir, "fp32", unique_id="1")
-    compiles = manager.compile_count()
     latent, frames_out = nodes.HunyuanVideo15TPUSampler().sample(embeddings, model_id=t2v_dir, precision="fp32",
                                                                  unique_id="2", **widgets)
-    assert manager.compile_count() == compiles  # the core's run compiled this step: the nodes share it
+    compiles = manager.compile_count()
+    nodes.HunyuanVideo15TPUSampler().sample(embeddings, model_id=t2v_dir, precision="fp32", unique_id="2",
+                                            **dict(widgets, seed=1))
+    assert manager.compile_count() == compiles  # a new seed through the nodes compiles nothing
     images, fps = nodes.HunyuanVideo15TPUVAEDecoder().decode(latent, t2v_dir, 24, "fp32", unique_id="3")
     assert (frames_out, fps) == (9, 24) and latent["samples"].shape == (1, 4, 5, 8, 8)
     assert np.abs(images.numpy() - diffusers_frames(t2v_reference, 0, **VIDEO)).max() <= BOUND
@@ -164,6 +166,10 @@ def test_image_to_video_matches_diffusers_for_two_seeds(i2v, i2v_reference):
         assert np.abs(frames - expected).max() <= BOUND
     with pytest.raises(ValueError, match="give the start image"):
         i2v.denoise(i2v.encode(PROMPT), num_inference_steps=1, **VIDEO)
+    with pytest.raises(TypeError, match="magcache"):  # a Wan-only setting is refused, not ignored
+        i2v.denoise(i2v.encode(PROMPT), num_inference_steps=1, magcache=object(), **VIDEO)
+    with pytest.raises(ValueError, match="layout='sequence'.*tensor"):
+        i2v.denoise(i2v.encode(PROMPT), num_inference_steps=1, layout="sequence", **VIDEO)
 
 
 def test_a_text_to_video_model_refuses_an_image_with_the_fix(t2v):

@@ -61,6 +61,11 @@ def _diffusers_helpers():
     return module.format_text_input, module.extract_glyph_texts, system.default
 
 
+def check_layout(layout: str | None) -> None:
+    if layout not in (None, "auto", "tensor"):
+        raise ValueError(f"layout={layout!r}: HunyuanVideo 1.5 runs the tensor layout; use 'tensor' or 'auto'")
+
+
 class HunyuanVideoPipeline(HunyuanComponents):
     """HunyuanVideo 1.5 on the JAX default backend. ``model_id``: a diffusers folder (or repo id);
     ``precision``: 'bf16' or 'fp32'; ``dp``/``tp``: mesh override. ``layout``: "tensor" (the only one
@@ -68,8 +73,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
 
     def __init__(self, model_id, precision: str = "bf16", dp: int | None = None, tp: int | None = None,
                  manager=None, layout: str | None = None):
-        if layout not in (None, "auto", "tensor"):
-            raise ValueError(f"layout={layout!r}: HunyuanVideo 1.5 runs the tensor layout; use 'tensor' or 'auto'")
+        check_layout(layout)
         super().__init__(model_id, precision=precision, dp=dp, tp=tp, manager=manager)
         self.last_run: dict = {}
         self.last_step_seconds: list[float] = []
@@ -165,9 +169,10 @@ class HunyuanVideoPipeline(HunyuanComponents):
         return loading.load_json_config(self.source, "transformer")
 
     def encode_image(self, image, *, height: int | None = None, width: int | None = None,
-                     on_status: Callable[[str], None] | None = None, **_) -> HunyuanImageConditioning:
+                     on_status: Callable[[str], None] | None = None) -> HunyuanImageConditioning:
         """The start image's conditioning: resized and cropped to ``height`` x ``width`` (None: the size
-        diffusers picks from the image, ``image_size``), its VAE latents and its SigLIP tokens."""
+        diffusers picks from the image, ``image_size``), its VAE latents and its SigLIP tokens. The
+        conditioning is made for any frame count (``denoise`` spreads it over the latent frames)."""
         from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
 
         from ..wan.conditioning import as_pil_image
@@ -208,7 +213,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
                 flow_shift: float | None = None, image: HunyuanImageConditioning | None = None,
                 deepcache: "deep_cache.DeepCacheSettings | None" = None,
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
-                on_preview: Callable[[np.ndarray], None] | None = None, layout: str | None = None, **_):
+                on_preview: Callable[[np.ndarray], None] | None = None, layout: str | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, C, T, h, w] float32 on CPU.
 
         ``guidance_scale``/``flow_shift``: None takes the folder's (guider/ and scheduler/ configs: 6.0 and
@@ -216,6 +221,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
         ``self.last_run`` says how many steps ran in full. ``on_step``/``on_status``/``on_preview`` as for
         ``WanTPUPipeline.denoise``."""
         family = self.family
+        check_layout(layout)
         self.geometry.check_video(height, width, num_frames)
         guidance_scale = self._guidance(guidance_scale)
         transformer_config = self.transformer_config()
