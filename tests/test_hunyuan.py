@@ -310,3 +310,67 @@ def test_with_the_splash_kernel_the_joint_attention_still_matches_diffusers(t2v,
     expected = t2v_reference(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=1, output_type="np",
                              generator=torch.Generator("cpu").manual_seed(0), **VIDEO).frames[0]
     assert np.abs(frames - expected).max() <= BOUND
+
+
+def test_a_video_larger_than_a_tile_decodes_in_tiles_equal_to_diffusers_tiled_decode(t2v, t2v_reference, manager):
+    """Tiles of several shapes (interior, edges, corner), one per device and call, blended by diffusers' own
+    ``tiled_decode``: the frames equal diffusers' decode after ``enable_tiling`` with the same tile size."""
+    vae_tiles = pack_module("models.hunyuan.vae_tiles")
+    geometry = t2v.geometry
+    latents = torch.from_numpy(np.random.default_rng(3).standard_normal(
+        geometry.latent_shape(40, 48, 9)).astype(np.float32))  # 10x12 latent cells, 4-cell tiles every 3
+    windows = vae_tiles.tile_windows(10, 12, 4)
+    assert len(windows) == 16 and {w[2:] for w in windows} == {(4, 4), (4, 3), (1, 4), (1, 3)}
+    statuses = []
+    t2v.vae_tile_pixels = 16
+    try:
+        frames = t2v.decode(latents, on_status=statuses.append).numpy()
+    finally:
+        t2v.vae_tile_pixels = vae_tiles.TILE_PIXELS
+    assert frames.shape == (9, 40, 48, 3)
+    assert any("tiles 1-8 of 9 at 16x16" in status for status in statuses)  # 9 interior tiles over 8 devices
+    vae = t2v_reference.vae
+    vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_latent_min_height=4,
+                      tile_latent_min_width=4)
+    try:
+        with torch.no_grad():
+            expected = vae.decode(latents, return_dict=False)[0]
+    finally:
+        vae.disable_tiling()
+    expected = np.clip(expected[0].numpy() / 2 + 0.5, 0, 1).transpose(1, 2, 3, 0)
+    assert np.abs(frames - expected).max() <= BOUND
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuanvideo15 import HunyuanVideo15AttnBlock
+
+    for frames_, cells in ((3, 4), (1, 6), (5, 1)):  # the vectorised mask is diffusers' row-by-row one
+        assert torch.equal(vae_tiles.frame_causal_mask(frames_, cells, torch.float32, "cpu", 2),
+                           HunyuanVideo15AttnBlock.prepare_causal_attention_mask(frames_, cells, torch.float32, "cpu", 2))
+    blocks = [m for m in t2v.component("vae").module.modules() if hasattr(m, "prepare_causal_attention_mask")]
+    assert blocks and all(m.prepare_causal_attention_mask is vae_tiles.frame_causal_mask for m in blocks)  # at load
+    with pytest.raises(ValueError, match="tile_pixels=10: use a multiple of the VAE.s 4-pixel latent cell"):
+        vae_tiles.TiledVAEDecoder(manager, None, None, 4, 10)
+
+
+def test_the_replicated_out_layout_holds_fc2_and_the_output_projection_whole_and_equals_diffusers(
+        t2v, t2v_dir, t2v_reference, manager):
+    """The document's "fc2/proj replicated" sharding (opt-in): those weights whole on every device, the HBM plan
+    counting exactly what each device holds, and the same frames."""
+    memory = pack_module("models.hunyuan.memory")
+    pipe = hunyuan.HunyuanVideoPipeline(t2v_dir, precision="fp32", layout="replicated_out")
+    transformer = pipe.transformer()
+    specs = transformer.plan.specs
+    assert specs["transformer_blocks.0.attn.to_out.0.weight"] == ()
+    assert specs["transformer_blocks.0.ff.net.2.weight"] == ()
+    assert specs["transformer_blocks.0.ff_context.net.2.weight"] == (None, "tp")  # the text stream's stay split
+    assert transformer.weights["transformer_blocks.0.ff.net.2.weight"].sharding.is_fully_replicated
+    device = transformer.mesh.devices.flat[0]
+    held = sum(shard.data.nbytes for array in transformer.weights.values() for shard in array.addressable_shards
+               if shard.device == device)
+    mesh_shape = dict(transformer.mesh.shape)
+    assert memory.weights_bytes_per_device(transformer.config, mesh_shape, 4, "replicated_out") == held
+    assert held > memory.weights_bytes_per_device(transformer.config, mesh_shape, 4, "tensor")
+    frames = pipe.generate(PROMPT, NEGATIVE, seed=0, num_inference_steps=1, **VIDEO).numpy()
+    assert pipe.last_run["layout"] == "replicated_out"
+    expected = t2v_reference(prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=1, output_type="np",
+                             generator=torch.Generator("cpu").manual_seed(0), **VIDEO).frames[0]
+    assert np.abs(frames - expected).max() <= BOUND
+    assert t2v.transformer().plan.specs["transformer_blocks.0.ff.net.2.weight"] == (None, "tp")  # back: reloaded

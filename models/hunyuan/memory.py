@@ -54,12 +54,12 @@ def _parameter_shapes(config_json: str) -> dict:
     return {name: tuple(tensor.shape) for name, tensor in module.named_parameters()}
 
 
-def weights_bytes_per_device(config: dict, mesh_shape: dict, itemsize: int = 2) -> int:
+def weights_bytes_per_device(config: dict, mesh_shape: dict, itemsize: int = 2, layout: str = "tensor") -> int:
     from ... import sharding
-    from .components import TRANSFORMER_RULES
+    from .components import TRANSFORMER_LAYOUTS
 
     shapes = _parameter_shapes(json.dumps(config, sort_keys=True, default=list))
-    plan = sharding.plan_shardings(shapes, TRANSFORMER_RULES, dict(mesh_shape))
+    plan = sharding.plan_shardings(shapes, TRANSFORMER_LAYOUTS[layout], dict(mesh_shape))
     return plan.bytes_per_device(shapes, {name: itemsize for name in shapes}, dict(mesh_shape))
 
 
@@ -82,6 +82,6 @@ def activation_bytes_per_device(config: dict, mesh_shape: dict, height: int, wid
 
 
 def plan_step(config: dict, mesh_shape: dict, height: int, width: int, frames: int, cfg: bool = True,
-              hbm_bytes: int | None = None) -> HunyuanPlan:
-    return HunyuanPlan(weights_bytes_per_device(config, mesh_shape),
+              hbm_bytes: int | None = None, layout: str = "tensor") -> HunyuanPlan:
+    return HunyuanPlan(weights_bytes_per_device(config, mesh_shape, layout=layout),
                        activation_bytes_per_device(config, mesh_shape, height, width, frames, cfg), hbm_bytes)

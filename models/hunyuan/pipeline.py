@@ -27,7 +27,8 @@ from ...sampling.denoise_run import Callbacks, DenoiseRun
 from ...scheduler import flow_match_sigmas_schedule
 from ...utils import device_errors, torch_to_numpy
 from . import deepcache as deep_cache
-from .components import HunyuanComponents
+from . import vae_tiles
+from .components import HunyuanComponents, check_transformer_layout
 from .family import GLYPH_TOKENS, TEMPLATE_CROP, TEXT_TOKENS
 
 logger = logging.getLogger("wan_tpu")
@@ -61,22 +62,68 @@ def _diffusers_helpers():
     return module.format_text_input, module.extract_glyph_texts, system.default
 
 
-def check_layout(layout: str | None) -> None:
-    if layout not in (None, "auto", "tensor"):
-        raise ValueError(f"layout={layout!r}: HunyuanVideo 1.5 runs the tensor layout; use 'tensor' or 'auto'")
+# The programs of the encoders, as functions of (weights, inputs) to jit: the pipeline's and the compile
+# command's (benchmarks/hunyuan_compile.py --stage encoders).
+def qwen_encode_fn(manager, module) -> Callable:
+    """(weights, ids [B, S], mask [B, S]) -> Qwen2.5-VL's third-last hidden state [B, S, D], as diffusers'
+    ``num_hidden_layers_to_skip=2`` takes it."""
+    jnp = manager.jax.numpy
+    layer_types = set(getattr(module.config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"the Qwen text encoder has layers {sorted(layer_types)}: HunyuanVideo 1.5's has only "
+                         f"full attention (use_sliding_window false); use the released text_encoder/")
+
+    def encode(weights, ids, mask):
+        # The causal mask with each prompt's padding, made here: transformers would test the padding's
+        # values to skip it, which a traced program cannot.
+        causal = jnp.tril(jnp.ones((ids.shape[1], ids.shape[1]), bool))
+        full = causal[None, None] & (mask[:, None, None, :] > 0)  # [B, 1, S, S], True: attend
+        return call_torch_module(manager, module, weights, "forward", (ids,),
+                                 {"attention_mask": {"full_attention": full}, "output_hidden_states": True},
+                                 pick=lambda out: out.hidden_states[-3])
+
+    return encode
+
+
+def byt5_encode_fn(manager, module) -> Callable:
+    """(weights, ids [1, 256], mask [1, 256] float) -> ByT5's last hidden state."""
+    return lambda weights, ids, mask: call_torch_module(manager, module, weights, "forward", (ids, mask),
+                                                        pick=lambda out: out[0])
+
+
+def vae_encode_fn(manager, module) -> Callable:
+    """(weights, pixels [1, 3, 1, H, W]) -> the latent distribution's mode (unscaled)."""
+    return lambda weights, x: call_torch_module(manager, module, weights, "encode", (x,),
+                                                pick=lambda out: out.latent_dist.mode())
+
+
+def siglip_encode_fn(manager, module) -> Callable:
+    """(weights, pixel_values [1, 3, 384, 384]) -> SigLIP's last hidden state [1, 729, D]."""
+    return lambda weights, x: call_torch_module(manager, module, weights, "forward", (x,),
+                                                pick=lambda out: out.last_hidden_state)
+
+
+def resolve_layout(layout: str | None) -> str:
+    """The transformer's sharding layout. "auto" is the tensor layout: the document's "replicated_out"
+    (fc2 and the attention output projection whole on every device) compiles to more collective bytes and
+    more HBM in the pack's program (README, "HunyuanVideo 1.5, compiled"), so it is opt-in."""
+    layout = "tensor" if layout in (None, "auto") else layout
+    check_transformer_layout(layout)
+    return layout
 
 
 class HunyuanVideoPipeline(HunyuanComponents):
     """HunyuanVideo 1.5 on the JAX default backend. ``model_id``: a diffusers folder (or repo id);
-    ``precision``: 'bf16' or 'fp32'; ``dp``/``tp``: mesh override. ``layout``: "tensor" (the only one
-    this family has so far; "auto" picks it)."""
+    ``precision``: 'bf16' or 'fp32'; ``dp``/``tp``: mesh override. ``layout``: "tensor" ("auto" picks it)
+    or "replicated_out" (``resolve_layout``)."""
 
     def __init__(self, model_id, precision: str = "bf16", dp: int | None = None, tp: int | None = None,
                  manager=None, layout: str | None = None):
-        check_layout(layout)
-        super().__init__(model_id, precision=precision, dp=dp, tp=tp, manager=manager)
+        super().__init__(model_id, precision=precision, dp=dp, tp=tp, manager=manager,
+                         transformer_layout=resolve_layout(layout))
         self.last_run: dict = {}
         self.last_step_seconds: list[float] = []
+        self.vae_tile_pixels = vae_tiles.TILE_PIXELS  # the decode's tile side, as diffusers' enable_tiling()
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None
@@ -105,23 +152,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
             format_text_input(prompts, system_message), add_generation_prompt=True, tokenize=True, return_dict=True,
             padding="max_length", max_length=TEXT_TOKENS + TEMPLATE_CROP, truncation=True, return_tensors="np")
         jax = self.manager.jax
-        jnp = jax.numpy
-
-        layer_types = set(getattr(component.module.config, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise ValueError(f"the Qwen text encoder has layers {sorted(layer_types)}: HunyuanVideo 1.5's has only "
-                             f"full attention (use_sliding_window false); use the released text_encoder/")
-
-        def encode(weights, ids, mask):  # the third-last hidden state, as diffusers' num_hidden_layers_to_skip=2
-            # The causal mask with each prompt's padding, made here: transformers would test the padding's
-            # values to skip it, which a traced program cannot.
-            causal = jnp.tril(jnp.ones((ids.shape[1], ids.shape[1]), bool))
-            full = causal[None, None] & (mask[:, None, None, :] > 0)  # [B, 1, S, S], True: attend
-            return call_torch_module(self.manager, component.module, weights, "forward", (ids,),
-                                     {"attention_mask": {"full_attention": full}, "output_hidden_states": True},
-                                     pick=lambda out: out.hidden_states[-3])
-
-        program = self.program(component, "encode", lambda: jax.jit(encode))
+        program = self.program(component, "encode", lambda: jax.jit(qwen_encode_fn(self.manager, component.module)))
         pair = batch_sharding(component.mesh, 2)
         ids = jax.device_put(np.asarray(tokens["input_ids"], np.int32), pair)
         mask = np.asarray(tokens["attention_mask"], np.int32)
@@ -134,9 +165,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
         _, extract_glyph_texts, _ = _diffusers_helpers()
         jax = self.manager.jax
         width = component.module.config.d_model
-        program = self.program(component, "encode", lambda: jax.jit(
-            lambda weights, ids, mask: call_torch_module(self.manager, component.module, weights, "forward",
-                                                         (ids, mask), pick=lambda out: out[0])))
+        program = self.program(component, "encode", lambda: jax.jit(byt5_encode_fn(self.manager, component.module)))
         embeds = np.zeros((len(prompts), GLYPH_TOKENS, width), np.float32)
         masks = np.zeros((len(prompts), GLYPH_TOKENS), np.int32)
         for row, prompt in enumerate(prompts):
@@ -193,11 +222,9 @@ class HunyuanVideoPipeline(HunyuanComponents):
         jax = self.manager.jax
         pixels = processor.preprocess(picture, height=height, width=width).numpy()[:, :, None]  # [1, 3, 1, H, W]
         scale = vae.module.config.scaling_factor
-        encode = self.program(vae, "encode", lambda: jax.jit(lambda weights, x: call_torch_module(
-            self.manager, vae.module, weights, "encode", (x,), pick=lambda out: out.latent_dist.mode())))
+        encode = self.program(vae, "encode", lambda: jax.jit(vae_encode_fn(self.manager, vae.module)))
         features = siglip.host.preprocess(images=picture, do_resize=True, return_tensors="np", do_convert_rgb=True)
-        embed = self.program(siglip, "encode", lambda: jax.jit(lambda weights, x: call_torch_module(
-            self.manager, siglip.module, weights, "forward", (x,), pick=lambda out: out.last_hidden_state)))
+        embed = self.program(siglip, "encode", lambda: jax.jit(siglip_encode_fn(self.manager, siglip.module)))
         with self.timer("encode_image"), device_errors("encoding the image", "Use a mesh with more devices."):
             latents = np.asarray(encode(vae.weights, jax.device_put(pixels.astype(np.float32), replicated(vae.mesh))))
             tokens = np.asarray(embed(siglip.weights, jax.device_put(
@@ -221,7 +248,8 @@ class HunyuanVideoPipeline(HunyuanComponents):
         ``self.last_run`` says how many steps ran in full. ``on_step``/``on_status``/``on_preview`` as for
         ``WanTPUPipeline.denoise``."""
         family = self.family
-        check_layout(layout)
+        if layout is not None:  # a run's own layout: the transformer is reloaded with its rules if it differs
+            self.transformer_layout = resolve_layout(layout)
         self.geometry.check_video(height, width, num_frames)
         guidance_scale = self._guidance(guidance_scale)
         transformer_config = self.transformer_config()
@@ -236,7 +264,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
         cfg = guidance_scale > 1.0
         steps = len(modes)
         run = DenoiseRun(self.manager, family, [transformer], schedule, [0] * steps, [guidance_scale] * steps, modes,
-                         "tensor", cfg)
+                         "tensor", cfg)  # the step's activations as the tensor layout; only the weights' rules differ
         self.last_step_seconds = run.step_seconds
         condition = embeds = None
         if image is not None:
@@ -248,7 +276,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
                               self._context(embeddings, cfg), condition, embeds, Callbacks(on_step, on_status, on_preview))
         full = sum(mode != "reuse" for mode in modes)
         self.last_run = {"steps": steps, "transformer_evaluations": full, "skipped_steps": steps - full,
-                         "deepcache": deepcache is not None, "layout": "tensor", "sampler": "euler",
+                         "deepcache": deepcache is not None, "layout": self.transformer_layout, "sampler": "euler",
                          "always_run_blocks": family.always_run(transformer_config) if deepcache else ()}
         if deepcache is not None:
             logger.info("DeepCache: %d of %d steps ran every block", full, steps)
@@ -265,7 +293,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
 
         mesh = self.mesh
         plan = plan_step(transformer_config, dict(mesh.shape), height, width, num_frames, cfg,
-                         chips.hbm_bytes(mesh.devices.flat[0].device_kind))
+                         chips.hbm_bytes(mesh.devices.flat[0].device_kind), layout=self.transformer_layout)
         logger.info("HBM plan: %s", plan.summary())
         if not plan.fits:
             raise memory_plan.HBMPlanError(plan.message())
@@ -355,13 +383,20 @@ class HunyuanVideoPipeline(HunyuanComponents):
         if on_status is not None:
             on_status("decoding the video")
         jax = self.manager.jax
-        decode = self.program(vae, "decode", lambda: jax.jit(lambda weights, z: call_torch_module(
-            self.manager, vae.module, weights, "decode", (z,), pick=lambda out: out.sample)))
+        tiles = self.program(vae, f"tiled_decode_{self.vae_tile_pixels}", lambda: vae_tiles.TiledVAEDecoder(
+            self.manager, vae.module, vae.mesh, geometry.spatial_factor, self.vae_tile_pixels))
         frames = []
-        with self.timer("decode"), device_errors("the VAE decoder", "Lower the resolution or num_frames."):
-            for item in latents.float().numpy():
-                video = np.asarray(decode(vae.weights, jax.device_put(item[None], replicated(vae.mesh))))
-                frames.append(np.clip(video[0] / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 3, 0))  # [F, H, W, 3]
+        with self.timer("decode"):
+            if vae_tiles.needs_tiles(latents.shape[-2], latents.shape[-1], tiles.latent_tile):
+                videos = tiles.decode(vae.weights, latents.float().numpy(), on_status)
+            else:  # one tile or less: the whole video in one program, as diffusers' untiled decode
+                decode = self.program(vae, "decode", lambda: jax.jit(lambda weights, z: call_torch_module(
+                    self.manager, vae.module, weights, "decode", (z,), pick=lambda out: out.sample)))
+                with device_errors("the VAE decoder", "Lower the resolution or num_frames."):
+                    videos = [np.asarray(decode(vae.weights, jax.device_put(item[None], replicated(vae.mesh))))[0]
+                              for item in latents.float().numpy()]
+            for video in videos:
+                frames.append(np.clip(video / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 3, 0))  # [F, H, W, 3]
         return torch.from_numpy(np.concatenate(frames).astype(np.float32))
 
     def generate(self, prompt: str, negative_prompt: str = "", on_status=None, image=None, **denoise_args):
