@@ -13,7 +13,9 @@ each in its own ``runtime`` module:
 - the attention policy and the single attention-dispatch function, registered
   through torchax's public API (``runtime.attention``);
 - the cache of loaded, sharded components (``runtime.component_cache``), and
-  ``release()`` to drop it all.
+  ``release()`` to drop it all;
+- past one host (``runtime.multihost``): the joined ``jax.distributed`` runtime, when the environment asks
+  for one, and on host 0 the ``Leader`` that mirrors every stage to the followers.
 
 The names the pack used from here before the split stay importable from here.
 """
@@ -27,7 +29,7 @@ import threading
 from typing import Any, Callable
 
 from .runtime import attention as _attention
-from .runtime import environment
+from .runtime import environment, multihost
 from .runtime.attention import (  # noqa: F401 (re-exported)
     ATTENTION_BACKENDS,
     SPLASH_MIN_KV_LEN,
@@ -89,6 +91,7 @@ class TorchaxEnvManager:
         self._trace = TraceContext()
         self._attention_policy = _attention.AttentionPolicy()
         self._components = ComponentCache(self._lock)
+        self._cluster: multihost.Cluster | None = None
         self.compile_cache_dir: str | None = None
 
     # ----------------------------------------------------------- start-up
@@ -100,6 +103,9 @@ class TorchaxEnvManager:
             if self._env is not None:
                 return self._env
             jax, torchax = import_jax_and_torchax()
+            cluster_config = multihost.ClusterConfig.from_environment()
+            if cluster_config is not None:  # before anything touches a device
+                self._cluster = multihost.join(jax, cluster_config)
             self._jax, self._torchax = jax, torchax
             self.compile_cache_dir = setup_compile_cache(jax)
             self._compiles.listen(jax)
@@ -111,6 +117,19 @@ class TorchaxEnvManager:
                 jax.__version__, self.platform, jax.device_count(), torchax.__version__,
             )
             return env
+
+    @property
+    def cluster(self) -> "multihost.Cluster | None":
+        """This process's place in a multi-host runtime (joined by ``start``), or None on one host."""
+        return self._cluster
+
+    def leader(self) -> "multihost.Leader | None":
+        """The ``Leader`` when this process (host 0) leads followers, else None. Starts jax only when the
+        environment asks for several processes."""
+        if not self.started and not multihost.requested():
+            return None
+        self.start()
+        return self._cluster.leader if self._cluster is not None else None
 
     @property
     def started(self) -> bool:
@@ -246,11 +265,21 @@ class TorchaxEnvManager:
                 "compile_cache_hits": self._compiles.cache_hits}
 
     def release(self) -> dict:
-        """Drop every component, compiled function and mesh this pack holds.
+        """Drop every component, compiled function and mesh this pack holds, on every host.
 
         Device arrays are deleted explicitly, so HBM is free even if a caller
         still holds a reference. Returns what was freed, and logs it in one line.
+        A leader that lost a follower still frees its own host.
         """
+        leader = self._cluster.leader if self._cluster is not None else None
+        if leader is not None and leader.broken is None:
+            try:
+                return leader.broadcast(multihost.RELEASE, self._release_here)
+            except multihost.FollowerError as error:
+                logger.warning("released this host only: %s", error)
+        return self._release_here()
+
+    def _release_here(self) -> dict:
         with self._lock:
             keys, freed_bytes = self._components.clear()
             meshes = self._meshes_by_shape.clear()

@@ -30,7 +30,8 @@ from .models.wan.conditioning import (WanEmbeddings, WanImageConditioning, check
 from .models.wan.configs import TEXT_TOKENS
 from .models.wan.latents import to_vae_latents
 from .runtime import environment
-from .runtime.placement import batch_sharding
+from .runtime.multihost import mirrored
+from .runtime.placement import batch_sharding, local_device, to_host
 from .sampling.denoise_run import Callbacks, DenoiseRun
 from .sampling.loras import apply_loras
 from .scheduler import make_schedule
@@ -57,7 +58,13 @@ class WanTPUPipeline(WanComponents):
                        sharding.check_layout(environment.read(environment.LAYOUT), given_as=environment.LAYOUT))
         super().__init__(*(() if model_id is None else (model_id,)), precision=precision, dp=dp, tp=tp,
                          manager=manager)
+        self.model_arg = model_id
         self.last_step_seconds: list[float] = []
+
+    def multihost_spec(self) -> dict:
+        """The arguments a follower makes the same pipeline with (``runtime.multihost``)."""
+        return {"model_id": self.model_arg, "precision": self.precision, "dp": self.dp, "tp": self.tp,
+                "layout": self.layout}
 
     def memory_plan(self, height, width, num_frames, guidance_scale, layout=None):
         return super().memory_plan(height, width, num_frames, guidance_scale, layout or self.layout)
@@ -79,6 +86,7 @@ class WanTPUPipeline(WanComponents):
         return layout
 
     # ------------------------------------------------------------------ stages
+    @mirrored()
     def encode(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None
                ) -> WanEmbeddings:
         """UMT5 embeddings of ``prompt`` and ``negative_prompt`` (diffusers' semantics, 512 tokens).
@@ -104,10 +112,11 @@ class WanTPUPipeline(WanComponents):
             ids = jax.device_put(tokens["input_ids"].astype(np.int32), pair)
             mask = jax.device_put(tokens["attention_mask"].astype(np.int32), pair)
             with device_errors("the text encoder", "Use a mesh with more devices."), self.matmul_precision():
-                hidden = np.asarray(component.encode_fn(component.weights, ids, mask))
+                hidden = to_host(component.encode_fn(component.weights, ids, mask))
         embeds = torch.from_numpy(hidden.copy())
         return WanEmbeddings(embeds[:1], embeds[1:], self.source.model_id)
 
+    @mirrored()
     def encode_image(self, image, *, height: int = 480, width: int = 832, num_frames: int = 81,
                      on_status: Callable[[str], None] | None = None, end_image=None) -> WanImageConditioning:
         """An image-to-video model's conditioning on ``image`` (its first frame) and, for first-last-frame
@@ -121,6 +130,7 @@ class WanTPUPipeline(WanComponents):
 
         return encode_image(self, image, end_image, height, width, num_frames, on_status)
 
+    @mirrored(steps=True)
     def denoise(self, embeddings: WanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 81,
                 num_inference_steps: int = 50, guidance_scale: float = 5.0, seed: int = 0, flow_shift: float = 5.0,
                 on_step: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
@@ -247,6 +257,7 @@ class WanTPUPipeline(WanComponents):
         model = os.path.realpath(self.source.location) if self.source.is_local else self.source.location
         return RatioSource(model, self.family.name, transformer.config, height, width, image is not None)
 
+    @mirrored()
     def decode(self, latents, on_status: Callable[[str], None] | None = None) -> Any:
         """Frames [F, H, W, 3] float32 in [0, 1] (CPU) from VAE latents [B, C, T, h, w].
 
@@ -274,9 +285,10 @@ class WanTPUPipeline(WanComponents):
         with self.timer("decode"):
             for item in latents.float():
                 frames.append(component.decoder.decode(component.weights, item[None].numpy(), on_status,
-                                                       device=component.mesh.devices.flat[0]))
+                                                       device=local_device(component.mesh)))
         return torch.from_numpy(np.concatenate(frames))
 
+    @mirrored(steps=True)
     def generate(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None,
                  **denoise_args):
         """encode -> denoise -> decode; returns frames [F, H, W, 3]."""

@@ -30,6 +30,15 @@ MODEL_ROOTS = "WAN_TPU_MODEL_ROOTS"
 OFFLINE = "WAN_TPU_OFFLINE"
 HF_OFFLINE = "HF_HUB_OFFLINE"
 
+# Past one host (``runtime.multihost``): host 0's HOST:PORT for JAX's coordinator, the number of processes (one
+# per host), this one's id (0: ComfyUI, the leader), how long the leader waits for a follower's answer (s), and
+# how long every process waits for all to join (s).
+COORDINATOR = "WAN_TPU_COORDINATOR"
+NUM_PROCESSES = "WAN_TPU_NUM_PROCESSES"
+PROCESS_ID = "WAN_TPU_PROCESS_ID"
+FOLLOWER_TIMEOUT = "WAN_TPU_FOLLOWER_TIMEOUT"
+JOIN_TIMEOUT = "WAN_TPU_JOIN_TIMEOUT"
+
 _TRUE = ("1", "true", "yes", "on")
 
 

@@ -30,6 +30,29 @@ def batch_sharding(mesh, batch: int):
     return NamedSharding(mesh, PartitionSpec())
 
 
+def to_host(array):
+    """A device array's whole value as numpy on this host.
+
+    One that spans other processes' devices (a multi-host mesh, ``runtime.multihost``) and is not whole on
+    each is gathered: a collective, which every process runs, as every process runs the same stages."""
+    import numpy as np
+
+    if getattr(array, "is_fully_addressable", True) or array.is_fully_replicated:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def local_device(mesh):
+    """The mesh's first device on this host: the one whose memory a program is checked against (on one
+    host, the mesh's first device)."""
+    import jax
+
+    here = jax.process_index()
+    return next((device for device in mesh.devices.flat if device.process_index == here), mesh.devices.flat[0])
+
+
 def activation_sharding(mesh, batch: int, layout: str):
     """[batch, tokens, dim]: split over dp like the batch, and in the sequence layout by token too."""
     if layout != "sequence":

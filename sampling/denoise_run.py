@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..runtime.compiled import compiled_program, shape_key
-from ..runtime.placement import batch_sharding, replicated, whole_weight_copies
+from ..runtime.placement import batch_sharding, local_device, replicated, to_host, whole_weight_copies
 from ..utils import device_errors
 from .step_program import StepKind, StepProgram
 
@@ -108,7 +108,7 @@ class DenoiseRun:
             step_weights = self._step_weights(run_scope, callbacks)
             programs = self._compile(step_weights[0], state, context, inputs, callbacks)
             state = self._loop(programs, step_weights, state, context, callbacks)
-            latents = np.asarray(state[0])
+            latents = to_host(state[0])
         return self.family.finish(latents, inputs)
 
     def _step_weights(self, run_scope, callbacks: Callbacks) -> list:
@@ -169,17 +169,17 @@ class DenoiseRun:
                 state[0].block_until_ready()
                 if self.calibrate:  # 1.0 where an expert starts: it has no residual of its own yet
                     same_expert = i > 0 and self.expert_of_step[i] == self.expert_of_step[i - 1]
-                    self.calibration.append(float(residual_norm_ratio(jax)(self.residual, previous)[0])
+                    self.calibration.append(float(to_host(residual_norm_ratio(jax)(self.residual, previous))[0])
                                             if same_expert else 1.0)
                     previous = None
             self.step_seconds.append(time.perf_counter() - started)
             if callbacks.on_preview is not None:  # state[2]: the step's x0 prediction (UniPC's m)
-                callbacks.on_preview(np.asarray(middle_frame(jax)(state[2])))
+                callbacks.on_preview(to_host(middle_frame(jax)(state[2])))
             if callbacks.on_step is not None:
                 callbacks.on_step(i + 1, total)
         return state
 
 
 def mesh_device(mesh):
-    """The mesh's first device: what compiled programs are checked against."""
-    return mesh.devices.flat[0]
+    """The mesh's first device on this host: what compiled programs are checked against."""
+    return local_device(mesh)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import sharding
 from ..runtime.compiled import compiled_program, shape_key
+from ..runtime.placement import to_host
 from ..runtime.torch_bridge import method_as_forward
 from ..utils import device_errors
 
@@ -157,7 +158,7 @@ class VAEChunkDecoder:
             with device_errors(what, "Lower the resolution or num_frames."):
                 out, cache = self.compiled[key](*args)
             markers = self.markers_after[markers]
-            outputs.append(np.asarray(out))
+            outputs.append(to_host(out))
         return outputs
 
     def decode(self, weights, latents, on_status=None, device=None) -> np.ndarray:

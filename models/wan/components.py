@@ -16,7 +16,7 @@ from ... import loading, memory_plan, sharding
 from ...env_manager import TorchaxEnvManager
 from ...runtime.components import (ImageEncoderComponent, TextEncoderComponent, TransformerComponent,
                                    VAEComponent)
-from ...runtime.placement import place_weights, unique_arrays
+from ...runtime.placement import local_device, place_weights, unique_arrays
 from ...runtime.torch_bridge import call_torch_module
 from ...sampling.vae_chunks import VAEChunkDecoder, VAEChunkEncoder
 from ...scheduler import UniPCFlowSchedule
@@ -152,7 +152,7 @@ class WanComponents:
         plan = memory_plan.plan_memory(
             configs["transformer"], dict(mesh.shape), height, width, num_frames, self.precision,
             cfg=guidance_scale > 1.0, text_encoder_config=configs["text_encoder"], vae_config=configs["vae"],
-            experts=len(self.family.experts), device=mesh.devices.flat[0], layout=layout or "auto",
+            experts=len(self.family.experts), device=local_device(mesh), layout=layout or "auto",
         )
         logger.info("HBM plan: %s", plan.summary())
         return plan.check()

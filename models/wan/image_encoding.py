@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...runtime.placement import replicated
+from ...runtime.placement import local_device, replicated, to_host
 from ...utils import device_errors
 from .conditioning import WanImageConditioning, as_pil_image
 from .latents import normalise
@@ -33,7 +33,7 @@ def encode_image(components, image, end_image, height: int, width: int, num_fram
     with components.timer("encode_image"):
         pixels = [pixels_for_vae(components, picture, height, width) for picture in pictures]
         video = family.video_to_encode(pixels[0], num_frames, pixels[1] if len(pixels) > 1 else None)
-        means = vae.encoder.encode(vae.weights, video, on_status, device=vae.mesh.devices.flat[0])
+        means = vae.encoder.encode(vae.weights, video, on_status, device=local_device(vae.mesh))
         condition = family.condition_from_latents(normalise(means, vae.latents_mean, vae.latents_std))
         image_embeds = clip_tokens(components, pictures, on_status) if family.clip_images else None
     return WanImageConditioning(torch.from_numpy(condition), image_embeds, components.source.model_id,
@@ -73,4 +73,4 @@ def clip_tokens(components, pictures: list, on_status):
     pixel_values = clip.processor(images=pictures, return_tensors="np")["pixel_values"].astype(np.float32)
     pixel_values = components.manager.jax.device_put(pixel_values, replicated(clip.mesh))
     with device_errors("the image encoder", "Use a mesh with more devices."), components.matmul_precision():
-        return torch.from_numpy(np.asarray(clip.encode_fn(clip.weights, pixel_values)).copy())
+        return torch.from_numpy(to_host(clip.encode_fn(clip.weights, pixel_values)).copy())
