@@ -326,7 +326,9 @@ def test_a_video_larger_than_a_tile_decodes_in_tiles_equal_to_diffusers_tiled_de
     try:
         frames = t2v.decode(latents, on_status=statuses.append).numpy()
     finally:
-        t2v.vae_tile_pixels = vae_tiles.TILE_PIXELS
+        t2v.vae_tile_pixels = None
+    assert vae_tiles.default_tile_pixels(None) == 256 and vae_tiles.default_tile_pixels(32 * 2**30) == 256
+    assert vae_tiles.default_tile_pixels(16 * 2**30) == 128  # v5e
     assert frames.shape == (9, 40, 48, 3)
     assert any("tiles 1-8 of 9 at 16x16" in status for status in statuses)  # 9 interior tiles over 8 devices
     vae = t2v_reference.vae
@@ -374,3 +376,16 @@ def test_the_replicated_out_layout_holds_fc2_and_the_output_projection_whole_and
                              generator=torch.Generator("cpu").manual_seed(0), **VIDEO).frames[0]
     assert np.abs(frames - expected).max() <= BOUND
     assert t2v.transformer().plan.specs["transformer_blocks.0.ff.net.2.weight"] == (None, "tp")  # back: reloaded
+
+
+def test_a_multi_host_leader_refuses_hunyuanvideo_before_loading_anything(t2v_dir):
+    """Its stages are not mirrored to followers: refused with the fix, not left waiting on the other hosts."""
+    class LeaderManager:
+        def leader(self):
+            return object()
+
+    pipe = hunyuan.HunyuanVideoPipeline(t2v_dir, precision="fp32", manager=LeaderManager())
+    with pytest.raises(ValueError, match="runs on one host so far.*without WAN_TPU_NUM_PROCESSES"):
+        pipe.component("vae")
+    with pytest.raises(ValueError, match="runs on one host so far"):
+        pipe.encode(PROMPT)

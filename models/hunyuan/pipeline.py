@@ -123,7 +123,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
                          transformer_layout=resolve_layout(layout))
         self.last_run: dict = {}
         self.last_step_seconds: list[float] = []
-        self.vae_tile_pixels = vae_tiles.TILE_PIXELS  # the decode's tile side, as diffusers' enable_tiling()
+        self.vae_tile_pixels: int | None = None  # the decode's tile side; None: vae_tiles.default_tile_pixels
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None
@@ -383,8 +383,12 @@ class HunyuanVideoPipeline(HunyuanComponents):
         if on_status is not None:
             on_status("decoding the video")
         jax = self.manager.jax
-        tiles = self.program(vae, f"tiled_decode_{self.vae_tile_pixels}", lambda: vae_tiles.TiledVAEDecoder(
-            self.manager, vae.module, vae.mesh, geometry.spatial_factor, self.vae_tile_pixels))
+        from ...runtime import chips
+
+        tile_pixels = self.vae_tile_pixels or vae_tiles.default_tile_pixels(
+            chips.hbm_bytes(vae.mesh.devices.flat[0].device_kind))
+        tiles = self.program(vae, f"tiled_decode_{tile_pixels}", lambda: vae_tiles.TiledVAEDecoder(
+            self.manager, vae.module, vae.mesh, geometry.spatial_factor, tile_pixels))
         frames = []
         with self.timer("decode"):
             if vae_tiles.needs_tiles(latents.shape[-2], latents.shape[-1], tiles.latent_tile):

@@ -26,6 +26,14 @@ logger = logging.getLogger("wan_tpu")
 
 TILE_PIXELS = 256  # diffusers' tile_sample_min_height / _width
 TILE_OVERLAP = 0.25  # diffusers' tile_overlap_factor
+# The tile decode's compiled peak per device at 121 frames (benchmarks/hunyuan_compile.py --stage decode):
+# 256 px 18.8 GiB on v6e; on v5e (16 GiB) 256 px needs 30.3 and 192 px 18.6, 128 px holds 10.2.
+SMALL_HBM_TILE_PIXELS, SMALL_HBM_BYTES = 128, 24 * 2**30
+
+
+def default_tile_pixels(hbm_bytes: int | None) -> int:
+    """diffusers' 256-pixel tile, or 128 on chips with less than 24 GiB of HBM (v5e)."""
+    return SMALL_HBM_TILE_PIXELS if hbm_bytes is not None and hbm_bytes < SMALL_HBM_BYTES else TILE_PIXELS
 
 
 def tile_windows(latent_height: int, latent_width: int, latent_tile: int, overlap: float = TILE_OVERLAP
