@@ -661,9 +661,11 @@ def _report(record, on_stage):
               f"({projection['ici_bytes_moved_per_device'] / GiB:.1f} GiB through each chip's ICI) = "
               f"{projection['seconds_no_overlap']} s without overlap, {projection['seconds_full_overlap']} s "
               f"with full overlap (a projection, not a measurement)", flush=True)
-    if record.get("resident_peak_bytes_per_device"):
-        print(f"    with all {record['resident_experts']} experts resident: "
-              f"{record['resident_peak_bytes_per_device'] / GiB:.2f} GiB per device", flush=True)
+    if record.get("resident_peak_bytes_per_device"):  # other experts, or the shards of gathered weights, beside it
+        beside = (f"all {record['resident_experts']} experts" if record.get("resident_experts") else
+                  "the gathered weights' shards")
+        print(f"    with {beside} resident: {record['resident_peak_bytes_per_device'] / GiB:.2f} GiB per device",
+              flush=True)
     if not record["compiled"] and record.get("error"):
         print(f"    {'refused' if record['refused'] else 'error'}: {record['error'][:600]}", flush=True)
     if on_stage is not None:

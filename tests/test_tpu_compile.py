@@ -385,3 +385,14 @@ def test_the_compile_command_names_a_bad_probe_or_size_and_the_fix(argv, message
         tpu_compile.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_report_names_what_stays_resident_beside_a_whole_weights_step(capsys, monkeypatch):
+    """A sequence-layout step with whole weights (v5p) keeps the gathered weights' shards beside it; a
+    two-expert step keeps the other expert. The report says which (it used to fail on the first)."""
+    base = dict(compiled=True, resident_peak_bytes_per_device=3 * 2**30)
+    for extra, words in (({}, "with the gathered weights' shards resident: 3.00 GiB"),
+                         ({"resident_experts": 2}, "with all 2 experts resident: 3.00 GiB")):
+        monkeypatch.setattr(tpu_compile, "row", lambda record: "row")
+        tpu_compile._report(dict(base, **extra), None)
+        assert words in capsys.readouterr().out
