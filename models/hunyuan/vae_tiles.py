@@ -154,7 +154,8 @@ class TiledVAEDecoder:
                     on_status(f"decoding the video: tiles {first + 1}-{first + len(batch)} of {len(group)} at "
                               f"{shape[1] * self.tile_pixels // self.latent_tile}x"
                               f"{shape[0] * self.tile_pixels // self.latent_tile} (call {done} of {calls})")
-                with device_errors("the VAE decoder", "Lower the tile size, the resolution or num_frames."):
+                with device_errors("the VAE decoder", "Lower the resolution or num_frames, or the tile "
+                                   "(HunyuanVideoPipeline.vae_tile_pixels, e.g. 128)."):
                     out = np.asarray(self.jitted()(weights, jax.device_put(np.ascontiguousarray(np.stack(tiles)),
                                                                            self.tile_sharding())))
                 for slot, index in enumerate(batch):
