@@ -92,6 +92,7 @@ class TorchaxEnvManager:
         self._attention_policy = _attention.AttentionPolicy()
         self._components = ComponentCache(self._lock)
         self._cluster: multihost.Cluster | None = None
+        self._alone = False  # a lost follower left this leader on its own devices (``_go_on_alone``)
         self.compile_cache_dir: str | None = None
 
     # ----------------------------------------------------------- start-up
@@ -129,7 +130,37 @@ class TorchaxEnvManager:
         if not self.started and not multihost.requested():
             return None
         self.start()
-        return self._cluster.leader if self._cluster is not None else None
+        leader = self._cluster.leader if self._cluster is not None else None
+        if leader is None or self._alone:
+            return None
+        if leader.broken is not None and self._cluster.config.on_follower_loss == "local":
+            self._go_on_alone(leader.broken)
+            return None
+        return leader
+
+    def _go_on_alone(self, why: str) -> None:
+        """After a follower was lost: drop everything placed on the global mesh (its other shards are gone)
+        and run from now on over this host's devices only, mirrored to no one."""
+        with self._lock:
+            if self._alone:
+                return
+            self._release_here()
+            self._alone = True
+        logger.warning("multi-host: going on with this host's %d device(s) alone, after: %s",
+                       self._jax.local_device_count(), why)
+
+    @property
+    def alone(self) -> bool:
+        """Whether this leader lost a follower and now runs on its own host's devices only."""
+        return self._alone
+
+    def devices(self) -> list:
+        """The devices the pack's meshes span: every device of the runtime (all hosts), or this host's once a
+        leader goes on alone."""
+        if self._cluster is not None:
+            self.leader()  # a follower lost since the last call: go on alone before a mesh is built
+        jax = self.jax
+        return list(jax.local_devices() if self._alone else jax.devices())
 
     @property
     def started(self) -> bool:
@@ -188,7 +219,7 @@ class TorchaxEnvManager:
     # --------------------------------------------------------------- mesh
     def mesh(self, dp: Any = None, tp: Any = None):
         """The (dp, tp) mesh over all devices of the default backend, built once per shape."""
-        return self._meshes_by_shape.get(self.jax.devices(), dp, tp, platform=self.platform)
+        return self._meshes_by_shape.get(self.devices(), dp, tp, platform=self.platform)
 
     @property
     def meshes(self) -> dict:
@@ -271,13 +302,21 @@ class TorchaxEnvManager:
         still holds a reference. Returns what was freed, and logs it in one line.
         A leader that lost a follower still frees its own host.
         """
-        leader = self._cluster.leader if self._cluster is not None else None
+        leader = self._cluster.leader if self._cluster is not None and not self._alone else None
         if leader is not None and leader.broken is None:
             try:
                 return leader.broadcast(multihost.RELEASE, self._release_here)
             except multihost.FollowerError as error:
                 logger.warning("released this host only: %s", error)
         return self._release_here()
+
+    def _live_bytes_here(self) -> int | None:
+        """Bytes of live device arrays on this host's devices (anyone's, not only the pack's), None before
+        jax started."""
+        if self._jax is None:
+            return None
+        return sum(shard.data.nbytes for array in self._jax.live_arrays() if not array.is_deleted()
+                   for shard in array.addressable_shards)
 
     def _release_here(self) -> dict:
         with self._lock:
@@ -288,7 +327,7 @@ class TorchaxEnvManager:
                 self._jax.clear_caches()
             gc.collect()
         summary = {"components": [k[0] if isinstance(k, tuple) else k for k in keys],
-                   "bytes": freed_bytes, "meshes": meshes}
+                   "bytes": freed_bytes, "meshes": meshes, "left_bytes": self._live_bytes_here()}
         logger.info(
             "Wan TPU: released %d component(s) %s, %.1f MiB of device memory, %d mesh(es) and compiled functions",
             len(keys), summary["components"], freed_bytes / 2**20, len(meshes),

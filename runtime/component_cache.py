@@ -36,7 +36,7 @@ def device_memory(jax) -> dict:
     """Per device id: its kind, platform and memory (``memory_stats()``: used and total where the backend
     reports them, None on CPU), with ``pack_bytes`` 0 for ``ComponentCache.report`` to fill in."""
     devices = {}
-    for device in jax.devices():
+    for device in jax.local_devices():  # only this host's report memory (the same list on one host)
         try:
             stats = device.memory_stats() or {}
         except Exception:  # a backend without memory statistics

@@ -38,6 +38,8 @@ NUM_PROCESSES = "WAN_TPU_NUM_PROCESSES"
 PROCESS_ID = "WAN_TPU_PROCESS_ID"
 FOLLOWER_TIMEOUT = "WAN_TPU_FOLLOWER_TIMEOUT"
 JOIN_TIMEOUT = "WAN_TPU_JOIN_TIMEOUT"
+# What ComfyUI does after a follower is lost: "local" (go on with host 0's devices alone) or "refuse".
+ON_FOLLOWER_LOSS = "WAN_TPU_ON_FOLLOWER_LOSS"
 
 _TRUE = ("1", "true", "yes", "on")
 

@@ -4,6 +4,7 @@ default rule), its construction, and the meshes built once per shape."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any
 
@@ -72,13 +73,69 @@ def resolve_mesh_shape(device_count: int, dp: Any = None, tp: Any = None, enviro
     return given_dp, given_tp
 
 
+# Which mesh axis crosses the slower links first, as data. ``tp`` carries every layer's collectives (the
+# tensor layout's all-reduces, the sequence layout's all-to-alls and weight gathers); ``dp`` carries none inside
+# a step (it splits the CFG batch, whose halves meet once per step). So where devices sit in groups joined by
+# slower links, ``dp`` is split across the groups first and ``tp`` only for what is left.
+AXES_ACROSS_GROUPS = ("dp", "tp")
+
+
+def group_key(devices) -> str:
+    """The device attribute that tells the groups the slower links join: ``slice_index`` on TPU (every chip of
+    one slice, all its hosts included, is on the one ICI torus, so a v6e-16 is one group), else
+    ``process_index`` (GPU or CPU hosts, joined by the network)."""
+    on_slices = all(d.platform == "tpu" and getattr(d, "slice_index", None) is not None for d in devices)
+    return "slice_index" if on_slices else "process_index"
+
+
+def device_groups(devices) -> list[list]:
+    """``devices`` in their groups (``group_key``), in order."""
+    key = group_key(devices)
+    groups: dict = {}
+    for device in devices:
+        groups.setdefault(getattr(device, key, 0), []).append(device)
+    return [groups[index] for index in sorted(groups)]
+
+
+def split_across_groups(shape: tuple[int, int], group_count: int) -> tuple[int, int]:
+    """How many groups each of (dp, tp) spans, ``AXES_ACROSS_GROUPS`` first: e.g. (2, 4) over 2 hosts ->
+    (2, 1), tp within each host; (2, 8) over 4 hosts -> (2, 2), tp across 2 of them. It always fits: the
+    group count divides dp x tp, so what dp leaves of each prime factor, tp holds."""
+    spans = {"dp": 1, "tp": 1}
+    sizes = dict(zip(("dp", "tp"), shape))
+    left = group_count
+    for axis in AXES_ACROSS_GROUPS:
+        span = math.gcd(sizes[axis], left)
+        spans[axis], left = span, left // span
+    return spans["dp"], spans["tp"]
+
+
 def build_mesh(devices, dp=None, tp=None):
-    """A ``jax.sharding.Mesh`` with axes ('dp', 'tp') over ``devices``, shape validated."""
+    """A ``jax.sharding.Mesh`` with axes ('dp', 'tp') over ``devices``, shape validated.
+
+    On one group (one host, or one TPU slice of any number of hosts) the devices follow the physical topology
+    (``create_device_mesh``). Over several groups (``device_groups``) the mesh is a hybrid one: each group holds
+    whole ``tp`` rows where it can, and ``dp`` crosses the slower links first (``split_across_groups``)."""
     import jax
     from jax.experimental import mesh_utils
 
+    devices = list(devices)
     shape = resolve_mesh_shape(len(devices), dp, tp)
-    grid = mesh_utils.create_device_mesh(shape, list(devices), allow_split_physical_axes=True)
+    groups = device_groups(devices)
+    if len(groups) == 1:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    else:
+        if len({len(group) for group in groups}) != 1:
+            raise ValueError(f"the hosts or slices hold different numbers of devices "
+                             f"({[len(group) for group in groups]}): every host must expose all its chips")
+        spans = split_across_groups(shape, len(groups))
+        within = (shape[0] // spans[0], shape[1] // spans[1])
+        if spans[1] > 1:
+            logger.warning("device mesh: tp=%d spans %d hosts or slices (dp=%d cannot take them all): every "
+                           "layer's collectives cross their slower links", shape[1], spans[1], shape[0])
+        grid = mesh_utils.create_hybrid_device_mesh(
+            within, spans, devices, process_is_granule=group_key(devices) == "process_index",
+            allow_split_physical_axes=True)
     return jax.sharding.Mesh(grid, ("dp", "tp"))
 
 

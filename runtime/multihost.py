@@ -25,8 +25,10 @@ In lock-step:
 Every wait is bounded. A follower that does not acknowledge a call within ``WAN_TPU_FOLLOWER_TIMEOUT``
 seconds (30), or whose heartbeat stops while a call fails, gives the leader a ``FollowerError`` naming the
 process, its host and the fix. JAX's recoverable mode is on, so a dead follower does not take ComfyUI down
-with it; the leader then refuses further multi-host calls with the same message (a multi-controller runtime
-cannot take a process back: restart the follower and ComfyUI).
+with it. The leader's ``Leader`` then refuses every further multi-host call; a multi-controller runtime
+cannot take a process back (restart the follower and ComfyUI). By default (``WAN_TPU_ON_FOLLOWER_LOSS=local``)
+``TorchaxEnvManager`` then goes on alone: it drops everything placed on the global mesh and runs the next
+calls on host 0's own devices, mirrored to no one.
 
 Importing this module imports neither jax nor torch.
 """
@@ -58,6 +60,7 @@ PREFIX = "wan_tpu"  # every key this channel writes in the runtime's key-value s
 HEARTBEAT_S = 1.0  # how often a follower says it is alive
 DEFAULT_FOLLOWER_TIMEOUT_S = 30.0
 DEFAULT_JOIN_TIMEOUT_S = 300
+ON_FOLLOWER_LOSS = ("local", "refuse")  # the first is the default
 CALL_WAIT_S = 1800.0  # the longest a follower waits for the leader's next word inside a call (a compile)
 STOP = "stop"
 RELEASE = "release"
@@ -81,6 +84,7 @@ class ClusterConfig:
     process_id: int = 0
     follower_timeout_s: float = DEFAULT_FOLLOWER_TIMEOUT_S
     join_timeout_s: int = DEFAULT_JOIN_TIMEOUT_S
+    on_follower_loss: str = ON_FOLLOWER_LOSS[0]
 
     def __post_init__(self):
         host, _, port = str(self.coordinator).rpartition(":")
@@ -95,6 +99,9 @@ class ClusterConfig:
                              f"{int(self.num_processes) - 1} for the followers")
         if not self.follower_timeout_s > 0:
             raise ValueError(f"{environment.FOLLOWER_TIMEOUT}={self.follower_timeout_s}: give seconds > 0 (30)")
+        if self.on_follower_loss not in ON_FOLLOWER_LOSS:
+            raise ValueError(f"{environment.ON_FOLLOWER_LOSS}={self.on_follower_loss!r}: use 'local' (go on with "
+                             f"host 0's devices alone after a follower is lost) or 'refuse'")
 
     @property
     def is_leader(self) -> bool:
@@ -116,7 +123,8 @@ class ClusterConfig:
                    _float(environment.FOLLOWER_TIMEOUT,
                           environment.read(environment.FOLLOWER_TIMEOUT, str(DEFAULT_FOLLOWER_TIMEOUT_S), environ)),
                    _int(environment.JOIN_TIMEOUT,
-                        environment.read(environment.JOIN_TIMEOUT, str(DEFAULT_JOIN_TIMEOUT_S), environ)))
+                        environment.read(environment.JOIN_TIMEOUT, str(DEFAULT_JOIN_TIMEOUT_S), environ)),
+                   environment.read(environment.ON_FOLLOWER_LOSS, ON_FOLLOWER_LOSS[0], environ).strip().lower())
 
     def follower_command(self, process_id: int) -> str:
         """The command that starts follower ``process_id`` (the fix an error gives)."""
@@ -506,11 +514,16 @@ class Leader:
         return " and ".join(f"follower process {pid} on {self.channel.host_of(pid)}" for pid in pids)
 
     def _break(self, what: str, cause: BaseException | None = None) -> None:
-        pids = [pid for pid in self.channel.followers]
-        message = (f"multi-host: {what}. Restart the follower(s) ("
-                   + "; ".join(self.config.follower_command(pid) for pid in pids)
-                   + "), then restart ComfyUI: a JAX multi-process runtime cannot take a process back. Or unset "
-                   f"{environment.NUM_PROCESSES} and restart ComfyUI to run on this host's devices alone.")
+        restart = ("restart the follower(s) (" + "; ".join(self.config.follower_command(pid)
+                                                          for pid in self.channel.followers)
+                   + "), then restart ComfyUI: a JAX multi-process runtime cannot take a process back")
+        if self.config.on_follower_loss == "local":
+            message = (f"multi-host: {what}. The next run goes on with this host's devices alone "
+                       f"({environment.ON_FOLLOWER_LOSS}=refuse refuses instead). To use every host again, "
+                       f"{restart}.")
+        else:
+            message = (f"multi-host: {what}. To run again, {restart}. Or unset {environment.NUM_PROCESSES} and "
+                       f"restart ComfyUI to run on this host's devices alone.")
         self.broken = message
         logger.error(message)
         raise FollowerError(message) from cause
@@ -628,11 +641,12 @@ class Follower:
         """One call, as the leader made it; its outcome as JSON-able data."""
         name = call["name"]
         started = time.perf_counter()
+        released = None
         try:
             if name == STOP:
                 pass
             elif name == RELEASE:
-                self.release()
+                released = self.release()
             else:
                 pipeline = self.make_pipeline(decode(call["pipeline"]))
                 kwargs = decode(call["kwargs"])
@@ -648,6 +662,8 @@ class Follower:
             logger.error("multi-host: call %d (%s) failed here: %s", seq, name, _describe(error))
             return {"ok": False, "error": _describe(error), "traceback": traceback.format_exc()[-4000:]}
         logger.info("multi-host: call %d (%s) done in %.1f s", seq, name, time.perf_counter() - started)
+        if name == RELEASE and isinstance(released, dict):  # what this host freed, for the leader to see
+            return {"ok": True, "released": json.loads(json.dumps(released, default=str))}
         return {"ok": True}
 
     def _step_gate(self, seq: int):

@@ -2,13 +2,16 @@
 
 Run by the test with the environment of a leader (``WAN_TPU_COORDINATOR``, ``WAN_TPU_NUM_PROCESSES=2``,
 4 CPU devices); ``argv[1]``: a JSON file of settings; writes what it saw to ``<out>/leader.json`` and the
-frames to ``<out>/frames.npy``. In order:
+frames of each run to ``<out>/<run>.npy``. In order:
 
-1. a generate with a live preview (the frames the test compares with one 8-device process);
-2. a generate of another prompt and seed (it must compile nothing, here or on the follower);
-3. a generate during which the test kills the follower (at step 1 this writes ``at_step``, then waits for
+1. ``generate``, with a live preview;
+2. the three-node chain (Text Encoder, Sampler, VAE Decoder), then the Full Pipeline node, then a
+   ``generate`` of another prompt and seed: none of them may compile anything, here or on the follower;
+3. a run cancelled at step 1: the follower must stop at the same step;
+4. "Unload Models" (``release``): both processes free everything;
+5. a run during which the test kills the follower (at step 1 this writes ``at_step``, then waits for
    ``killed``): it must fail with a ``FollowerError`` naming the follower, soon;
-4. one more generate: refused at once with the same message.
+6. one more ``generate``: it runs on this process's 4 devices alone.
 """
 
 import json
@@ -21,12 +24,18 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pack_loader import pack_module  # noqa: E402
 
 
+class Cancelled(Exception):
+    """What ComfyUI's Cancel raises from a node's progress callback."""
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import numpy as np
+    import torch
+
     with open(sys.argv[1]) as file:
         settings = json.load(file)
-    out = settings["out"]
-    video = settings["video"]
+    out, model, video = settings["out"], settings["model"], settings["video"]
     report: dict = {}
 
     def save() -> None:
@@ -34,48 +43,77 @@ def main() -> None:
             json.dump(report, file)
         os.replace(os.path.join(out, "leader.json.part"), os.path.join(out, "leader.json"))
 
+    def keep(name: str, frames) -> None:
+        np.save(os.path.join(out, f"{name}.npy"), frames.numpy())
+
     manager = pack_module("env_manager").TorchaxEnvManager.instance()
     multihost = pack_module("runtime.multihost")
-    pipe = pack_module("pipeline").WanTPUPipeline(settings["model"], precision="fp32")
+    nodes = pack_module("nodes")
+    pipe = pack_module("pipeline").WanTPUPipeline(model, precision="fp32")
     leader = manager.leader()
     report["devices"] = [manager.jax.device_count(), manager.jax.local_device_count()]
 
     started = time.perf_counter()
     previews = []
-    frames = pipe.generate("a cat", "blurry", seed=0, on_preview=lambda frame: previews.append(frame.shape), **video)
+    keep("generate", pipe.generate("a cat", "blurry", seed=0, on_preview=lambda frame: previews.append(frame.shape),
+                                   **video))
     report["first_s"] = time.perf_counter() - started
     report["previews"] = [list(shape) for shape in previews]
     report["follower_compiled_first"] = leader.last_results[1]["compiled"]
-    import numpy as np
-
-    np.save(os.path.join(out, "frames.npy"), frames.numpy())
     save()
 
     compiled = manager.compile_count()
     started = time.perf_counter()
+    v = video
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        positive, negative = nodes.Wan21TextEncoder().encode("a cat", "blurry", model, precision="fp32")
+        latent, _ = nodes.Wan21TPUSampler().sample(positive, negative, v["height"], v["width"], v["num_frames"],
+                                                   v["num_inference_steps"], v["guidance_scale"], 0, model,
+                                                   v["flow_shift"], precision="fp32")
+        keep("chain", nodes.Wan21TPUVAEDecoder().decode(latent, model, 16, precision="fp32")[0])
+        keep("full_pipeline", nodes.Wan21TPUPipeline().generate(
+            "a cat", "blurry", v["height"], v["width"], v["num_frames"], v["num_inference_steps"],
+            v["guidance_scale"], 0, model, 16, v["flow_shift"], precision="fp32")[0])
     pipe.generate("a dog", "", seed=1, **video)
-    report["second_s"] = time.perf_counter() - started
+    report["nodes_and_second_s"] = time.perf_counter() - started
     report["leader_compiled_second"] = manager.compile_count() - compiled
     report["follower_compiled_second"] = leader.last_results[1]["compiled"] - report["follower_compiled_first"]
     save()
 
-    def on_step(i: int, total: int) -> None:
+    def cancel_at_step_1(i: int, total: int) -> None:
+        if i == 1:
+            raise Cancelled("the user pressed Cancel")
+
+    try:
+        pipe.generate("a cat", "blurry", seed=0, on_step=cancel_at_step_1, **video)
+        report["cancel"] = {"raised": False}
+    except Cancelled:
+        report["cancel"] = {"raised": True, "follower": leader.last_results[1]}
+    save()
+
+    freed = manager.release()
+    report["release"] = {"leader": freed, "follower": leader.last_results[1]}
+    save()
+
+    def wait_for_the_kill(i: int, total: int) -> None:
         if i == 1:
             open(os.path.join(out, "at_step"), "w").close()
             deadline = time.monotonic() + 120
             while not os.path.exists(os.path.join(out, "killed")) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
-    for attempt in ("killed", "refused"):
-        started = time.perf_counter()
-        try:
-            pipe.generate("a cat", "blurry", seed=0, on_step=on_step, **dict(video, num_inference_steps=3))
-            report[attempt] = {"error": None}
-        except multihost.FollowerError as error:
-            killed_at = os.path.getmtime(os.path.join(out, "killed")) if attempt == "killed" else None
-            report[attempt] = {"error": str(error), "s": time.perf_counter() - started,
-                               "after_kill_s": None if killed_at is None else time.time() - killed_at}
-        save()
+    started = time.perf_counter()
+    try:
+        pipe.generate("a cat", "blurry", seed=0, on_step=wait_for_the_kill, **dict(video, num_inference_steps=3))
+        report["killed"] = {"error": None}
+    except multihost.FollowerError as error:
+        report["killed"] = {"error": str(error), "s": time.perf_counter() - started,
+                            "after_kill_s": time.time() - os.path.getmtime(os.path.join(out, "killed"))}
+    save()
+
+    keep("alone", pipe.generate("a cat", "blurry", seed=0, **video))
+    report["alone"] = {"alone": manager.alone, "mesh_devices": int(pipe.mesh.devices.size),
+                       "leader": manager.leader() is not None}
     report["done"] = True
     save()
 

@@ -1,7 +1,9 @@
 """Past one host, on this machine: a leader and a follower process on 127.0.0.1 (JAX's CPU multi-process
-runtime, gloo collectives, 4 fake devices each) run the tiny Wan model over one 8-device mesh; the frames
-equal one 8-device process's; a second prompt compiles nothing on either; a killed follower gives the leader
-a clear error soon. The command channel's protocol is also checked alone, on an in-memory key-value store."""
+runtime, gloo collectives, 4 fake devices each) run the tiny Wan model over one 8-device mesh. ``generate``,
+the three-node chain and the Full Pipeline node give one 8-device process's frames; a second prompt compiles
+nothing on either; Cancel stops both at the same step; Unload frees both; a killed follower gives the leader
+a clear error soon, and the next run goes on with the leader's devices alone (``multihost_leader.py`` says
+the order). The command channel's protocol is also checked alone, on an in-memory key-value store."""
 
 import json
 import os
@@ -48,7 +50,7 @@ def wait_for(path, process, timeout_s: float) -> bool:
     return False
 
 
-def test_two_processes_run_the_pipeline_as_one_and_a_killed_follower_is_named(tmp_path, tiny_model_dir, manager):
+def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follower_leaves_the_leader_alone(tmp_path, tiny_model_dir, manager):
     port = free_port()
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({"model": tiny_model_dir, "out": str(tmp_path), "video": VIDEO}))
@@ -88,18 +90,35 @@ def test_two_processes_run_the_pipeline_as_one_and_a_killed_follower_is_named(tm
         for log in logs.values():
             log.close()
 
+    assert report.get("done"), report
     assert report["devices"] == [8, 4]
     assert report["previews"] == [[16, 2, 2]] * VIDEO["num_inference_steps"]  # [C, h, w] after each step
-    frames = np.load(tmp_path / "frames.npy")
-    assert frames.shape == expected.shape == (1, 16, 16, 3)
-    np.testing.assert_allclose(frames, expected, atol=1e-5, rtol=0)
+    assert expected.shape == (1, 16, 16, 3)
+    for run in ("generate", "chain", "full_pipeline", "alone"):  # the three-node chain, the Full Pipeline node
+        frames = np.load(tmp_path / f"{run}.npy")
+        assert frames.shape == expected.shape, run
+        np.testing.assert_allclose(frames, expected, atol=1e-5, rtol=0, err_msg=run)
+    # The nodes and a second prompt compile nothing, on either process.
     assert report["leader_compiled_second"] == 0 and report["follower_compiled_second"] == 0, report
+    # Cancel: the follower stopped at the leader's step.
+    cancel = report["cancel"]
+    assert cancel["raised"] and cancel["follower"]["stopped"], cancel
+    assert "stopped at step 1 of 2" in cancel["follower"]["error"], cancel
+    # Unload Models: both processes dropped the same components and hold no device memory after.
+    leader_freed, follower_freed = report["release"]["leader"], report["release"]["follower"]["released"]
+    assert sorted(leader_freed["components"]) == sorted(follower_freed["components"]) == \
+        ["text_encoder", "transformer", "vae"], report["release"]
+    assert leader_freed["bytes"] > 0 and follower_freed["bytes"] == leader_freed["bytes"], report["release"]
+    # All that stays on a device is torchax's random key (uint32[2]), on each process.
+    assert leader_freed["left_bytes"] <= 8 and follower_freed["left_bytes"] <= 8, report["release"]
+    # A killed follower: named within 60 s, with the command that restarts it.
     killed = report["killed"]
     assert killed["error"] is not None and killed["after_kill_s"] < 60, killed
     assert "follower process 1 on " + socket.gethostname() in killed["error"]
     assert "worker.py --coordinator 127.0.0.1:%d --num-processes 2 --process-id 1" % port in killed["error"]
-    refused = report["refused"]
-    assert refused["error"] is not None and refused["s"] < 1 and "refused the call 'generate'" in refused["error"]
+    assert "The next run goes on with this host's devices alone" in killed["error"]
+    # ...and the next run works on the leader's own 4 devices.
+    assert report["alone"] == {"alone": True, "mesh_devices": 4, "leader": False}, report["alone"]
 
 
 # ---------------------------------------------------------------- the protocol alone
@@ -250,7 +269,7 @@ def test_a_missing_follower_is_named_with_the_fix_and_later_calls_are_refused_at
         leader.run("decode", {}, (), {}, lambda: pytest.fail("ran without the follower"))
     assert time.monotonic() - started < 5
     assert "worker.py --coordinator 127.0.0.1:1234 --num-processes 2 --process-id 1" in str(error.value)
-    assert "WAN_TPU_NUM_PROCESSES" in str(error.value)
+    assert "The next run goes on with this host's devices alone (WAN_TPU_ON_FOLLOWER_LOSS=refuse" in str(error.value)
     started = time.monotonic()
     with pytest.raises(multihost.FollowerError, match="refused the call 'encode'"):
         leader.run("encode", {}, (), {}, lambda: None)
@@ -308,6 +327,11 @@ def test_the_environment_says_when_and_where_to_join():
         config({"WAN_TPU_NUM_PROCESSES": "2", "WAN_TPU_COORDINATOR": "h:1", "WAN_TPU_PROCESS_ID": "2"})
     with pytest.raises(ValueError, match="HOST:PORT"):
         config({"WAN_TPU_NUM_PROCESSES": "2", "WAN_TPU_COORDINATOR": "just-a-host"})
+    assert joined.on_follower_loss == "local"
+    assert config({"WAN_TPU_NUM_PROCESSES": "2", "WAN_TPU_COORDINATOR": "h:1",
+                   "WAN_TPU_ON_FOLLOWER_LOSS": "Refuse"}).on_follower_loss == "refuse"
+    with pytest.raises(ValueError, match="WAN_TPU_ON_FOLLOWER_LOSS='wait': use 'local'"):
+        config({"WAN_TPU_NUM_PROCESSES": "2", "WAN_TPU_COORDINATOR": "h:1", "WAN_TPU_ON_FOLLOWER_LOSS": "wait"})
 
 
 def test_a_follower_that_never_gets_ready_is_named_within_the_join_timeout():
@@ -335,3 +359,40 @@ def test_unload_reaches_the_follower():
     leader.stop_followers()
     thread.join(10)
     assert not thread.is_alive()
+
+
+# ---------------------------------------------------------------- the mesh over hosts
+class FakeDevice:
+    def __init__(self, id, process_index, platform="cpu", slice_index=None):
+        self.id, self.process_index, self.platform, self.device_kind = id, process_index, platform, platform
+        if slice_index is not None:
+            self.slice_index = slice_index
+
+    def __repr__(self):
+        return f"d{self.id}@p{self.process_index}"
+
+
+def hosts(count, per_host, **kwargs):
+    return [FakeDevice(h * per_host + i, h, **kwargs) for h in range(count) for i in range(per_host)]
+
+
+def test_the_mesh_keeps_tp_on_one_host_and_splits_dp_across_hosts_first(caplog):
+    mesh = pack_module("runtime.mesh")
+    pytest.importorskip("jax")
+    # Processes listed interleaved, as a runtime may: the mesh still keeps each tp row on one host.
+    interleaved = sorted(hosts(2, 4), key=lambda d: (d.id % 4, d.process_index))
+    grid = mesh.build_mesh(interleaved, 2, 4).devices
+    assert [{d.process_index for d in row} for row in grid] == [{0}, {1}]
+    # 4 hosts of 2 over (2, 4): dp takes 2 hosts, tp must span the other 2, and says so.
+    with caplog.at_level("WARNING", logger="wan_tpu"):
+        grid = mesh.build_mesh(hosts(4, 2), 2, 4).devices
+    assert [sorted({d.process_index for d in row}) for row in grid] == [[0, 1], [2, 3]]
+    assert "tp=4 spans 2 hosts or slices" in caplog.text
+    assert mesh.split_across_groups((2, 8), 4) == (2, 2) and mesh.split_across_groups((1, 8), 2) == (1, 2)
+    # One TPU slice of several hosts is one ICI torus: one group, whatever its hosts.
+    slice_of_4_hosts = hosts(4, 4, platform="tpu", slice_index=0)
+    assert len(mesh.device_groups(slice_of_4_hosts)) == 1
+    assert len(mesh.device_groups(hosts(2, 4, platform="tpu", slice_index=0)[:4]
+                                  + [FakeDevice(9, 1, "tpu", 1)] * 4)) == 2  # two slices: DCN between
+    with pytest.raises(ValueError, match="different numbers of devices"):
+        mesh.build_mesh(hosts(2, 4)[:6], 2, 3)
