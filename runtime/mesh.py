@@ -84,16 +84,16 @@ def group_key(devices) -> str:
     """The device attribute that tells the groups the slower links join: ``slice_index`` on TPU (every chip of
     one slice, all its hosts included, is on the one ICI torus, so a v6e-16 is one group), else
     ``process_index`` (GPU or CPU hosts, joined by the network)."""
-    on_slices = all(d.platform == "tpu" and getattr(d, "slice_index", None) is not None for d in devices)
-    return "slice_index" if on_slices else "process_index"
+    return "slice_index" if all(d.platform == "tpu" for d in devices) else "process_index"
 
 
 def device_groups(devices) -> list[list]:
-    """``devices`` in their groups (``group_key``), in order."""
+    """``devices`` in their groups (``group_key``), in order. A TPU device that names no slice (a deviceless
+    topology's) is in slice 0."""
     key = group_key(devices)
     groups: dict = {}
     for device in devices:
-        groups.setdefault(getattr(device, key, 0), []).append(device)
+        groups.setdefault(getattr(device, key, None) or 0, []).append(device)
     return [groups[index] for index in sorted(groups)]
 
 

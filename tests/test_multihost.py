@@ -390,8 +390,8 @@ def test_the_mesh_keeps_tp_on_one_host_and_splits_dp_across_hosts_first(caplog):
     assert "tp=4 spans 2 hosts or slices" in caplog.text
     assert mesh.split_across_groups((2, 8), 4) == (2, 2) and mesh.split_across_groups((1, 8), 2) == (1, 2)
     # One TPU slice of several hosts is one ICI torus: one group, whatever its hosts.
-    slice_of_4_hosts = hosts(4, 4, platform="tpu", slice_index=0)
-    assert len(mesh.device_groups(slice_of_4_hosts)) == 1
+    assert len(mesh.device_groups(hosts(4, 4, platform="tpu", slice_index=0))) == 1
+    assert len(mesh.device_groups(hosts(4, 4, platform="tpu"))) == 1  # a deviceless topology's: no slice_index
     assert len(mesh.device_groups(hosts(2, 4, platform="tpu", slice_index=0)[:4]
                                   + [FakeDevice(9, 1, "tpu", 1)] * 4)) == 2  # two slices: DCN between
     with pytest.raises(ValueError, match="different numbers of devices"):
