@@ -26,6 +26,10 @@ Unlike the original, keys added to pad the sequence to a block multiple are
 masked out of the softmax (the original let those zero keys into the
 denominator). Block sizes change speed, never numbers.
 
+A block-sparse path (``sparsity=``, e.g. Radial attention's mask from
+``models/wan/radial.py``) visits only the (query block, key block) tiles the
+static mask attends and masks the rest of a partial tile element by element.
+
 Off TPU the kernel runs in Pallas interpret mode (slow, exact; for tests).
 ``force_interpret(False)`` lowers the real Mosaic kernel anywhere, e.g. to
 export a TPU program from a CPU machine.
@@ -45,6 +49,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -212,6 +217,9 @@ def resolve_interpret(interpret: bool | None = None) -> bool:
 # query block) whose bound exceeds the gate runs the online softmax instead (decided per grid step).
 FIXED_BOUND_RECENTER = 88.0
 FIXED_BOUND_GATE = 200.0  # 213 would still be normal (88 - 213 > -126); the rest is rounding margin
+# Under a sparse mask a row's largest attended score is no longer >= 0, only >= -b_i (Cauchy-Schwarz), so
+# its largest weight is at least 2^(RECENTER - ceil(b_i) - b_i): normal while b_i <= 106.
+SPARSE_FIXED_BOUND_GATE = 100.0
 
 
 def _online_chunk(s, v, m_ref, l_ref, acc_ref, block_q: int):
@@ -317,11 +325,12 @@ def _flash_kernel(
         o_ref[...] = (acc_ref[...] * inverse).astype(o_ref.dtype)
 
 
-def fixed_bounds(q, k, block_q: int, lengths=None):
+def fixed_bounds(q, k, block_q: int, lengths=None, gate: float = FIXED_BOUND_GATE):
     """Per query row, the fixed softmax reference; per (head, query block), whether it is safe.
 
     q: [heads, q_pad, head_dim] pre-scaled, k: [heads, kv_pad, head_dim] mean-subtracted (padding zero).
     ``lengths`` [heads] (optional): each row's valid keys; the bound is taken over those alone.
+    ``gate``: the largest bound run against the fixed reference (``SPARSE_FIXED_BOUND_GATE`` under a mask).
     Returns (m0 [heads, 1, q_pad] fp32: ceil(|q_i| max_j |k_j|) - RECENTER where the block is safe, else
     MASK_VALUE, which starts the online softmax; fixed [heads, q_pad // block_q] int32).
     """
@@ -332,7 +341,7 @@ def fixed_bounds(q, k, block_q: int, lengths=None):
         k_square = jnp.where(jnp.arange(k.shape[1])[None, :] < lengths[:, None], k_square, 0.0)
     k_norm = jnp.sqrt(jnp.max(k_square, axis=-1))  # [heads]
     bound = q_norm * k_norm[:, None]
-    safe = jnp.all((bound <= FIXED_BOUND_GATE).reshape(heads, q_pad // block_q, block_q), axis=-1)
+    safe = jnp.all((bound <= gate).reshape(heads, q_pad // block_q, block_q), axis=-1)
     m0 = jnp.where(jnp.repeat(safe, block_q, axis=1), jnp.ceil(bound) - FIXED_BOUND_RECENTER, MASK_VALUE)
     return m0[:, None, :], safe.astype(jnp.int32)
 
@@ -414,6 +423,231 @@ def _with_row_length(fixed_ref, lengths_ref, *refs, kernel, length_from: int):
     kernel(fixed_ref, *refs, row_length=lengths_ref[pl.program_id(0)], length_from=length_from)
 
 
+# ------------------------------------------------------------------ block-sparse path
+# A static mask whose tokens are frames of ``tokens_per_frame`` and whose pairs are a band of the spatial
+# index per frame pair: key p attends query q iff |l_q - l_k| <= windows[f_q, f_k] (f = p // tokens_per_frame,
+# l = p % tokens_per_frame; a negative window: none). Radial attention (``models/wan/radial.py``) is one.
+# The grid visits only the (query block, key block) tiles holding an attended pair, as one flat list per
+# head, so a skipped tile costs neither a grid step nor a DMA; a tile that is not whole gets the element
+# mask. A sparsity object gives ``num_tokens``, ``tokens_per_frame``, ``windows`` [F, F] and
+# ``block_mask(block_q, block_kv)`` -> (active, full) [q blocks, kv blocks] bool.
+_ID_BITS = 12  # a step packs its query block, its key block and three flags into one int32 (SMEM is small)
+_ID_MASK = (1 << _ID_BITS) - 1
+_FIRST_BIT, _LAST_BIT, _PARTIAL_BIT = 2 * _ID_BITS, 2 * _ID_BITS + 1, 2 * _ID_BITS + 2
+
+
+class SparseLayout(NamedTuple):
+    """The host-side (numpy) schedule of the block-sparse kernel for one shape and block size."""
+
+    steps: object  # [steps] int32: q block | kv block << 12 | first, last, partial flags at bits 24-26
+    q_frames: object  # [3 * q blocks] int32: per block its first frame, that token's spatial index, and
+    kv_frames: object  # [3 * kv blocks]    the local index where the next frame starts (block size if none)
+    windows: object  # [(F + 1)^2] int32: frame-pair windows; frame F is padding (queries: all, keys: none)
+    num_frames: int
+    whole: bool  # every visited tile is whole and every tile visited: the dense kernel's numbers
+    active_share: float
+
+
+def _frame_descriptors(num_blocks: int, block: int, per_frame: int):
+    start = np.arange(num_blocks) * block
+    first_frame, offset = start // per_frame, start % per_frame
+    split = np.minimum(block, per_frame - offset)
+    return np.stack([first_frame, offset, split], axis=1).reshape(-1).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def sparse_layout(sparsity, block_q: int, block_kv: int) -> SparseLayout:
+    """The visits of ``sparsity``'s active tiles, query block by query block, keys ascending."""
+    per_frame, windows = int(sparsity.tokens_per_frame), np.asarray(sparsity.windows, np.int32)
+    if block_q > per_frame or block_kv > per_frame:
+        raise ValueError(
+            f"blocks of {block_q} queries and {block_kv} keys: the sparse kernel's blocks hold at most two "
+            f"frames, so they must not exceed a frame's {per_frame} tokens; pass smaller block_sizes"
+        )
+    active, full = (np.asarray(x, bool) for x in sparsity.block_mask(block_q, block_kv))
+    num_q_blocks, num_kv_blocks = active.shape
+    if max(num_q_blocks, num_kv_blocks) > _ID_MASK + 1:
+        raise ValueError(f"{num_q_blocks} x {num_kv_blocks} blocks: at most {_ID_MASK + 1} per axis; use larger blocks")
+    if not active.any(axis=1).all():
+        raise ValueError("a query block attends no key: every query needs at least one attended key")
+    q_ids, kv_ids = np.nonzero(active)  # row-major: each query block's keys ascending, contiguous
+    first = np.r_[True, q_ids[1:] != q_ids[:-1]]
+    last = np.r_[q_ids[1:] != q_ids[:-1], True]
+    partial = ~full[q_ids, kv_ids]
+    steps = (q_ids | kv_ids << _ID_BITS | first << _FIRST_BIT | last << _LAST_BIT
+             | partial << _PARTIAL_BIT).astype(np.int32)
+    frames = windows.shape[0]
+    padded = np.full((frames + 1, frames + 1), -1, np.int32)
+    padded[:frames, :frames] = windows
+    padded[frames, :frames] = per_frame  # padded query rows (dropped) attend whatever is visited: l > 0
+    return SparseLayout(
+        steps, _frame_descriptors(num_q_blocks, block_q, per_frame),
+        _frame_descriptors(num_kv_blocks, block_kv, per_frame), padded.reshape(-1), frames,
+        bool(full.all()), float(active.mean()),
+    )
+
+
+def _frame_band(start, block_q: int, block_kv_compute: int, q_desc, kv_desc, window):
+    """[block_kv_compute, block_q] bool: the pairs the mask attends among this chunk's keys (from ``start``
+    in the key block) and the query block. Each block holds frames f0 and f0 + 1: a pair's window is one
+    of four, picked by which side of each block's frame boundary its tokens fall."""
+    (q_offset, q_split), (kv_offset, kv_split) = q_desc, kv_desc
+    q_local = lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
+    q_next = q_local >= q_split
+    q_spatial = jnp.where(q_next, q_local - q_split, q_local + q_offset)  # [1, block_q]
+    kv_local = start + lax.broadcasted_iota(jnp.int32, (block_kv_compute, 1), 0)
+    kv_next = kv_local >= kv_split
+    kv_spatial = jnp.where(kv_next, kv_local - kv_split, kv_local + kv_offset)  # [block_kv_compute, 1]
+    from_first_q = jnp.where(kv_next, window[0][1], window[0][0])  # [block_kv_compute, 1]
+    from_next_q = jnp.where(kv_next, window[1][1], window[1][0])
+    limit = jnp.where(q_next, from_next_q, from_first_q)  # [block_kv_compute, block_q]
+    return jnp.abs(q_spatial - kv_spatial) <= limit
+
+
+def _sparse_flash_kernel(
+    fixed_ref,  # [heads, num_q_blocks] int32 SMEM: 1 where the block runs against the fixed bound
+    steps_ref,  # [steps] int32 SMEM: packed (q block, kv block, first, last, partial)
+    q_frames_ref,  # [3 * num_q_blocks] int32 SMEM
+    kv_frames_ref,  # [3 * num_kv_blocks] int32 SMEM
+    windows_ref,  # [(F + 1)^2] int32 SMEM
+    q_ref, k_ref, v_ref, m0_ref, o_ref, m_ref, l_ref, acc_ref,  # as in _flash_kernel
+    *,
+    kv_len: int,
+    num_kv_blocks: int,
+    block_kv: int,
+    block_kv_compute: int,
+    paths: tuple[str, ...],
+    num_frames: int,
+):
+    code = steps_ref[pl.program_id(1)]
+    q_block = code & _ID_MASK
+    kv_block = (code >> _ID_BITS) & _ID_MASK
+    first = ((code >> _FIRST_BIT) & 1) == 1
+    last = ((code >> _LAST_BIT) & 1) == 1
+    partial = ((code >> _PARTIAL_BIT) & 1) == 1
+    block_q = q_ref.shape[0]
+    fixed = fixed_ref[pl.program_id(0), q_block] == 1
+
+    @pl.when(first)
+    def _init():
+        m_ref[...] = jnp.broadcast_to(m0_ref[...], m_ref.shape)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    tail = kv_len - (num_kv_blocks - 1) * block_kv
+
+    def band_inputs():
+        q_frame, kv_frame = q_frames_ref[3 * q_block], kv_frames_ref[3 * kv_block]
+        stride = num_frames + 1
+        window = [[windows_ref[(q_frame + dq) * stride + kv_frame + dk] for dk in (0, 1)] for dq in (0, 1)]
+        q_desc = (q_frames_ref[3 * q_block + 1], q_frames_ref[3 * q_block + 2])
+        kv_desc = (kv_frames_ref[3 * kv_block + 1], kv_frames_ref[3 * kv_block + 2])
+        return q_desc, kv_desc, window
+
+    def chunks(update, banded: bool):
+        q = q_ref[...]  # [block_q, head_dim]
+        band = band_inputs() if banded else None
+        for chunk in range(block_kv // block_kv_compute):
+            start = chunk * block_kv_compute
+
+            def step(start=start, masked=start < tail < start + block_kv_compute):
+                k = k_ref[pl.ds(start, block_kv_compute), :]
+                v = v_ref[pl.ds(start, block_kv_compute), :]
+                s = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32)
+                if masked:  # the chunk holding the last real key: padded keys get no weight
+                    position = kv_block * block_kv + start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                    s = jnp.where(position < kv_len, s, MASK_VALUE)
+                if banded:
+                    s = jnp.where(_frame_band(start, block_q, block_kv_compute, *band), s, MASK_VALUE)
+                update(s, v, m_ref, l_ref, acc_ref, block_q)
+
+            if start >= tail:  # wholly padding in the last kv block
+                pl.when(kv_block < num_kv_blocks - 1)(step)
+            else:
+                step()
+
+    # One branch per grid step: the softmax path, and whether the tile needs the element mask.
+    for path, update in (("fixed", _fixed_chunk), ("online", _online_chunk)):
+        if path not in paths:
+            continue
+        on_path = fixed if path == "fixed" else jnp.logical_not(fixed)
+        if len(paths) == 1:
+            on_path = True
+        pl.when(jnp.logical_and(on_path, partial))(functools.partial(chunks, update, True))
+        pl.when(jnp.logical_and(on_path, jnp.logical_not(partial)))(functools.partial(chunks, update, False))
+
+    @pl.when(last)
+    def _finish():
+        # l > 0: every query row attends a real key (Radial: its own frame and the first).
+        inverse = 1.0 / l_ref[0:1, :]
+        o_ref[...] = (acc_ref[...] * inverse).astype(o_ref.dtype)
+
+
+def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, layout: SparseLayout,
+                           interpret: bool, paths: tuple[str, ...] = KERNEL_PATHS):
+    """``flash_attention`` visiting only ``layout``'s tiles (same arrays in and out, no key lengths)."""
+    heads, q_pad, head_dim = q.shape
+    kv_pad, head_dim_v = v.shape[1], v.shape[2]
+    block_q, block_kv, block_kv_compute = blocks
+    num_kv_blocks = kv_pad // block_kv
+    if tuple(paths) not in (KERNEL_PATHS, ("fixed",), ("online",)):
+        raise ValueError(f"paths={paths!r}: give {KERNEL_PATHS}, ('fixed',) or ('online',)")
+    if layout.q_frames.size != 3 * (q_pad // block_q) or layout.kv_frames.size != 3 * num_kv_blocks:
+        raise ValueError(f"the sparse layout is for {layout.q_frames.size // 3} x {layout.kv_frames.size // 3} "
+                         f"blocks, the arrays have {q_pad // block_q} x {num_kv_blocks}")
+    if tuple(paths) == ("online",):
+        m0 = jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32)
+        fixed = jnp.zeros((heads, q_pad // block_q), jnp.int32)
+    else:
+        # A whole layout is the dense softmax, whose fixed-bound argument holds as it is.
+        m0, fixed = fixed_bounds(q, k, block_q, gate=FIXED_BOUND_GATE if layout.whole else SPARSE_FIXED_BOUND_GATE)
+    kernel = functools.partial(
+        _sparse_flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
+        block_kv_compute=block_kv_compute, paths=tuple(paths), num_frames=layout.num_frames,
+    )
+    steps = layout.steps.size
+    prefetched = (fixed, *(jnp.asarray(x, jnp.int32) for x in (layout.steps, layout.q_frames, layout.kv_frames,
+                                                             layout.windows)))
+
+    def q_of(t, steps_ref):
+        return steps_ref[t] & _ID_MASK
+
+    def kv_of(t, steps_ref):
+        return (steps_ref[t] >> _ID_BITS) & _ID_MASK
+
+    elements = 2 * q_pad * head_dim_v + steps * block_kv * (head_dim + head_dim_v)
+    cost = pl.CostEstimate(
+        flops=2 * heads * steps * block_q * block_kv * (head_dim + head_dim_v),
+        transcendentals=heads * steps * block_q * block_kv,
+        bytes_accessed=q.dtype.itemsize * heads * elements,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetched),
+            grid=(heads, steps),  # one step per visited tile; a query block's tiles are consecutive
+            in_specs=[
+                pl.BlockSpec((None, block_q, head_dim), lambda h, t, f, s, *_: (h, q_of(t, s), 0)),
+                pl.BlockSpec((None, block_kv, head_dim), lambda h, t, f, s, *_: (h, kv_of(t, s), 0)),
+                pl.BlockSpec((None, block_kv, head_dim_v), lambda h, t, f, s, *_: (h, kv_of(t, s), 0)),
+                pl.BlockSpec((None, 1, block_q), lambda h, t, f, s, *_: (h, 0, q_of(t, s))),
+            ],
+            out_specs=pl.BlockSpec((None, head_dim_v, block_q), lambda h, t, f, s, *_: (h, 0, q_of(t, s))),
+            scratch_shapes=[
+                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
+                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
+                pltpu.VMEM((head_dim_v, block_q), jnp.float32),
+            ],
+        ),
+        out_shape=jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
+                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="wan_splash_attention_sparse",
+    )(*prefetched, q, k, v, m0)
+
+
 def _pad_axis(x, length: int, axis: int):
     """Zero-pad ``x`` (any shape) at the end of ``axis`` to ``length``."""
     if x.shape[axis] == length:
@@ -433,6 +667,7 @@ def _attention_local(
     block_sizes: BlockSizes,
     interpret: bool,
     min_kv_len: int = 0,
+    sparsity=None,
 ):
     """Attention on one device's arrays: smoothing, scaling, padding, the kernel.
 
@@ -455,8 +690,12 @@ def _attention_local(
     k = _pad_axis(k.reshape(batch * heads, kv_len, head_dim), kv_pad, 1)  # [batch*heads, kv_pad, head_dim]
     v = _pad_axis(value.reshape(batch * heads, kv_len, head_dim_v), kv_pad, 1)  # [batch*heads, kv_pad, head_dim_v]
     rows = None if kv_lengths is None else jnp.repeat(kv_lengths.astype(jnp.int32), heads)  # [batch*heads]
-    out = flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret, lengths=rows,
-                          length_from=min_kv_len)  # [batch*heads, dv, q_pad]
+    layout = None if sparsity is None else sparse_layout(sparsity, blocks.block_q, blocks.block_kv)
+    if layout is not None and not layout.whole:
+        out = sparse_flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, layout=layout, interpret=interpret)
+    else:  # dense, or a mask that keeps every pair (e.g. a video of two frames): today's kernel
+        out = flash_attention(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret, lengths=rows,
+                              length_from=min_kv_len)  # [batch*heads, dv, q_pad]
     out = jnp.swapaxes(out[:, :, :q_len], 1, 2)  # padded query rows dropped
     return out.reshape(batch, heads, q_len, head_dim_v).astype(query.dtype)
 
@@ -598,6 +837,7 @@ def splash_attention(
     scale: float | None = None,
     kv_lengths=None,
     min_kv_len: int = 0,
+    sparsity=None,
 ):
     """softmax(Q K^T * scale) V with the Pallas kernel -> [batch, heads, q_len, head_dim_v], query's dtype.
 
@@ -610,6 +850,9 @@ def splash_attention(
     ``block_sizes``: None means the chip's (``block_sizes_for``).
     ``scale``: None means 1/sqrt(head_dim). ``interpret``: None means
     interpret mode except on TPU (see ``force_interpret``).
+    ``sparsity``: a static mask over self-attention's tokens (e.g. ``models.wan.radial.RadialPattern``):
+    only the key blocks it attends are visited (see the block-sparse path). Not with ``kv_lengths``, nor
+    with a plan that splits the query sequence (each shard would need its own mask).
     """
     if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
         raise ValueError(
@@ -625,15 +868,25 @@ def splash_attention(
         device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
         block_sizes = block_sizes_for(getattr(device, "device_kind", None))
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if sparsity is not None:
+        if kv_lengths is not None:
+            raise ValueError("sparsity with kv_lengths: a sparse mask is for self-attention over the video's tokens")
+        if query.shape[2] != sparsity.num_tokens or key.shape[2] != sparsity.num_tokens:
+            raise ValueError(f"query {query.shape}, key {key.shape}: the sparse mask {sparsity} is for "
+                             f"self-attention over its {sparsity.num_tokens} tokens")
     local = functools.partial(
         _attention_local, scale=scale, block_sizes=block_sizes, interpret=resolve_interpret(interpret),
-        min_kv_len=int(min_kv_len),
+        min_kv_len=int(min_kv_len), sparsity=sparsity,
     )
     lengths = () if kv_lengths is None else (jnp.asarray(kv_lengths, jnp.int32),)
     if mesh is None or mesh.size == 1:
         return local(query, key, value, *lengths)
     plan = plan_sharding(query.shape, key.shape, mesh.shape)
     _log_plan_once(plan, query.shape, key.shape, mesh.shape)
+    if sparsity is not None and plan.seq_axes:
+        raise ValueError(f"sparsity with the query sequence split over {plan.seq_axes} ({plan.reason}): "
+                         "the sparse path needs every device's whole sequence; use a mesh whose axes split "
+                         "the batch and heads")
     q_len = query.shape[2]
     query = _pad_axis(query, _round_up(q_len, plan.seq_shards), 2)  # padded rows are dropped below
     specs = (plan.q_spec, plan.kv_spec, plan.kv_spec) + ((P(_axes_entry(plan.batch_axes)),) if lengths else ())

@@ -1,0 +1,199 @@
+"""Radial attention: its mask is the paper's rule cell by cell, and the kernel's block-sparse path
+(Pallas interpret mode on CPU) equals softmax under that mask; with a whole mask it is the dense kernel."""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import pack_module
+
+radial = pack_module("models.wan.radial")
+splash = pack_module("splash_attention")
+
+FP32_TOLERANCE = 2e-3  # tests/test_splash_attention.py's bound for fp32 inputs
+
+
+def paper_rule(query_frame, query_spatial, key_frame, key_spatial, tokens_per_frame, decay_factor, min_window):
+    """One (query, key) cell of Radial attention, as the paper and its reference code state it."""
+    distance = abs(query_frame - key_frame)
+    if key_frame == 0 or distance <= 1:  # the first frame is a sink; neighbouring frames are dense
+        return True
+    band = distance.bit_length()  # distances in [2^(band-1), 2^band)
+    undecayed = 2 ** tokens_per_frame.bit_length() / 2**band  # halves each time the distance doubles
+    if undecayed < min_window and distance % int(min_window / undecayed) != 0:
+        return False  # temporal subsampling once the band would be thinner than min_window
+    return abs(query_spatial - key_spatial) <= max(undecayed * decay_factor, min_window)
+
+
+def cell_by_cell(pattern):
+    per_frame = pattern.tokens_per_frame
+    n = pattern.num_tokens
+    return np.array([[paper_rule(q // per_frame, q % per_frame, k // per_frame, k % per_frame, per_frame,
+                                 pattern.decay_factor, pattern.min_window) for k in range(n)] for q in range(n)])
+
+
+def tiles(mask, block_q, block_kv, reduce):
+    n = mask.shape[0]
+    return np.array([[reduce(mask[i:i + block_q, j:j + block_kv]) for j in range(0, n, block_kv)]
+                     for i in range(0, n, block_q)])
+
+
+# 18 frames of 24 tokens with a thin band (min_window 2): distances 2-3 keep |dl| <= 4, 4-7 <= 2, 8-15 <= 2,
+# 16-17 every second frame only. 9 frames of 15 (odd): strides of 3 where the window would be 1.
+PATTERNS = [radial.RadialPattern(18, 24, decay_factor=0.5, min_window=2),
+            radial.RadialPattern(9, 15, decay_factor=1.0, min_window=3)]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_token_mask_is_the_papers_rule_cell_by_cell(pattern):
+    expected = cell_by_cell(pattern)
+    assert np.array_equal(radial.token_mask(pattern), expected)
+    assert 0.2 < expected.mean() < 0.8  # neither rule is trivial at these shapes
+    assert math.isclose(radial.token_share(pattern), expected.mean())
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("block_q, block_kv", [(8, 8), (16, 40), (24, 24), (56, 8), (72, 100)])
+def test_block_mask_is_the_tiles_of_the_token_mask(pattern, block_q, block_kv):
+    expected = cell_by_cell(pattern)
+    mask = radial.block_mask(pattern, block_q, block_kv)
+    assert np.array_equal(mask.active, tiles(expected, block_q, block_kv, np.any))
+    assert np.array_equal(mask.full, tiles(expected, block_q, block_kv, np.all))
+    lists = mask.kv_blocks()
+    assert len(lists) == mask.active.shape[0]
+    assert all(np.array_equal(np.flatnonzero(row), ids) for row, ids in zip(mask.active, lists))
+
+
+def test_masks_are_cached_per_video_shape_and_read_only():
+    pattern = radial.RadialPattern.for_video(480, 832, 81)
+    assert (pattern.num_frames, pattern.tokens_per_frame) == (21, 1560)  # 21 x 30 x 52 tokens
+    assert radial.block_mask(pattern, 512, 512) is radial.block_mask(radial.RadialPattern(21, 1560), 512, 512)
+    with pytest.raises(ValueError):
+        radial.block_mask(pattern, 512, 512).active[0, 0] = False
+
+
+def test_wan_720p_active_share_follows_the_block_size():
+    # 1280x720, 81 frames: 21 x 45 x 80 tokens. Issue 25's research estimate: 0.30 at 128, 0.49 at 512, 1 at 2048.
+    pattern = radial.RadialPattern.for_video(720, 1280, 81)
+    shares = {block: radial.active_share(pattern, block, block) for block in (128, 512, 2048)}
+    assert shares == pytest.approx({128: 0.30, 512: 0.49, 2048: 1.0}, abs=0.01)
+    assert radial.token_share(pattern) < shares[128]
+
+
+def test_dense_steps_and_blocks_follow_the_reference_defaults():
+    assert radial.uses_dense(radial.DENSE_STEPS - 1, 20) and radial.uses_dense(30, 0)
+    assert not radial.uses_dense(radial.DENSE_STEPS, radial.DENSE_BLOCKS)
+
+
+# ------------------------------------------------------------------ the kernel's block-sparse path
+def _inputs(heads, n, head_dim, seed=0, dtype="float32"):
+    import jax
+    import jax.numpy as jnp
+
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (1, heads, n, head_dim), jnp.float32)
+    k = jax.random.normal(kk, (1, heads, n, head_dim), jnp.float32) + 2.0  # K-smoothing must undo the offset
+    v = jax.random.normal(kv, (1, heads, n, head_dim), jnp.float32)
+    return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def masked_reference(q, k, v, mask):
+    """Plain fp32 softmax(Q K^T / sqrt(d)) V with the token mask (keys outside it get no weight)."""
+    import jax
+    import jax.numpy as jnp
+
+    highest = jax.lax.Precision.HIGHEST
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=highest) / math.sqrt(q.shape[-1])
+    scores = jnp.where(jnp.asarray(mask)[None, None], scores, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v, precision=highest)
+
+
+def _max_error(actual, expected):
+    return float(np.abs(np.asarray(actual, np.float32) - np.asarray(expected, np.float32)).max())
+
+
+@pytest.mark.parametrize("pattern, blocks, heads, head_dim", [
+    # 6 frames of 600 with thin bands (12-25): blocks straddle frames, the last of each axis is ragged
+    # (3600 -> 3712 queries, 3840 keys), two compute chunks per key block; 87% of the tiles visited.
+    (radial.RadialPattern(6, 600, decay_factor=0.1, min_window=8), splash.BlockSizes(128, 256, 128), 2, 64),
+    # 480P's frame of 30 x 52 tokens, 4 frames, the reference's defaults: bands of 128 at distances 2-3.
+    (radial.RadialPattern.for_video(480, 832, 13), splash.BlockSizes(512, 512, 256), 1, 128),
+], ids=["odd", "480p-slice"])
+def test_sparse_kernel_equals_masked_softmax(pattern, blocks, heads, head_dim):
+    import jax
+
+    mask = radial.token_mask(pattern)
+    effective = splash.effective_block_sizes(blocks, pattern.num_tokens, pattern.num_tokens)
+    layout = splash.sparse_layout(pattern, effective.block_q, effective.block_kv)
+    tiles_active = radial.block_mask(pattern, effective.block_q, effective.block_kv).active
+    assert not layout.whole and layout.steps.size == tiles_active.sum() < tiles_active.size  # tiles skipped
+    q, k, v = _inputs(heads, pattern.num_tokens, head_dim)
+    out = jax.jit(lambda q, k, v: splash.splash_attention(q, k, v, block_sizes=blocks, sparsity=pattern))(q, k, v)
+    expected = masked_reference(q, k, v, mask)
+    assert out.shape == q.shape
+    assert _max_error(out, expected) <= FP32_TOLERANCE
+    # The mask matters: dense attention is far from it.
+    assert _max_error(splash.reference_attention(q, k, v), expected) > 20 * FP32_TOLERANCE
+
+
+def test_layout_visits_each_active_tile_once_in_order():
+    # 1280x720, 81 frames, blocks of 512: the kernel's grid is the active tiles, no more.
+    pattern = radial.RadialPattern.for_video(720, 1280, 81)
+    layout = splash.sparse_layout(pattern, 512, 512)
+    mask = radial.block_mask(pattern, 512, 512)
+    q_block, kv_block = layout.steps & 0xFFF, (layout.steps >> 12) & 0xFFF
+    first, last, partial = ((layout.steps >> bit) & 1 for bit in (24, 25, 26))
+    assert np.array_equal(np.stack([q_block, kv_block]), np.stack(np.nonzero(mask.active)))
+    assert layout.active_share == pytest.approx(0.485, abs=0.005)
+    assert first.sum() == last.sum() == mask.active.shape[0]  # one start and one finish per query block
+    assert np.array_equal(partial == 1, ~mask.full[q_block, kv_block])
+    # 480P's frames hold 1560 tokens: 2560-key blocks would span three of them.
+    with pytest.raises(ValueError, match="1560 tokens"):
+        splash.sparse_layout(radial.RadialPattern.for_video(480, 832, 81), 1536, 2560)
+
+
+class WholeMask:
+    """Every pair attended, as a sparsity object: the sparse kernel must then be the dense one."""
+
+    def __init__(self, num_frames, tokens_per_frame):
+        self.num_frames, self.tokens_per_frame = num_frames, tokens_per_frame
+        self.num_tokens = num_frames * tokens_per_frame
+        self.windows = np.full((num_frames, num_frames), tokens_per_frame, np.int32)
+
+    def block_mask(self, block_q, block_kv):
+        shape = (-(-self.num_tokens // block_q), -(-self.num_tokens // block_kv))
+        return np.ones(shape, bool), np.ones(shape, bool)
+
+
+def test_whole_mask_sparse_kernel_is_the_dense_kernel():
+    import jax
+
+    mask = WholeMask(3, 300)  # 900 tokens: 4 x 4 blocks of 256, the last ragged
+    blocks = splash.effective_block_sizes(splash.BlockSizes(256, 256, 128), 900, 900)
+    layout = splash.sparse_layout(mask, blocks.block_q, blocks.block_kv)
+    assert layout.whole and layout.steps.size == 16
+    q, k, v = (x[0] for x in _inputs(2, 1024, 64, seed=1))
+    q = q.at[1].multiply(40.0)  # head 1's bound (~500) is past the fixed gate: it runs the online softmax
+    k = k - k[:, :900].mean(axis=1, keepdims=True)
+    k = k.at[:, 900:].set(0.0)
+    v = v.at[:, 900:].set(0.0)
+    common = dict(kv_len=900, blocks=blocks, interpret=True)
+    assert np.array_equal(np.asarray(splash.fixed_bounds(q, k, blocks.block_q)[1]), [[1] * 4, [0] * 4])
+    dense = jax.jit(lambda q, k, v: splash.flash_attention(q, k, v, **common))(q, k, v)
+    sparse = jax.jit(lambda q, k, v: splash.sparse_flash_attention(q, k, v, layout=layout, **common))(q, k, v)
+    assert np.array_equal(np.asarray(sparse), np.asarray(dense))
+    assert not np.any(np.isnan(np.asarray(dense)[:, :, :900]))
+    # And splash_attention routes a whole mask to the dense kernel.
+    full = jax.jit(lambda q, k, v: splash.splash_attention(q, k, v, block_sizes=splash.BlockSizes(256, 256, 128),
+                                                            sparsity=mask))
+    qa, ka, va = _inputs(1, 900, 64)
+    assert _max_error(full(qa, ka, va), splash.reference_attention(qa, ka, va)) <= FP32_TOLERANCE
+
+
+def test_sparse_mask_is_refused_where_it_cannot_hold():
+    q, k, v = _inputs(1, 1000, 64)
+    with pytest.raises(ValueError, match="1000 tokens"):
+        splash.splash_attention(q[:, :, :999], k, v, sparsity=radial.RadialPattern(5, 200))
+    with pytest.raises(ValueError, match="kv_lengths"):
+        splash.splash_attention(q, k, v, sparsity=radial.RadialPattern(5, 200), kv_lengths=np.array([1000]))
