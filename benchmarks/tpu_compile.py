@@ -513,8 +513,9 @@ def _memory_fields(programs: Programs, cfg_run: Config, name: str, record: dict,
         ideal = record["flops_per_device"] / record["peak_flops_per_device"]
         record["seconds_per_step_at_peak"] = round(ideal, 3)
         record["seconds_per_step_at_38pct_mfu"] = round(ideal / MFU_ORIGINAL, 3)
-        record["projection"] = {f"at_{round(100 * m)}pct_mfu": projected_step_seconds(record, programs.chip, m)
-                                for m in (1.0, MFU_ORIGINAL)}
+    # The same cost model for every program (a VAE decode's seconds per video, a step's per step).
+    record["projection"] = {f"at_{round(100 * m)}pct_mfu": projected_step_seconds(record, programs.chip, m)
+                            for m in (1.0, MFU_ORIGINAL)}
 
 
 def compile_step(programs: Programs, cfg_run: Config, transformer_config: dict, cfg: bool, layout: str,
@@ -656,7 +657,8 @@ def row(record: dict) -> str:
 def _report(record, on_stage):
     print(row(record), flush=True)
     for label, projection in (record.get("projection") or {}).items():
-        print(f"    projected s/step {label.replace('_', ' ')}: compute {projection['compute_seconds']} s + "
+        per = "s/step" if record["name"].startswith("step") else "s"
+        print(f"    projected {per} {label.replace('_', ' ')}: compute {projection['compute_seconds']} s + "
               f"collectives {projection['communication_seconds']} s "
               f"({projection['ici_bytes_moved_per_device'] / GiB:.1f} GiB through each chip's ICI) = "
               f"{projection['seconds_no_overlap']} s without overlap, {projection['seconds_full_overlap']} s "
