@@ -396,3 +396,41 @@ def test_the_mesh_keeps_tp_on_one_host_and_splits_dp_across_hosts_first(caplog):
                                   + [FakeDevice(9, 1, "tpu", 1)] * 4)) == 2  # two slices: DCN between
     with pytest.raises(ValueError, match="different numbers of devices"):
         mesh.build_mesh(hosts(2, 4)[:6], 2, 3)
+
+
+def test_after_a_lost_follower_the_manager_goes_on_alone_or_refuses_as_the_environment_says():
+    env_manager = pack_module("env_manager")
+
+    class StandInJax:  # this host's 4 devices of 8; nothing is really started
+        def devices(self):
+            return hosts(2, 4)
+
+        def local_devices(self):
+            return hosts(2, 4)[:4]
+
+        def local_device_count(self):
+            return 4
+
+        def clear_caches(self):
+            pass
+
+        def live_arrays(self):
+            return []
+
+    def broken_manager(on_follower_loss):
+        manager = env_manager.TorchaxEnvManager()  # not the process's instance
+        manager._env, manager._jax = object(), StandInJax()
+        config = multihost.ClusterConfig("h:1", 2, 0, on_follower_loss=on_follower_loss)
+        manager._cluster = multihost.Cluster(config, multihost.Channel(MemoryStore(), 0, 2))
+        manager._cluster.leader.broken = "multi-host: follower process 1 on tpu-vm-1 stopped"
+        return manager
+
+    alone = broken_manager("local")
+    assert alone.leader() is None and alone.alone  # stages now run here, mirrored to no one
+    assert [d.id for d in alone.devices()] == [0, 1, 2, 3]
+    assert alone.release()["components"] == []  # releases this host only, asking no follower
+    refusing = broken_manager("refuse")
+    leader = refusing.leader()
+    assert leader is not None and not refusing.alone and len(refusing.devices()) == 8
+    with pytest.raises(multihost.FollowerError, match="tpu-vm-1 stopped \\(refused the call 'generate'\\)"):
+        leader.run("generate", {}, (), {}, lambda: None)
