@@ -434,6 +434,7 @@ def _with_row_length(fixed_ref, lengths_ref, *refs, kernel, length_from: int):
 _ID_BITS = 12  # a step packs its query block, its key block and three flags into one int32 (SMEM is small)
 _ID_MASK = (1 << _ID_BITS) - 1
 _FIRST_BIT, _LAST_BIT, _PARTIAL_BIT = 2 * _ID_BITS, 2 * _ID_BITS + 1, 2 * _ID_BITS + 2
+TILE_KINDS = ("whole", "partial")  # tiles the mask keeps whole, and tiles that need the element mask
 
 
 class SparseLayout(NamedTuple):
@@ -518,6 +519,7 @@ def _sparse_flash_kernel(
     block_kv_compute: int,
     paths: tuple[str, ...],
     num_frames: int,
+    tiles: tuple[str, ...] = TILE_KINDS,
 ):
     code = steps_ref[pl.program_id(1)]
     q_block = code & _ID_MASK
@@ -566,15 +568,21 @@ def _sparse_flash_kernel(
             else:
                 step()
 
-    # One branch per grid step: the softmax path, and whether the tile needs the element mask.
+    # One branch per grid step: the softmax path, and whether the tile needs the element mask. A body
+    # compiled alone (one path, one tile kind) runs unconditionally, so the cycle model can price it.
     for path, update in (("fixed", _fixed_chunk), ("online", _online_chunk)):
         if path not in paths:
             continue
-        on_path = fixed if path == "fixed" else jnp.logical_not(fixed)
-        if len(paths) == 1:
-            on_path = True
-        pl.when(jnp.logical_and(on_path, partial))(functools.partial(chunks, update, True))
-        pl.when(jnp.logical_and(on_path, jnp.logical_not(partial)))(functools.partial(chunks, update, False))
+        on_path = True if len(paths) == 1 else fixed if path == "fixed" else jnp.logical_not(fixed)
+        for kind, banded in (("partial", True), ("whole", False)):
+            if kind not in tiles:
+                continue
+            taken = on_path if len(tiles) == 1 else jnp.logical_and(on_path, partial if banded else ~partial)
+            body = functools.partial(chunks, update, banded)
+            if taken is True:
+                body()
+            else:
+                pl.when(taken)(body)
 
     @pl.when(last)
     def _finish():
@@ -584,14 +592,21 @@ def _sparse_flash_kernel(
 
 
 def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, layout: SparseLayout,
-                           interpret: bool, paths: tuple[str, ...] = KERNEL_PATHS):
-    """``flash_attention`` visiting only ``layout``'s tiles (same arrays in and out, no key lengths)."""
+                           interpret: bool, paths: tuple[str, ...] = KERNEL_PATHS,
+                           tiles: tuple[str, ...] = TILE_KINDS):
+    """``flash_attention`` visiting only ``layout``'s tiles (same arrays in and out, no key lengths).
+
+    tiles: the tile bodies compiled, as ``paths`` are: both (the default) picks per tile from the layout;
+    ("partial",) masks every tile (exact everywhere, slower); ("whole",) masks none (exact only where the
+    layout is whole): one alone is for the cycle model."""
     heads, q_pad, head_dim = q.shape
     kv_pad, head_dim_v = v.shape[1], v.shape[2]
     block_q, block_kv, block_kv_compute = blocks
     num_kv_blocks = kv_pad // block_kv
     if tuple(paths) not in (KERNEL_PATHS, ("fixed",), ("online",)):
         raise ValueError(f"paths={paths!r}: give {KERNEL_PATHS}, ('fixed',) or ('online',)")
+    if tuple(tiles) not in (TILE_KINDS, ("whole",), ("partial",)):
+        raise ValueError(f"tiles={tiles!r}: give {TILE_KINDS}, ('whole',) or ('partial',)")
     if layout.q_frames.size != 3 * (q_pad // block_q) or layout.kv_frames.size != 3 * num_kv_blocks:
         raise ValueError(f"the sparse layout is for {layout.q_frames.size // 3} x {layout.kv_frames.size // 3} "
                          f"blocks, the arrays have {q_pad // block_q} x {num_kv_blocks}")
@@ -603,7 +618,7 @@ def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, lay
         m0, fixed = fixed_bounds(q, k, block_q, gate=FIXED_BOUND_GATE if layout.whole else SPARSE_FIXED_BOUND_GATE)
     kernel = functools.partial(
         _sparse_flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
-        block_kv_compute=block_kv_compute, paths=tuple(paths), num_frames=layout.num_frames,
+        block_kv_compute=block_kv_compute, paths=tuple(paths), num_frames=layout.num_frames, tiles=tuple(tiles),
     )
     steps = layout.steps.size
     prefetched = (fixed, *(jnp.asarray(x, jnp.int32) for x in (layout.steps, layout.q_frames, layout.kv_frames,
