@@ -64,6 +64,36 @@ def test_block_mask_is_the_tiles_of_the_token_mask(pattern, block_q, block_kv):
     assert all(np.array_equal(np.flatnonzero(row), ids) for row, ids in zip(mask.active, lists))
 
 
+def reference_code_window(query_frame, key_frame, tokens_per_frame, decay_factor):
+    """mit-han-lab/radial-attention's radial_attn/attn_mask.py for Wan, per frame pair: its window
+    (get_window_width, threshold = its block size 128) where its split mask (get_diagonal_split_mask,
+    threshold hard-coded 128) keeps the pair, the sink frame 0 whole. Restated, not copied."""
+    if key_frame == 0:
+        return float(tokens_per_frame)
+    distance = abs(query_frame - key_frame)
+    group = distance.bit_length()
+    undecayed = 2 ** tokens_per_frame.bit_length() / 2**group
+    if undecayed < 128 and distance % int(128 / undecayed) != 0:
+        return None
+    if distance <= 1:
+        return float(tokens_per_frame)
+    return max(undecayed * decay_factor, 128)
+
+
+@pytest.mark.parametrize("height, width, num_frames", [(720, 1280, 81), (480, 832, 81), (480, 848, 121)])
+@pytest.mark.parametrize("decay_factor", [radial.DECAY_FACTOR, 1.0])
+def test_windows_at_wans_shapes_are_the_reference_codes(height, width, num_frames, decay_factor):
+    pattern = radial.RadialPattern.for_video(height, width, num_frames, decay_factor=decay_factor)
+    per_frame = pattern.tokens_per_frame
+    for i in range(pattern.num_frames):
+        for j in range(pattern.num_frames):
+            theirs = reference_code_window(i, j, per_frame, decay_factor)
+            # |dl| <= a float window is |dl| <= its floor; no distance in a frame reaches its size.
+            expected = radial.NO_KEYS if theirs is None else min(math.floor(theirs), per_frame)
+            assert int(pattern.windows[i, j]) == expected
+    assert len(np.unique(pattern.windows)) >= 3  # whole frames and at least two band widths
+
+
 def test_masks_are_cached_per_video_shape_and_read_only():
     pattern = radial.RadialPattern.for_video(480, 832, 81)
     assert (pattern.num_frames, pattern.tokens_per_frame) == (21, 1560)  # 21 x 30 x 52 tokens
