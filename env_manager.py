@@ -258,8 +258,14 @@ class TorchaxEnvManager:
             query, key, value, choose=self.choose_attention, platform=self.platform,
             mesh=self._trace.mesh, token_split=self._trace.token_split,
             attn_mask=attn_mask, is_causal=is_causal, scale=scale, key_lengths=key_lengths,
-            min_key_len=min_key_len,
+            min_key_len=min_key_len, sparse=self._trace.sparse,
         )
+
+    def sparse_attention(self, pattern, dense_blocks: int = 0):
+        """Make the self-attention traced inside this block sparse over ``pattern`` (a static mask, e.g.
+        ``models.wan.radial.RadialPattern``), but for the first ``dense_blocks`` transformer blocks: the
+        Splash kernel visits only the key blocks the mask attends; XLA's attention takes the mask whole."""
+        return self._trace.sparse_attention(pattern, dense_blocks)
 
     # ---------------------------------------------------- component cache
     def cached_component(self, key: tuple, build: Callable[[], tuple[Any, list]], replaces: Callable[[tuple], bool] = None):

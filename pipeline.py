@@ -33,6 +33,7 @@ from .runtime import environment
 from .runtime.multihost import mirrored
 from .runtime.placement import batch_sharding, local_device, to_host
 from .sampling.denoise_run import Callbacks, DenoiseRun
+from .sampling.step_program import radial_steps
 from .sampling.loras import apply_loras
 from .scheduler import make_schedule
 from .utils import device_errors, torch_to_numpy
@@ -137,7 +138,8 @@ class WanTPUPipeline(WanComponents):
                 sampler: str = "unipc", timesteps=None, magcache: MagCacheSettings | None = None, loras=(),
                 guidance_scale_2: float | None = None, image: WanImageConditioning | None = None,
                 layout: str | None = None, magcache_calibrate: bool = False,
-                on_preview: Callable[[np.ndarray], None] | None = None):
+                on_preview: Callable[[np.ndarray], None] | None = None, attention: str = "dense",
+                radial_dense_steps: int | None = None, radial_dense_blocks: int | None = None):
         """Denoise from the seed's noise; returns VAE latents [1, C, T, H/f, W/f] float32 on CPU.
 
         ``layout``: how the step splits the transformer over the mesh, "tensor", "sequence" or "auto";
@@ -170,7 +172,14 @@ class WanTPUPipeline(WanComponents):
         boundary run the low-noise expert, with ``guidance_scale_2`` (None: the
         same as ``guidance_scale``); CFG runs when ``guidance_scale`` > 1, as in
         diffusers. Both experts share one compiled step (same shapes).
+
+        ``attention``: "dense" (every query attends every key), or "radial": Radial attention's static
+        sparse mask (``models.wan.radial``; it changes the video), dense for the first
+        ``radial_dense_steps`` steps (12) and the first ``radial_dense_blocks`` transformer blocks (1), as the
+        paper runs Wan. It compiles a second step program once; dense steps keep the first.
         """
+        attention_of_step, dense_blocks = radial_steps(attention, num_inference_steps, radial_dense_steps,
+                                                       radial_dense_blocks)
         video = dict(height=height, width=width, num_frames=num_frames)
         layout, plan, experts = self._checked_run(embeddings, image, guidance_scale, guidance_scale_2, layout,
                                                   on_status, **video)
@@ -187,7 +196,8 @@ class WanTPUPipeline(WanComponents):
         layout = self.step_layout(transformer, height, width, num_frames, 2 if cfg else 1, layout)  # resolves "auto"
         whole = layout == "sequence" == plan.layout and plan.whole_weights and len(experts) == 1
         run = DenoiseRun(self.manager, self.family, experts, schedule, expert_of_step, guidance_of_step, modes,
-                         layout, cfg, whole_weights=whole, calibrate=magcache_calibrate)
+                         layout, cfg, whole_weights=whole, calibrate=magcache_calibrate,
+                         attention_of_step=attention_of_step, dense_blocks=dense_blocks)
         self.last_step_seconds = run.step_seconds
         with self.timer("denoise"):
             latents = run.run(self._noise(seed, **video), self._context(embeddings, cfg),
@@ -295,3 +305,4 @@ class WanTPUPipeline(WanComponents):
         embeddings = self.encode(prompt, negative_prompt, on_status=on_status)
         latents = self.denoise(embeddings, on_status=on_status, **denoise_args)
         return self.decode(latents, on_status=on_status)
+

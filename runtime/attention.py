@@ -86,8 +86,41 @@ class AttentionPolicy:
         self._logged_choices.clear()
 
 
+# The sparse kernel's tile. libtpu's cycle model on v6e (benchmarks/radial_cycles.py), 14B 720P: 1024 tiles
+# (0.71 of them active) cost 1.48x the dense kernel, 512 tiles (0.49 active) 1.71x: a grid step's fixed cost
+# and the element mask outweigh the skipped tiles, so radial is not yet faster than dense there.
+SPARSE_BLOCK = 1024
+
+
+def sparse_block_sizes(splash, pattern, chip_blocks):
+    """The block-sparse kernel's tiles for ``pattern``: square, at most ``SPARSE_BLOCK`` and a frame's tokens
+    (a tile holds at most two frames), in whole lanes; None when a frame is under one lane (128 tokens): no
+    tile fits (the pattern may still drop whole frames there, so the caller keeps the mask)."""
+    block = min(SPARSE_BLOCK, pattern.tokens_per_frame // splash.NUM_LANES * splash.NUM_LANES)
+    if block < splash.NUM_LANES:
+        return None
+    compute = min(chip_blocks.block_kv_compute, block)
+    while block % compute:
+        compute -= splash.NUM_LANES
+    return splash.BlockSizes(block, block, compute)
+
+
+MAX_WHOLE_MASK_TOKENS = 16384  # a whole [tokens, tokens] mask of 256 MiB; past it only the kernel can go
+
+
+def whole_token_mask(pattern, platform: str):
+    """``pattern``'s [tokens, tokens] bool mask, for XLA's attention (CPU tests, or a chip without the kernel)."""
+    if pattern.num_tokens > MAX_WHOLE_MASK_TOKENS:
+        raise ValueError(f"sparse attention over {pattern.num_tokens} tokens on {platform}: only the TPU's Splash "
+                         f"kernel runs it without a whole [tokens, tokens] mask (here over "
+                         f"{MAX_WHOLE_MASK_TOKENS}); use attention='dense' here")
+    from ..models.wan.radial import token_mask  # the one sparse pattern there is so far
+
+    return token_mask(pattern)
+
+
 def dispatch(query, key, value, *, choose, platform: str, mesh=None, token_split=None,
-             attn_mask=None, is_causal=False, scale=None, key_lengths=None, min_key_len: int = 0):
+             attn_mask=None, is_causal=False, scale=None, key_lengths=None, min_key_len: int = 0, sparse=None):
     """Attention on jax arrays in torch SDPA layout [B, H, S, D].
 
     ``key_lengths`` [B] (optional): only each batch row's first ``key_lengths[b]`` keys count (a prefix
@@ -96,10 +129,14 @@ def dispatch(query, key, value, *, choose, platform: str, mesh=None, token_split
 
     ``choose(query_shape, key_shape, planned)`` names the kernel; ``mesh`` is the active mesh (attention
     under it is planned), ``token_split`` the sequence layout's split of the tokens (``sharding.TokenSplit``):
-    attention's output goes back to its tokens split over the devices.
+    attention's output goes back to its tokens split over the devices. ``sparse``: the trace's sparse
+    self-attention (``runtime.trace.SparseSelfAttention``), or None.
     """
+    pattern = None
+    if sparse is not None and attn_mask is None and not is_causal and key_lengths is None:
+        pattern = sparse.mask_for(query.shape[2], key.shape[2])
     run = dict(choose=choose, platform=platform, mesh=mesh, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-               key_lengths=key_lengths, min_key_len=min_key_len)
+               key_lengths=key_lengths, min_key_len=min_key_len, pattern=pattern)
     if token_split is None:
         return _attend(query, key, value, **run)
     # The sequence layout: the projections run on each device's own tokens and attention
@@ -117,7 +154,7 @@ def dispatch(query, key, value, *, choose, platform: str, mesh=None, token_split
 
 
 def _attend(query, key, value, *, choose, platform, mesh, attn_mask, is_causal, scale, key_lengths=None,
-            min_key_len=0):
+            min_key_len=0, pattern=None):
     import jax
     import jax.numpy as jnp
 
@@ -125,11 +162,21 @@ def _attend(query, key, value, *, choose, platform, mesh, attn_mask, is_causal, 
         choice = "xla"
     else:
         choice = choose(query.shape, key.shape, planned=mesh is not None)
+    blocks = None
+    if choice == "splash" and pattern is not None:
+        from .. import splash_attention as splash
+
+        device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+        blocks = sparse_block_sizes(splash, pattern, splash.block_sizes_for(getattr(device, "device_kind", None)))
+        if blocks is None:  # frames under a lane: no tile fits the kernel; XLA takes the whole mask
+            choice = "xla"
     if choice == "splash":
         from .. import splash_attention as splash
 
         return splash.splash_attention(query, key, value, mesh=mesh, scale=scale, kv_lengths=key_lengths,
-                                       min_kv_len=min_key_len)
+                                       min_kv_len=min_key_len, sparsity=pattern, block_sizes=blocks)
+    if pattern is not None:  # XLA's attention takes the sparse mask whole: the same numbers, none of the saving
+        attn_mask = jnp.asarray(whole_token_mask(pattern, platform))[None, None]
     # A CPU measure only: TPU and GPU programs keep XLA's own attention, which their compilers fuse.
     if (choice == "xla" and platform == "cpu" and attn_mask is None and not is_causal
             and score_bytes(query.shape, key.shape) > XLA_SCORE_BLOCK_BYTES):

@@ -52,6 +52,23 @@ class TraceContext:
         finally:
             self._target.platform = previous
 
+    @property
+    def sparse(self) -> "SparseSelfAttention | None":
+        """The sparse self-attention of the enclosing ``sparse_attention`` block in this thread, or None."""
+        return getattr(self._active, "sparse", None)
+
+    @contextlib.contextmanager
+    def sparse_attention(self, pattern, dense_blocks: int = 0):
+        """Within the block, self-attention over ``pattern``'s tokens is sparse (``pattern``: a static mask
+        such as ``models.wan.radial.RadialPattern``), except in the first ``dense_blocks`` transformer
+        blocks: the self-attention calls are counted in trace order, one per block."""
+        previous = self.sparse
+        self._active.sparse = SparseSelfAttention(pattern, int(dense_blocks))
+        try:
+            yield self._active.sparse
+        finally:
+            self._active.sparse = previous
+
     @contextlib.contextmanager
     def active_mesh(self, mesh, token_split=None):
         previous = (self.mesh, self.token_split)
@@ -60,6 +77,21 @@ class TraceContext:
             yield mesh
         finally:
             self._active.mesh, self._active.token_split = previous
+
+
+class SparseSelfAttention:
+    """A traced step's sparse self-attention: the mask, how many blocks stay dense, and the blocks seen."""
+
+    def __init__(self, pattern, dense_blocks: int):
+        self.pattern, self.dense_blocks, self.blocks_seen = pattern, dense_blocks, 0
+
+    def mask_for(self, query_len: int, key_len: int):
+        """The pattern for this attention call, or None (dense): a self-attention over the pattern's tokens
+        counts as the next transformer block's; anything else (cross-attention) is left dense."""
+        if not query_len == key_len == self.pattern.num_tokens:
+            return None
+        block, self.blocks_seen = self.blocks_seen, self.blocks_seen + 1
+        return None if block < self.dense_blocks else self.pattern
 
 
 @contextlib.contextmanager

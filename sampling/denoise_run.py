@@ -81,12 +81,25 @@ class DenoiseRun:
     cfg: bool
     whole_weights: bool = False
     calibrate: bool = False
+    attention_of_step: list | None = None  # per step "dense" or "radial" (step_program.ATTENTION_MODES); None: dense
+    dense_blocks: int = 0  # radial steps: the first transformer blocks that stay dense
     calibration: list = field(default_factory=list)
     step_seconds: list = field(default_factory=list)
 
     @property
-    def kind_of(self) -> Callable[[str | None], StepKind]:
-        return lambda mode: StepKind(self.cfg, mode, self.layout)
+    def kind_of(self) -> Callable[[tuple], StepKind]:
+        """The ``StepKind`` of a (MagCache mode, attention) pair."""
+        def kind(program):
+            mode, attention = program
+            return StepKind(self.cfg, mode, self.layout, attention, self.dense_blocks if attention == "radial" else 0)
+
+        return kind
+
+    @property
+    def programs_of_step(self) -> list[tuple]:
+        """Per step, the program it runs: (MagCache mode, attention)."""
+        attention = self.attention_of_step or ["dense"] * len(self.modes)
+        return list(zip(self.modes, attention))
 
     def run(self, noise: np.ndarray, context, condition, image_embeds,
             callbacks: Callbacks = Callbacks()) -> np.ndarray:
@@ -133,7 +146,7 @@ class DenoiseRun:
         programs = {}
         with device_errors("compiling the transformer step",
                            "Lower the resolution or num_frames, or use more devices."):
-            for mode in dict.fromkeys(self.modes):
+            for mode in dict.fromkeys(self.programs_of_step):
                 kind = self.kind_of(mode)
                 if kind not in transformer.step_fns:
                     transformer.step_fns[kind] = StepProgram(self.manager, self.family, transformer, kind)
@@ -155,9 +168,9 @@ class DenoiseRun:
         total = len(self.modes)
         if callbacks.on_step is not None:
             callbacks.on_step(0, total)
-        for i, mode in enumerate(self.modes):
+        for i, (mode, attention) in enumerate(self.programs_of_step):
             started = time.perf_counter()
-            program, compiled = programs[mode]
+            program, compiled = programs[mode, attention]
             # The experts have the same shapes and shardings: one compiled step runs either's weights.
             args = (step_weights[self.expert_of_step[i]], state, context, coefficients[i], timesteps[i], guidance[i])
             with device_errors("the transformer", "Lower the resolution or num_frames, or use more devices."):

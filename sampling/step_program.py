@@ -14,6 +14,7 @@ and the family's conditioning (``family.step_conditioning``; None when it takes 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from .. import sharding
@@ -24,6 +25,17 @@ CACHE_MODES = (None, "record", "reuse")  # MagCache: the plain step, a full step
 # residual, a step reusing it with the blocks skipped
 DESCRIPTIONS = {None: "the denoising step", "record": "the denoising step (MagCache, full)",
                 "reuse": "the denoising step (MagCache, skip)"}
+ATTENTION_MODES = ("dense", "radial")  # radial: Radial attention's static sparse mask (opt-in; changes the video)
+
+
+def radial_pattern(sample_shape, config):
+    """Radial attention's mask for a latent ``sample_shape`` [1, C, T, h, w] and the transformer's patch: Wan's
+    tokens are frames x height x width after patching."""
+    from ..models.wan.radial import RadialPattern
+
+    patch_t, patch_h, patch_w = config.get("patch_size", (1, 2, 2))
+    _, _, frames, height, width = sample_shape
+    return RadialPattern(frames // patch_t, (height // patch_h) * (width // patch_w))
 
 
 @dataclass(frozen=True)
@@ -33,10 +45,30 @@ class StepKind:
     cfg: bool  # cond and uncond as one batch of 2, split over dp
     cache_mode: str | None = None  # CACHE_MODES
     layout: str = "tensor"  # sharding.LAYOUTS: how the step splits the transformer over the mesh
+    attention: str = "dense"  # ATTENTION_MODES: "radial" makes self-attention sparse (models.wan.radial)
+    dense_blocks: int = 0  # with "radial": the first transformer blocks that stay dense
 
     @property
     def batch(self) -> int:
         return 2 if self.cfg else 1
+
+
+def radial_steps(attention: str, num_inference_steps: int, dense_steps: int | None, dense_blocks: int | None):
+    """Per step "dense" or "radial" (None: every step dense), and a radial step's dense blocks."""
+    from ..models.wan import radial
+
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention={attention!r}: use 'dense' (the default) or 'radial' (Radial attention's "
+                         f"sparse mask: faster on TPU at long videos, and it changes the video)")
+    dense_steps = radial.DENSE_STEPS if dense_steps is None else dense_steps
+    dense_blocks = radial.DENSE_BLOCKS if dense_blocks is None else dense_blocks
+    for name, value in (("radial_dense_steps", dense_steps), ("radial_dense_blocks", dense_blocks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: give a whole number >= 0 (the paper's: "
+                             f"{radial.DENSE_STEPS} steps, {radial.DENSE_BLOCKS} block)")
+    if attention == "dense":
+        return None, 0
+    return ["dense" if i < dense_steps else "radial" for i in range(num_inference_steps)], dense_blocks
 
 
 class StepProgram:
@@ -46,12 +78,15 @@ class StepProgram:
     def __init__(self, manager, family, transformer, kind: StepKind):
         if kind.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode={kind.cache_mode!r}: use one of {CACHE_MODES}")
+        if kind.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention={kind.attention!r}: use one of {ATTENTION_MODES}")
         self.manager, self.family, self.transformer, self.kind = manager, family, transformer, kind
         self.jitted = manager.jax.jit(self._step, donate_argnums=(1,))
 
     @property
     def description(self) -> str:
-        return DESCRIPTIONS[self.kind.cache_mode]
+        text = DESCRIPTIONS[self.kind.cache_mode]
+        return text + " with radial attention" if self.kind.attention == "radial" else text
 
     @property
     def dtype(self):
@@ -72,8 +107,13 @@ class StepProgram:
         model_input = jax.lax.with_sharding_constraint(model_input.astype(self.dtype),
                                                        batch_sharding(mesh, kind.batch))
         record = kind.cache_mode == "record"
-        velocity = self.family.velocity(manager, transformer, weights, model_input, timesteps, context,
-                                        image_embeds, record=record, block_residual=block_residual, split=split)
+        sparse = contextlib.nullcontext()
+        if kind.attention == "radial":
+            sparse = manager.sparse_attention(radial_pattern(sample.shape, transformer.config), kind.dense_blocks)
+        with sparse:
+            velocity = self.family.velocity(manager, transformer, weights, model_input, timesteps, context,
+                                            image_embeds, record=record, block_residual=block_residual,
+                                            split=split)
         if record:
             velocity, block_residual = velocity
             where = activation_sharding(mesh, kind.batch, kind.layout)
