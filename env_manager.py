@@ -218,7 +218,8 @@ class TorchaxEnvManager:
 
     # --------------------------------------------------------------- mesh
     def mesh(self, dp: Any = None, tp: Any = None):
-        """The (dp, tp) mesh over all devices of the default backend, built once per shape."""
+        """The (dp, tp) mesh over ``devices()`` (every device of the runtime, all hosts included), built once
+        per shape."""
         return self._meshes_by_shape.get(self.devices(), dp, tp, platform=self.platform)
 
     @property
