@@ -697,14 +697,17 @@ def serve(manager=None, idle_limit_s: float | None = None) -> int:
         raise ValueError(f"a follower needs {environment.NUM_PROCESSES} >= 2 and {environment.PROCESS_ID} >= 1 "
                          f"(got {cluster.config if cluster else 'one host'})")
 
+    from ..models.hunyuan.pipeline import HunyuanVideoPipeline
     from ..pipeline import WanTPUPipeline
 
     # What the first call would import: done now, while the leader is still starting, not inside its call.
     importlib.import_module("diffusers.pipelines.wan.pipeline_wan")
     importlib.import_module("transformers")
+    families = {"wan": WanTPUPipeline, "hunyuan": HunyuanVideoPipeline}  # a spec's "family" (Wan's names none)
 
     def make_pipeline(spec: dict):
-        return WanTPUPipeline(manager=manager, **spec)
+        spec = dict(spec)
+        return families[spec.pop("family", "wan")](manager=manager, **spec)
 
     follower = Follower(cluster.channel, make_pipeline, manager.release, manager.compile_count)
     return follower.serve(idle_limit_s)

@@ -8,10 +8,11 @@ frames of each run to ``<out>/<run>.npy``. In order:
 2. the three-node chain (Text Encoder, Sampler, VAE Decoder), then the Full Pipeline node, then a
    ``generate`` of another prompt and seed: none of them may compile anything, here or on the follower;
 3. a run cancelled at step 1: the follower must stop at the same step;
-4. "Unload Models" (``release``): both processes free everything;
-5. a run during which the test kills the follower (at step 1 this writes ``at_step``, then waits for
+4. HunyuanVideo 1.5's ``generate`` (the tiny model: another family, its own tiled VAE decode);
+5. "Unload Models" (``release``): both processes free everything;
+6. a run during which the test kills the follower (at step 1 this writes ``at_step``, then waits for
    ``killed``): it must fail with a ``FollowerError`` naming the follower, soon;
-6. one more ``generate``: it runs on this process's 4 devices alone.
+7. one more ``generate``: it runs on this process's 4 devices alone.
 """
 
 import json
@@ -89,6 +90,11 @@ def main() -> None:
         report["cancel"] = {"raised": False}
     except Cancelled:
         report["cancel"] = {"raised": True, "follower": leader.last_results[1]}
+    save()
+
+    hunyuan = pack_module("models.hunyuan.pipeline").HunyuanVideoPipeline(settings["hunyuan"], precision="fp32")
+    keep("hunyuan", hunyuan.generate("a cat", "blurry", seed=0, **settings["hunyuan_video"]))
+    report["hunyuan_follower"] = leader.last_results[1]
     save()
 
     freed = manager.release()

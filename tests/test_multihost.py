@@ -22,6 +22,7 @@ from conftest import PACK_DIR, pack_module
 multihost = pack_module("runtime.multihost")
 
 VIDEO = dict(height=16, width=16, num_frames=1, num_inference_steps=2, guidance_scale=5.0, flow_shift=3.0)
+HUNYUAN_VIDEO = dict(height=32, width=32, num_frames=5, num_inference_steps=2)
 
 
 def free_port() -> int:
@@ -50,10 +51,13 @@ def wait_for(path, process, timeout_s: float) -> bool:
     return False
 
 
-def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follower_leaves_the_leader_alone(tmp_path, tiny_model_dir, manager):
+def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follower_leaves_the_leader_alone(
+        tmp_path, tiny_model_dir, manager):
     port = free_port()
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"model": tiny_model_dir, "out": str(tmp_path), "video": VIDEO}))
+    hunyuan_dir = pack_module("tiny_hunyuan").build_tiny_hunyuan(tmp_path / "tiny-hunyuan-t2v")
+    settings.write_text(json.dumps({"model": tiny_model_dir, "out": str(tmp_path), "video": VIDEO,
+                                    "hunyuan": str(hunyuan_dir), "hunyuan_video": HUNYUAN_VIDEO}))
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("leader", "follower")}
     children = []
     try:
@@ -70,6 +74,8 @@ def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follow
         # Meanwhile, here: the same run on one process with 8 devices.
         pipe = pack_module("pipeline").WanTPUPipeline(tiny_model_dir, precision="fp32")
         expected = pipe.generate("a cat", "blurry", seed=0, **VIDEO).numpy()
+        expected_hunyuan = pack_module("models.hunyuan.pipeline").HunyuanVideoPipeline(
+            hunyuan_dir, precision="fp32").generate("a cat", "blurry", seed=0, **HUNYUAN_VIDEO).numpy()
 
         def log_tail(name):
             logs[name].flush()
@@ -98,6 +104,9 @@ def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follow
         frames = np.load(tmp_path / f"{run}.npy")
         assert frames.shape == expected.shape, run
         np.testing.assert_allclose(frames, expected, atol=1e-5, rtol=0, err_msg=run)
+    # HunyuanVideo 1.5 runs on both too, with the frames of one 8-device process.
+    assert report["hunyuan_follower"]["ok"], report["hunyuan_follower"]
+    np.testing.assert_allclose(np.load(tmp_path / "hunyuan.npy"), expected_hunyuan, atol=1e-5, rtol=0)
     # The nodes and a second prompt compile nothing, on either process.
     assert report["leader_compiled_second"] == 0 and report["follower_compiled_second"] == 0, report
     # Cancel: the follower stopped at the leader's step.
@@ -107,7 +116,7 @@ def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follow
     # Unload Models: both processes dropped the same components and hold no device memory after.
     leader_freed, follower_freed = report["release"]["leader"], report["release"]["follower"]["released"]
     assert sorted(leader_freed["components"]) == sorted(follower_freed["components"]) == \
-        ["text_encoder", "transformer", "vae"], report["release"]
+        ["hunyuan_text_encoder", "hunyuan_text_encoder_2", "hunyuan_transformer", "hunyuan_vae"], report["release"]
     assert leader_freed["bytes"] > 0 and follower_freed["bytes"] == leader_freed["bytes"], report["release"]
     # All that stays on a device is torchax's random key (uint32[2]), on each process.
     assert leader_freed["left_bytes"] <= 8 and follower_freed["left_bytes"] <= 8, report["release"]

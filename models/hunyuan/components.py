@@ -180,15 +180,6 @@ class HunyuanComponents:
     def rules(self, kind: str):
         return TRANSFORMER_LAYOUTS[self.transformer_layout] if kind == "transformer" else RULES[kind]
 
-    def check_one_host(self) -> None:
-        """HunyuanVideo's stages are not mirrored to followers yet (``runtime.multihost``): on a leader of
-        several hosts its programs would wait for hosts that never run them, so refuse before anything loads."""
-        leader = getattr(self.manager, "leader", None)
-        if callable(leader) and leader() is not None:
-            raise ValueError("HunyuanVideo 1.5 runs on one host so far, and this process leads a multi-host runtime "
-                             "(WAN_TPU_NUM_PROCESSES): restart ComfyUI without WAN_TPU_NUM_PROCESSES to run it on "
-                             "this host's chips, or use a Wan model across the hosts")
-
     def announce_loading(self, on_status: Callable | None, kind: str) -> None:
         if on_status is not None and self.component_key(kind) not in self.manager.cached_keys():
             on_status(f"loading the {LABELS[kind]}")
@@ -204,7 +195,6 @@ class HunyuanComponents:
         return module, weights, plan, extra
 
     def _cached(self, kind: str, build: Callable):
-        self.check_one_host()
         key = self.component_key(kind)
         if key not in self.manager.cached_keys():
             loading.check_component(self.source, kind)

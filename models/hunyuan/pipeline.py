@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ...runtime.placement import batch_sharding, replicated
+from ...runtime.multihost import mirrored
+from ...runtime.placement import batch_sharding, replicated, to_host
 from ...runtime.torch_bridge import call_torch_module
 from ...sampling.denoise_run import Callbacks, DenoiseRun
 from ...scheduler import flow_match_sigmas_schedule
@@ -118,14 +119,21 @@ class HunyuanVideoPipeline(HunyuanComponents):
     or "replicated_out" (``resolve_layout``)."""
 
     def __init__(self, model_id, precision: str = "bf16", dp: int | None = None, tp: int | None = None,
-                 manager=None, layout: str | None = None):
+                 manager=None, layout: str | None = None, vae_tile_pixels: int | None = None):
         super().__init__(model_id, precision=precision, dp=dp, tp=tp, manager=manager,
                          transformer_layout=resolve_layout(layout))
+        self.model_arg = model_id  # as given: a follower makes its pipeline from it
         self.last_run: dict = {}
         self.last_step_seconds: list[float] = []
-        self.vae_tile_pixels: int | None = None  # the decode's tile side; None: vae_tiles.default_tile_pixels
+        self.vae_tile_pixels = vae_tile_pixels  # the decode's tile side; None: vae_tiles.default_tile_pixels
+
+    def multihost_spec(self) -> dict:
+        """What a follower makes the same pipeline from (``runtime.multihost``): its family and arguments."""
+        return {"family": "hunyuan", "model_id": self.model_arg, "precision": self.precision, "dp": self.dp,
+                "tp": self.tp, "layout": self.transformer_layout, "vae_tile_pixels": self.vae_tile_pixels}
 
     # ------------------------------------------------------------------ prompts
+    @mirrored()
     def encode(self, prompt: str, negative_prompt: str = "", on_status: Callable[[str], None] | None = None
                ) -> HunyuanEmbeddings:
         """Qwen2.5-VL's (third-last layer, after the system prompt's crop) and ByT5's (the quoted text)
@@ -158,7 +166,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
         mask = np.asarray(tokens["attention_mask"], np.int32)
         with device_errors("the Qwen2.5-VL text encoder", "Use a mesh with more devices."):
             # float32 on the host in either precision (numpy's bfloat16 is not one torch takes)
-            hidden = np.asarray(program(component.weights, ids, jax.device_put(mask, pair)), np.float32)
+            hidden = to_host(program(component.weights, ids, jax.device_put(mask, pair))).astype(np.float32)
         return hidden[:, TEMPLATE_CROP:], mask[:, TEMPLATE_CROP:]
 
     def _byt5(self, component, prompts):
@@ -177,7 +185,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
             mask = np.asarray(tokens["attention_mask"], np.int32)
             whole = replicated(component.mesh)
             with device_errors("the ByT5 glyph encoder", "Use a mesh with more devices."):
-                embeds[row] = np.asarray(program(component.weights, jax.device_put(np.asarray(
+                embeds[row] = to_host(program(component.weights, jax.device_put(np.asarray(
                     tokens["input_ids"], np.int32), whole), jax.device_put(mask.astype(np.float32), whole)))[0]
             masks[row] = mask[0]
         return embeds, masks
@@ -197,6 +205,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
 
         return loading.load_json_config(self.source, "transformer")
 
+    @mirrored()
     def encode_image(self, image, *, height: int | None = None, width: int | None = None,
                      on_status: Callable[[str], None] | None = None) -> HunyuanImageConditioning:
         """The start image's conditioning: resized and cropped to ``height`` x ``width`` (None: the size
@@ -226,8 +235,8 @@ class HunyuanVideoPipeline(HunyuanComponents):
         features = siglip.host.preprocess(images=picture, do_resize=True, return_tensors="np", do_convert_rgb=True)
         embed = self.program(siglip, "encode", lambda: jax.jit(siglip_encode_fn(self.manager, siglip.module)))
         with self.timer("encode_image"), device_errors("encoding the image", "Use a mesh with more devices."):
-            latents = np.asarray(encode(vae.weights, jax.device_put(pixels.astype(np.float32), replicated(vae.mesh))))
-            tokens = np.asarray(embed(siglip.weights, jax.device_put(
+            latents = to_host(encode(vae.weights, jax.device_put(pixels.astype(np.float32), replicated(vae.mesh))))
+            tokens = to_host(embed(siglip.weights, jax.device_put(
                 np.asarray(features["pixel_values"], np.float32), replicated(siglip.mesh))))
         import torch
 
@@ -235,6 +244,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
                                         height, width)
 
     # ------------------------------------------------------------------ denoising
+    @mirrored(steps=True)
     def denoise(self, embeddings: HunyuanEmbeddings, *, height: int = 720, width: int = 1280, num_frames: int = 121,
                 num_inference_steps: int = 50, guidance_scale: float | None = None, seed: int = 0,
                 flow_shift: float | None = None, image: HunyuanImageConditioning | None = None,
@@ -366,6 +376,7 @@ class HunyuanVideoPipeline(HunyuanComponents):
         return tuple(parts)
 
     # ------------------------------------------------------------------ decoding
+    @mirrored()
     def decode(self, latents, on_status: Callable[[str], None] | None = None):
         """Frames [F, H, W, 3] float32 in [0, 1] (CPU) from VAE latents [B, C, T, h, w]."""
         import torch
@@ -397,12 +408,13 @@ class HunyuanVideoPipeline(HunyuanComponents):
                 decode = self.program(vae, "decode", lambda: jax.jit(lambda weights, z: call_torch_module(
                     self.manager, vae.module, weights, "decode", (z,), pick=lambda out: out.sample)))
                 with device_errors("the VAE decoder", "Lower the resolution or num_frames."):
-                    videos = [np.asarray(decode(vae.weights, jax.device_put(item[None], replicated(vae.mesh))))[0]
+                    videos = [to_host(decode(vae.weights, jax.device_put(item[None], replicated(vae.mesh))))[0]
                               for item in latents.float().numpy()]
             for video in videos:
                 frames.append(np.clip(video / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 3, 0))  # [F, H, W, 3]
         return torch.from_numpy(np.concatenate(frames).astype(np.float32))
 
+    @mirrored(steps=True)
     def generate(self, prompt: str, negative_prompt: str = "", on_status=None, image=None, **denoise_args):
         """encode -> (encode_image) -> denoise -> decode; returns frames [F, H, W, 3]."""
         embeddings = self.encode(prompt, negative_prompt, on_status=on_status)

@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from ...runtime.placement import to_host
+
 logger = logging.getLogger("wan_tpu")
 
 TILE_PIXELS = 256  # diffusers' tile_sample_min_height / _width
@@ -156,8 +158,8 @@ class TiledVAEDecoder:
                               f"{shape[0] * self.tile_pixels // self.latent_tile} (call {done} of {calls})")
                 with device_errors("the VAE decoder", "Lower the resolution or num_frames, or the tile "
                                    "(HunyuanVideoPipeline.vae_tile_pixels, e.g. 128)."):
-                    out = np.asarray(self.jitted()(weights, jax.device_put(np.ascontiguousarray(np.stack(tiles)),
-                                                                           self.tile_sharding())))
+                    out = to_host(self.jitted()(weights, jax.device_put(np.ascontiguousarray(np.stack(tiles)),
+                                                                        self.tile_sharding())))
                 for slot, index in enumerate(batch):
                     decoded[index] = torch.from_numpy(np.array(out[slot:slot + 1]))
         return self._blend(torch.from_numpy(latents), decoded, [w[2:] for w in windows])
