@@ -433,14 +433,16 @@ def _with_row_length(fixed_ref, lengths_ref, *refs, kernel, length_from: int):
 # ``block_mask(block_q, block_kv)`` -> (active, full) [q blocks, kv blocks] bool.
 _ID_BITS = 12  # a step packs its query block, its key block and three flags into one int32 (SMEM is small)
 _ID_MASK = (1 << _ID_BITS) - 1
-_FIRST_BIT, _LAST_BIT, _PARTIAL_BIT = 2 * _ID_BITS, 2 * _ID_BITS + 1, 2 * _ID_BITS + 2
-TILE_KINDS = ("whole", "partial")  # tiles the mask keeps whole, and tiles that need the element mask
+_FIRST_BIT, _LAST_BIT, _PARTIAL_BIT, _ONE_KV_FRAME_BIT = (2 * _ID_BITS + i for i in range(4))
+# Tiles the mask keeps whole; partial tiles whose keys lie in one frame (the band mask: 3 vector ops per
+# score, the query side folded into row vectors); and the other partial tiles (the general element mask).
+TILE_KINDS = ("whole", "band", "partial")
 
 
 class SparseLayout(NamedTuple):
     """The host-side (numpy) schedule of the block-sparse kernel for one shape and block size."""
 
-    steps: object  # [steps] int32: q block | kv block << 12 | first, last, partial flags at bits 24-26
+    steps: object  # [steps] int32: q block | kv block << 12 | first, last, partial, one-kv-frame flags, bits 24-27
     q_frames: object  # [3 * q blocks] int32: per block its first frame, that token's spatial index, and
     kv_frames: object  # [3 * kv blocks]    the local index where the next frame starts (block size if none)
     windows: object  # [(F + 1)^2] int32: frame-pair windows; frame F is padding (queries: all, keys: none)
@@ -475,15 +477,16 @@ def sparse_layout(sparsity, block_q: int, block_kv: int) -> SparseLayout:
     first = np.r_[True, q_ids[1:] != q_ids[:-1]]
     last = np.r_[q_ids[1:] != q_ids[:-1], True]
     partial = ~full[q_ids, kv_ids]
+    kv_frames = _frame_descriptors(num_kv_blocks, block_kv, per_frame)
+    one_kv_frame = (kv_frames.reshape(-1, 3)[:, 2] == block_kv)[kv_ids]  # no frame starts inside the key block
     steps = (q_ids | kv_ids << _ID_BITS | first << _FIRST_BIT | last << _LAST_BIT
-             | partial << _PARTIAL_BIT).astype(np.int32)
+             | partial << _PARTIAL_BIT | one_kv_frame << _ONE_KV_FRAME_BIT).astype(np.int32)
     frames = windows.shape[0]
     padded = np.full((frames + 1, frames + 1), -1, np.int32)
     padded[:frames, :frames] = windows
     padded[frames, :frames] = per_frame  # padded query rows (dropped) attend whatever is visited: l > 0
     return SparseLayout(
-        steps, _frame_descriptors(num_q_blocks, block_q, per_frame),
-        _frame_descriptors(num_kv_blocks, block_kv, per_frame), padded.reshape(-1), frames,
+        steps, _frame_descriptors(num_q_blocks, block_q, per_frame), kv_frames, padded.reshape(-1), frames,
         bool(full.all()), float(active.mean()),
     )
 
@@ -503,6 +506,24 @@ def _frame_band(start, block_q: int, block_kv_compute: int, q_desc, kv_desc, win
     from_next_q = jnp.where(kv_next, window[1][1], window[1][0])
     limit = jnp.where(q_next, from_next_q, from_first_q)  # [block_kv_compute, block_q]
     return jnp.abs(q_spatial - kv_spatial) <= limit
+
+
+def _one_frame_band(s, start, block_q: int, q_desc, kv_offset, window):
+    """``s`` [block_kv_compute, block_q] with the pairs outside the band masked, where every key of the
+    tile is in one frame (spatial index kv_offset + local). |l_q - l_k| <= w is, unsigned,
+    (l_q + w - l_k) <= 2w: the query side (l_q + w, 2w; frame f0 or f0 + 1) is two row vectors, so per
+    score it is a subtraction, a comparison and the select. A window < 0 (no keys) gets a row of -1,
+    which no key index reaches."""
+    q_offset, q_split = q_desc
+    q_local = lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
+    q_next = q_local >= q_split
+    q_spatial = jnp.where(q_next, q_local - q_split, q_local + q_offset)  # [1, block_q]
+    w = jnp.where(q_next, window[1], window[0])  # [1, block_q]
+    reach = jnp.where(w >= 0, q_spatial + w - kv_offset - start, -1)  # [1, block_q]
+    width = lax.bitcast_convert_type(2 * jnp.maximum(w, 0), jnp.uint32)
+    kv_local = lax.broadcasted_iota(jnp.int32, s.shape, 0)
+    inside = lax.bitcast_convert_type(reach - kv_local, jnp.uint32) <= width
+    return jnp.where(inside, s, MASK_VALUE)
 
 
 def _sparse_flash_kernel(
@@ -527,6 +548,7 @@ def _sparse_flash_kernel(
     first = ((code >> _FIRST_BIT) & 1) == 1
     last = ((code >> _LAST_BIT) & 1) == 1
     partial = ((code >> _PARTIAL_BIT) & 1) == 1
+    one_kv_frame = ((code >> _ONE_KV_FRAME_BIT) & 1) == 1
     block_q = q_ref.shape[0]
     fixed = fixed_ref[pl.program_id(0), q_block] == 1
 
@@ -546,9 +568,9 @@ def _sparse_flash_kernel(
         kv_desc = (kv_frames_ref[3 * kv_block + 1], kv_frames_ref[3 * kv_block + 2])
         return q_desc, kv_desc, window
 
-    def chunks(update, banded: bool):
+    def chunks(update, mask: str):
         q = q_ref[...]  # [block_q, head_dim]
-        band = band_inputs() if banded else None
+        band = band_inputs() if mask != "whole" else None
         for chunk in range(block_kv // block_kv_compute):
             start = chunk * block_kv_compute
 
@@ -559,7 +581,10 @@ def _sparse_flash_kernel(
                 if masked:  # the chunk holding the last real key: padded keys get no weight
                     position = kv_block * block_kv + start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
                     s = jnp.where(position < kv_len, s, MASK_VALUE)
-                if banded:
+                if mask == "band":  # the key block is in frame kv_frame: windows from it to f0, f0 + 1
+                    q_desc, kv_desc, window = band
+                    s = _one_frame_band(s, start, block_q, q_desc, kv_desc[0], (window[0][0], window[1][0]))
+                elif mask == "partial":
                     s = jnp.where(_frame_band(start, block_q, block_kv_compute, *band), s, MASK_VALUE)
                 update(s, v, m_ref, l_ref, acc_ref, block_q)
 
@@ -574,11 +599,14 @@ def _sparse_flash_kernel(
         if path not in paths:
             continue
         on_path = True if len(paths) == 1 else fixed if path == "fixed" else jnp.logical_not(fixed)
-        for kind, banded in (("partial", True), ("whole", False)):
+        kinds = {"whole": ~partial, "band": partial & one_kv_frame, "partial": partial & ~one_kv_frame}
+        if "band" not in tiles:  # the general mask takes every partial tile
+            kinds["partial"] = partial
+        for kind in TILE_KINDS:
             if kind not in tiles:
                 continue
-            taken = on_path if len(tiles) == 1 else jnp.logical_and(on_path, partial if banded else ~partial)
-            body = functools.partial(chunks, update, banded)
+            taken = on_path if len(tiles) == 1 else jnp.logical_and(on_path, kinds[kind])
+            body = functools.partial(chunks, update, kind)
             if taken is True:
                 body()
             else:
@@ -596,17 +624,19 @@ def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, lay
                            tiles: tuple[str, ...] = TILE_KINDS):
     """``flash_attention`` visiting only ``layout``'s tiles (same arrays in and out, no key lengths).
 
-    tiles: the tile bodies compiled, as ``paths`` are: both (the default) picks per tile from the layout;
-    ("partial",) masks every tile (exact everywhere, slower); ("whole",) masks none (exact only where the
-    layout is whole): one alone is for the cycle model."""
+    tiles: the tile bodies compiled, as ``paths`` are: all (the default) picks per tile from the layout;
+    ("partial",) masks every tile with the general mask (exact everywhere, slower); ("band",) with the
+    one-frame band mask (exact only where every key block is in one frame); ("whole",) masks none (exact
+    only where the layout is whole): one alone is for the cycle model; ("whole", "partial") leaves the
+    band mask out."""
     heads, q_pad, head_dim = q.shape
     kv_pad, head_dim_v = v.shape[1], v.shape[2]
     block_q, block_kv, block_kv_compute = blocks
     num_kv_blocks = kv_pad // block_kv
     if tuple(paths) not in (KERNEL_PATHS, ("fixed",), ("online",)):
         raise ValueError(f"paths={paths!r}: give {KERNEL_PATHS}, ('fixed',) or ('online',)")
-    if tuple(tiles) not in (TILE_KINDS, ("whole",), ("partial",)):
-        raise ValueError(f"tiles={tiles!r}: give {TILE_KINDS}, ('whole',) or ('partial',)")
+    if tuple(tiles) not in (TILE_KINDS, ("whole", "partial"), ("whole",), ("band",), ("partial",)):
+        raise ValueError(f"tiles={tiles!r}: give {TILE_KINDS}, ('whole', 'partial') or one of them alone")
     if layout.q_frames.size != 3 * (q_pad // block_q) or layout.kv_frames.size != 3 * num_kv_blocks:
         raise ValueError(f"the sparse layout is for {layout.q_frames.size // 3} x {layout.kv_frames.size // 3} "
                          f"blocks, the arrays have {q_pad // block_q} x {num_kv_blocks}")

@@ -10,7 +10,8 @@ measurements on a TPU. The sparse kernel's grid is one step per visited tile, dr
 whether the profiler prices such a grid right is checked here, not assumed (issue 20 found jax's stock
 Splash kernel, also driven by scalar prefetch, priced below the FLOP floor):
 
-- per tile: one query block against 3, 5 and 7 key tiles, each tile body (whole, partial: with the element
+- per tile: one query block against 3, 5 and 7 key tiles, each tile body (whole; band: the mask of a key block
+  in one frame; partial: the general element
   mask) and softmax path compiled alone, since the profiler cannot tell a runtime branch's sides apart;
   the 3->5 and 5->7 differences must agree within 3% (linear in the grid);
 - a whole tile must cost what the dense kernel's key block costs at the same blocks (the same work);
@@ -35,6 +36,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import tpu_cycles  # noqa: E402  the dump, its cache, the calibration and the dense kernel's probes
@@ -48,6 +51,8 @@ NUM_FRAMES = 81
 SHARE_BLOCKS = (128, 256, 512, 768, 1024, 1536, 2048, 3072)
 DEFAULT_BLOCKS = ("512,512,256", "1024,512,256", "2048,512,512", "1024,1024,512")
 TOLERANCE = 0.10  # a whole tile against the dense kernel's key block at the same blocks
+# Whole tiles, partial tiles whose keys lie in one frame (the band mask), the other partial tiles.
+TILE_KINDS = ("whole", "band", "partial")
 
 
 def _radial():
@@ -68,9 +73,11 @@ def _compile_sparse(job: dict) -> None:
     block_q, block_kv, block_kv_compute = job["blocks"]
     count = job["kv_blocks"]
     splash = tpu_cycles.load_module(job["source"], "wan_tpu_radial_cycles_splash")
-    partial = job["tiles"] == "partial"
+    partial = job["tiles"] != "whole"
+    one_kv_frame = job["tiles"] == "band"
     steps = (np.arange(count) << splash._ID_BITS | (np.arange(count) == 0) << splash._FIRST_BIT
-             | (np.arange(count) == count - 1) << splash._LAST_BIT | int(partial) << splash._PARTIAL_BIT)
+             | (np.arange(count) == count - 1) << splash._LAST_BIT | int(partial) << splash._PARTIAL_BIT
+             | int(one_kv_frame) << splash._ONE_KV_FRAME_BIT)
     # The descriptors' values are run-time data (SMEM); only their shapes reach the compiler.
     layout = splash.SparseLayout(steps.astype(np.int32), np.zeros(3, np.int32), np.zeros(3 * count, np.int32),
                                  np.zeros(4, np.int32), 1, not partial, 1.0)
@@ -161,7 +168,7 @@ def tile_costs(chip: str, blocks: tuple[int, int, int], path: str, cache) -> dic
     topology = tpu_cycles.CHIPS[chip]
     source = tpu_cycles.KERNEL_SOURCE
     figures = {}
-    for tiles in ("whole", "partial"):
+    for tiles in TILE_KINDS:
         results = [profile_sparse({"kind": "sparse", "topology": topology, "blocks": list(blocks), "kv_blocks": n,
                                    "tiles": tiles, "paths": [path], "source": source}, cache) for n in PROBE_TILES]
         figures[tiles] = _linear_fit([_kernel_cycles(r, "wan_splash_attention_sparse") for r in results])
@@ -178,12 +185,23 @@ def radial_estimate(radial, resolution: str, blocks, costs: dict, heads: int = H
     pattern = radial.RadialPattern.for_video(height, width, NUM_FRAMES)
     block_q, block_kv, _ = blocks
     mask = radial.block_mask(pattern, block_q, block_kv)
-    whole, partial = int((mask.active & mask.full).sum()), int((mask.active & ~mask.full).sum())
+    # The kernel's own rule (sparse_layout): a partial tile takes the band mask where no frame starts
+    # inside its key block.
+    starts = np.arange(mask.active.shape[1]) * block_kv
+    one_kv_frame = (np.minimum(block_kv, pattern.tokens_per_frame - starts % pattern.tokens_per_frame) == block_kv)
+    if "band" not in costs:  # a kernel without the band mask
+        one_kv_frame[:] = False
+    partial_tiles = mask.active & ~mask.full
+    whole = int((mask.active & mask.full).sum())
+    band = int((partial_tiles & one_kv_frame[None, :]).sum())
+    partial = int(partial_tiles.sum()) - band
     q_blocks = mask.active.shape[0]
     cycles = math.ceil(heads / cores) * (q_blocks * costs["partial"]["per_q_block"] + whole * costs["whole"]["per_tile"]
+                                         + band * costs.get("band", costs["partial"])["per_tile"]
                                          + partial * costs["partial"]["per_tile"])
     tokens = pattern.num_tokens
-    return {"cycles": round(cycles), "active_share": mask.active_share, "whole_tiles": whole, "partial_tiles": partial,
+    return {"cycles": round(cycles), "active_share": mask.active_share, "whole_tiles": whole, "band_tiles": band,
+            "partial_tiles": band + partial,
             "tokens": tokens, "useful_flops_dense": 4 * heads * tokens * tokens * tpu_cycles.HEAD_DIM}
 
 
@@ -246,18 +264,20 @@ def main(argv=None) -> int:
                 continue
             tile_flops = 4 * blocks[0] * blocks[1] * tpu_cycles.HEAD_DIM
             checks = {
-                "linear": all(costs[k]["linear"] for k in ("whole", "partial", "dense")),
+                "linear": all(costs[k]["linear"] for k in (*TILE_KINDS, "dense")),
                 "whole_vs_dense": costs["whole"]["per_tile"] / costs["dense"]["per_tile"],
                 "whole_rate": tile_flops / costs["whole"]["per_tile"] / rate,
+                "band_rate": tile_flops / costs["band"]["per_tile"] / rate,
                 "partial_rate": tile_flops / costs["partial"]["per_tile"] / rate,
             }
             valid = (checks["linear"] and abs(checks["whole_vs_dense"] - 1) <= TOLERANCE
-                     and max(checks["whole_rate"], checks["partial_rate"]) <= 1.0)
+                     and max(checks["whole_rate"], checks["band_rate"], checks["partial_rate"]) <= 1.0)
             print(f"\n{path} softmax, sparse blocks {blocks}: cycles per tile whole {costs['whole']['per_tile']:,.0f} "
                   f"(dense kernel's key block {costs['dense']['per_tile']:,.0f}: x{checks['whole_vs_dense']:.3f}), "
-                  f"partial {costs['partial']['per_tile']:,.0f}; per query block {costs['partial']['per_q_block']:,.0f}")
-            unlinear = [k for k in ("whole", "partial", "dense") if not costs[k]["linear"]]
-            print(f"  rates (of the matmul's): whole {checks['whole_rate']:.2f}, partial {checks['partial_rate']:.2f}; "
+                  f"band {costs['band']['per_tile']:,.0f}, partial {costs['partial']['per_tile']:,.0f}; per query block {costs['partial']['per_q_block']:,.0f}")
+            unlinear = [k for k in (*TILE_KINDS, "dense") if not costs[k]["linear"]]
+            print(f"  rates (of the matmul's): whole {checks['whole_rate']:.2f}, band {checks['band_rate']:.2f}, "
+                  f"partial {checks['partial_rate']:.2f}; "
                   f"linear in the grid: {'yes' if not unlinear else 'no (' + ', '.join(unlinear) + ')'}; "
                   f"{'VALID' if valid else 'NOT VALID'}")
             for resolution in args.resolutions:
@@ -275,7 +295,8 @@ def main(argv=None) -> int:
                 print(f"  {resolution} ({HEADS_PER_DEVICE} heads x {tokens} tokens): dense at {dense_blocks} "
                       f"{dense['cycles']:,} cycles ({dense['useful_flops'] / (dense['cycles'] * cores) / rate:.2f} of the matmul); "
                       f"radial at {eff} {sparse['cycles']:,} ({sparse['active_share']:.3f} of tiles, "
-                      f"{sparse['partial_tiles']} of {sparse['whole_tiles'] + sparse['partial_tiles']} partial): "
+                      f"{sparse['partial_tiles']} of {sparse['whole_tiles'] + sparse['partial_tiles']} partial, "
+                      f"{sparse['band_tiles']} of them banded in one key frame): "
                       f"{ratio:.3f} of dense")
                 report["rows"].append({"path": path, "blocks": blocks, "resolution": resolution, "costs": costs,
                                        "checks": checks, "valid": valid, "dense": dense, "dense_blocks": dense_blocks,

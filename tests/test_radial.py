@@ -149,7 +149,10 @@ def _max_error(actual, expected):
     (radial.RadialPattern(5, 500, decay_factor=0.1, min_window=8), splash.BlockSizes(128, 256, 128), 2, 64),
     # 480P's frame of 30 x 52 tokens, 3 frames, the reference's defaults: a band of 128 at distance 2.
     (radial.RadialPattern.for_video(480, 832, 9), splash.BlockSizes(512, 512, 256), 1, 128),
-], ids=["odd", "480p-slice"])
+    # 9 frames of 320, distances 5 and 7 dropped: banded key blocks in one frame whose query block
+    # straddles a frame pair with no keys on one side.
+    (radial.RadialPattern(9, 320, decay_factor=0.5, min_window=128), splash.BlockSizes(256, 128, 128), 1, 64),
+], ids=["odd", "480p-slice", "no-keys"])
 def test_sparse_kernel_equals_masked_softmax(pattern, blocks, heads, head_dim):
     import jax
 
