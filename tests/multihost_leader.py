@@ -8,7 +8,8 @@ frames of each run to ``<out>/<run>.npy``. In order:
 2. the three-node chain (Text Encoder, Sampler, VAE Decoder), then the Full Pipeline node, then a
    ``generate`` of another prompt and seed: none of them may compile anything, here or on the follower;
 3. a run cancelled at step 1: the follower must stop at the same step;
-4. HunyuanVideo 1.5's ``generate`` (the tiny model: another family, its own tiled VAE decode);
+4. HunyuanVideo 1.5's ``generate`` (the tiny model: another family; its VAE decode in tiles spread over
+   both processes' devices);
 5. "Unload Models" (``release``): both processes free everything;
 6. a run during which the test kills the follower (at step 1 this writes ``at_step``, then waits for
    ``killed``): it must fail with a ``FollowerError`` naming the follower, soon;
@@ -92,7 +93,8 @@ def main() -> None:
         report["cancel"] = {"raised": True, "follower": leader.last_results[1]}
     save()
 
-    hunyuan = pack_module("models.hunyuan.pipeline").HunyuanVideoPipeline(settings["hunyuan"], precision="fp32")
+    hunyuan = pack_module("models.hunyuan.pipeline").HunyuanVideoPipeline(
+        settings["hunyuan"], precision="fp32", vae_tile_pixels=settings["hunyuan_tile"])
     keep("hunyuan", hunyuan.generate("a cat", "blurry", seed=0, **settings["hunyuan_video"]))
     report["hunyuan_follower"] = leader.last_results[1]
     save()

@@ -23,6 +23,7 @@ multihost = pack_module("runtime.multihost")
 
 VIDEO = dict(height=16, width=16, num_frames=1, num_inference_steps=2, guidance_scale=5.0, flow_shift=3.0)
 HUNYUAN_VIDEO = dict(height=32, width=32, num_frames=5, num_inference_steps=2)
+HUNYUAN_TILE = 16  # pixels: the 32x32 video decodes as tiles spread over both processes' devices
 
 
 def free_port() -> int:
@@ -57,7 +58,8 @@ def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follow
     settings = tmp_path / "settings.json"
     hunyuan_dir = pack_module("tiny_hunyuan").build_tiny_hunyuan(tmp_path / "tiny-hunyuan-t2v")
     settings.write_text(json.dumps({"model": tiny_model_dir, "out": str(tmp_path), "video": VIDEO,
-                                    "hunyuan": str(hunyuan_dir), "hunyuan_video": HUNYUAN_VIDEO}))
+                                    "hunyuan": str(hunyuan_dir), "hunyuan_video": HUNYUAN_VIDEO,
+                                    "hunyuan_tile": HUNYUAN_TILE}))
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("leader", "follower")}
     children = []
     try:
@@ -75,7 +77,8 @@ def test_two_processes_run_as_one_cancel_and_unload_reach_both_and_a_lost_follow
         pipe = pack_module("pipeline").WanTPUPipeline(tiny_model_dir, precision="fp32")
         expected = pipe.generate("a cat", "blurry", seed=0, **VIDEO).numpy()
         expected_hunyuan = pack_module("models.hunyuan.pipeline").HunyuanVideoPipeline(
-            hunyuan_dir, precision="fp32").generate("a cat", "blurry", seed=0, **HUNYUAN_VIDEO).numpy()
+            hunyuan_dir, precision="fp32", vae_tile_pixels=HUNYUAN_TILE).generate(
+            "a cat", "blurry", seed=0, **HUNYUAN_VIDEO).numpy()
 
         def log_tail(name):
             logs[name].flush()
