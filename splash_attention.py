@@ -541,6 +541,7 @@ def _sparse_flash_kernel(
     paths: tuple[str, ...],
     num_frames: int,
     tiles: tuple[str, ...] = TILE_KINDS,
+    lse_ref=None,
 ):
     code = steps_ref[pl.program_id(1)]
     q_block = code & _ID_MASK
@@ -617,18 +618,27 @@ def _sparse_flash_kernel(
         # l > 0: every query row attends a real key (Radial: its own frame and the first).
         inverse = 1.0 / l_ref[0:1, :]
         o_ref[...] = (acc_ref[...] * inverse).astype(o_ref.dtype)
+        if lse_ref is not None:  # the softmax's log2-sum-exp2, to merge with another key set's
+            lse_ref[...] = m_ref[0:1, :] + jnp.log2(l_ref[0:1, :])
+
+
+def _with_lse_output(*refs, kernel, prefetched: int):
+    # (prefetched..., q, k, v, m0, o, lse, m, l, acc) -> the kernel's order, lse by keyword
+    inputs, (o_ref, lse_ref, *scratch) = refs[:prefetched + 4], refs[prefetched + 4:]
+    kernel(*inputs, o_ref, *scratch, lse_ref=lse_ref)
 
 
 def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, layout: SparseLayout,
                            interpret: bool, paths: tuple[str, ...] = KERNEL_PATHS,
-                           tiles: tuple[str, ...] = TILE_KINDS):
+                           tiles: tuple[str, ...] = TILE_KINDS, with_lse: bool = False):
     """``flash_attention`` visiting only ``layout``'s tiles (same arrays in and out, no key lengths).
 
     tiles: the tile bodies compiled, as ``paths`` are: all (the default) picks per tile from the layout;
     ("partial",) masks every tile with the general mask (exact everywhere, slower); ("band",) with the
     one-frame band mask (exact only where every key block is in one frame); ("whole",) masks none (exact
     only where the layout is whole): one alone is for the cycle model; ("whole", "partial") leaves the
-    band mask out."""
+    band mask out. ``with_lse``: also each row's log2-sum-exp2 [heads, 1, q_pad] fp32, and the output in
+    fp32 (the frame-banded path merges two calls by it); every query block must then have a step."""
     heads, q_pad, head_dim = q.shape
     kv_pad, head_dim_v = v.shape[1], v.shape[2]
     block_q, block_kv, block_kv_compute = blocks
@@ -666,6 +676,13 @@ def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, lay
         transcendentals=heads * steps * block_q * block_kv,
         bytes_accessed=q.dtype.itemsize * heads * elements,
     )
+    out_specs = pl.BlockSpec((None, head_dim_v, block_q), lambda h, t, f, s, *_: (h, 0, q_of(t, s)))
+    out_shape = jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), q.dtype)
+    if with_lse:
+        kernel = functools.partial(_with_lse_output, kernel=kernel, prefetched=len(prefetched))
+        out_specs = [out_specs, pl.BlockSpec((None, 1, block_q), lambda h, t, f, s, *_: (h, 0, q_of(t, s)))]
+        out_shape = (jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), jnp.float32),
+                     jax.ShapeDtypeStruct((heads, 1, q_pad), jnp.float32))
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -677,20 +694,298 @@ def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, lay
                 pl.BlockSpec((None, block_kv, head_dim_v), lambda h, t, f, s, *_: (h, kv_of(t, s), 0)),
                 pl.BlockSpec((None, 1, block_q), lambda h, t, f, s, *_: (h, 0, q_of(t, s))),
             ],
-            out_specs=pl.BlockSpec((None, head_dim_v, block_q), lambda h, t, f, s, *_: (h, 0, q_of(t, s))),
+            out_specs=out_specs,
             scratch_shapes=[
                 pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
                 pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
                 pltpu.VMEM((head_dim_v, block_q), jnp.float32),
             ],
         ),
-        out_shape=jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), q.dtype),
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                              vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
         interpret=interpret,
         name="wan_splash_attention_sparse",
     )(*prefetched, q, k, v, m0)
+
+
+# ------------------------------------------------------------------ frame-banded sparse path
+# The same masks (whole frame pairs, spatial bands, none) run as two kernels whose results merge by their
+# log-sum-exps, so that neither pays for tiles the mask mostly skips:
+# - whole frame pairs: the block-sparse kernel above on queries padded per frame, each key block one frame,
+#   every visited tile whole (no mask), large query blocks;
+# - banded pairs: one grid step per query block (within one frame, spatial range [a, a + block_q)); its
+#   band slots, one per key frame it pairs with by a band of w, each fetch that frame's keys of the spatial
+#   slice covering [a - w, a + block_q + w) (an element-offset DMA) and mask the rest.
+# A band of w keys costs about (block_q + 2 w) / (2 w + 1) of its attended pairs, not a whole key tile's.
+class FrameBlocks(NamedTuple):
+    """The frame-banded path's sizes: query blocks of the band kernel, and of the whole-frame kernel with
+    its key chunk (keys per softmax update; a frame's key block is the frame)."""
+
+    band_q: int = 256
+    whole_q: int = 2048
+    whole_kv_compute: int = 512
+
+
+# The whole-frame kernel's fp32 score tile, [whole_kv_compute, whole_q], stays under this (the dense
+# kernel's 512 x 3328 is 6.5 MiB).
+FRAME_SCORE_TILE_BYTES = 8 * 2**20
+
+
+class FramePlan(NamedTuple):
+    """Host-side facts of the frame-banded path for one pattern and ``FrameBlocks`` (numpy, cached)."""
+
+    band_pad: int  # a frame's queries padded to this for the band kernel (a multiple of band_q)
+    band_kv: tuple  # per band slot, the keys it fetches (slots hold a query frame's bands widest first)
+    band_offsets: object  # [q blocks * max_bands] int32: each (query block, slot)'s first key, spatial / 8
+    band_frames: object  # [F * max_bands] int32: per query frame and slot its key frame (0 past the count)
+    band_windows: object  # [F * max_bands] int32: and that pair's window
+    band_counts: object  # [F] int32: the slots each query frame uses
+    max_bands: int
+    whole_pad: int  # a frame's queries padded to this for the whole-frame kernel (a multiple of whole_q)
+    whole_q: int
+    whole_kv_compute: int
+    whole_layout: SparseLayout  # the whole-frame kernel's tiles: (query block, key frame)
+
+
+def _largest_divisor(value: int, multiple: int, at_most: int) -> int | None:
+    """The largest multiple of ``multiple`` dividing ``value`` that is at most ``at_most``, or None."""
+    for candidate in range(min(value, at_most) // multiple * multiple, 0, -multiple):
+        if value % candidate == 0:
+            return candidate
+    return None
+
+
+def frame_path_refusal(sparsity, frame_blocks: FrameBlocks = FrameBlocks()) -> str | None:
+    """Why the frame-banded path cannot run ``sparsity`` (None: it can)."""
+    per_frame, windows = int(sparsity.tokens_per_frame), np.asarray(sparsity.windows)
+    if per_frame % NUM_SUBLANES:
+        return f"a frame's {per_frame} tokens are not a multiple of {NUM_SUBLANES} (a key block is a frame)"
+    if frame_blocks.band_q % NUM_LANES or frame_blocks.whole_q % NUM_LANES:
+        return f"query blocks {frame_blocks.band_q}, {frame_blocks.whole_q}: multiples of {NUM_LANES}"
+    if not (windows >= per_frame).any(axis=1).all():
+        return "a query frame pairs wholly with no key frame (the whole-frame kernel gives every row its keys)"
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def frame_plan(sparsity, frame_blocks: FrameBlocks = FrameBlocks()) -> FramePlan:
+    refusal = frame_path_refusal(sparsity, frame_blocks)
+    if refusal:
+        raise ValueError(f"{sparsity}: the frame-banded path cannot run it: {refusal}")
+    per_frame, windows = int(sparsity.tokens_per_frame), np.asarray(sparsity.windows, np.int32)
+    frames = windows.shape[0]
+    whole, band = windows >= per_frame, (windows >= 0) & (windows < per_frame)
+    band_q = frame_blocks.band_q
+    band_pad = _round_up(per_frame, band_q)
+    counts = band.sum(axis=1).astype(np.int32)
+    max_bands = max(int(counts.max()), 1)
+    band_frames = np.zeros((frames, max_bands), np.int32)
+    slot_windows = np.full((frames, max_bands), -1, np.int32)
+    for frame in range(frames):
+        listed = np.flatnonzero(band[frame])
+        listed = listed[np.argsort(-windows[frame, listed], kind="stable")]  # widest first
+        band_frames[frame, :listed.size] = listed
+        slot_windows[frame, :listed.size] = windows[frame, listed]
+    # Mosaic wants a DMA's start on the key axis provably a multiple of 8 rows: a slice starts up to 7
+    # keys early, and is 7 keys longer. Each slot fetches what its widest band needs.
+    band_kv = tuple(min(_round_up(band_q + 2 * max(int(w), 0) + NUM_SUBLANES - 1, NUM_SUBLANES), per_frame)
+                    for w in slot_windows.max(axis=0))
+    first_query = np.arange(band_pad // band_q) * band_q  # spatial, per block of a frame
+    offsets = np.clip(first_query[None, :, None] - np.maximum(slot_windows, 0)[:, None, :], 0,
+                      per_frame - np.array(band_kv)[None, None, :]) // NUM_SUBLANES  # [F, blocks, slots]
+    # The whole-frame kernel: queries padded per frame to a multiple of 128, then query blocks that divide it.
+    whole_q = min(frame_blocks.whole_q, _round_up(per_frame, NUM_LANES))
+    whole_pad = _round_up(per_frame, whole_q)
+    if whole_pad - per_frame > whole_q // 2:  # one block per frame pads less
+        whole_q = whole_pad = _round_up(per_frame, NUM_LANES)
+    limit = max(FRAME_SCORE_TILE_BYTES // (4 * whole_q), NUM_SUBLANES)
+    compute = _largest_divisor(per_frame, NUM_SUBLANES, min(frame_blocks.whole_kv_compute, limit)) or per_frame
+    blocks_per_frame = whole_pad // whole_q
+    q_frame = np.repeat(np.arange(frames), blocks_per_frame)
+    q_ids, kv_ids = np.nonzero(whole[q_frame])  # per query block its whole key frames, ascending
+    first = np.r_[True, q_ids[1:] != q_ids[:-1]]
+    last = np.r_[q_ids[1:] != q_ids[:-1], True]
+    steps = (q_ids | kv_ids << _ID_BITS | first << _FIRST_BIT | last << _LAST_BIT).astype(np.int32)
+    whole_layout = SparseLayout(steps, np.zeros(3 * q_frame.size, np.int32), np.zeros(3 * frames, np.int32),
+                                np.zeros(1, np.int32), frames, False, float(whole.mean()))
+    arrays = [offsets.reshape(-1).astype(np.int32), band_frames.reshape(-1), slot_windows.reshape(-1), counts]
+    for array in arrays:
+        array.setflags(write=False)
+    return FramePlan(band_pad, band_kv, *arrays, max_bands, whole_pad, whole_q, compute, whole_layout)
+
+
+def _frame_pad(x, frames: int, per_frame: int, padded: int):
+    """[heads, frames * per_frame, d] -> [heads, frames * padded, d], each frame zero-padded at its end."""
+    heads, _, dim = x.shape
+    x = _pad_axis(x.reshape(heads, frames, per_frame, dim), padded, 2)
+    return x.reshape(heads, frames * padded, dim)
+
+
+def _frame_unpad(x, frames: int, per_frame: int, padded: int):
+    """[heads, c, frames * padded] -> [heads, c, frames * per_frame]: each frame's padded queries dropped."""
+    heads, channels, _ = x.shape
+    return x.reshape(heads, channels, frames, padded)[:, :, :, :per_frame].reshape(heads, channels, -1)
+
+
+def _band_kernel(
+    fixed_ref,  # [heads, q blocks] int32 SMEM
+    offsets_ref,  # [q blocks * max_bands] int32 SMEM: a slot's first fetched key (spatial) / 8
+    band_frames_ref,  # [F * max_bands] int32 SMEM (read by the index maps)
+    windows_ref,  # [F * max_bands] int32 SMEM
+    band_counts_ref,  # [F] int32 SMEM
+    q_ref,  # [block_q, head_dim]
+    *refs,  # k [1, band_kv, head_dim] and v [1, band_kv, head_dim_v] per band slot, then as _flash_kernel:
+    # m0, o, lse [1, block_q] (the log2-sum-exp2), and the m, l, acc scratch
+    per_frame: int,
+    num_frames: int,
+    blocks_per_frame: int,
+    max_bands: int,
+    paths: tuple[str, ...],
+    all_bands: bool = False,
+):
+    k_refs, v_refs = refs[:max_bands], refs[max_bands:2 * max_bands]
+    m0_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[2 * max_bands:]
+    q_block = pl.program_id(1)
+    frame = q_block // blocks_per_frame
+    block_q = q_ref.shape[0]
+    fixed = fixed_ref[pl.program_id(0), q_block] == 1
+    count = band_counts_ref[frame]
+    m_ref[...] = jnp.broadcast_to(m0_ref[...], m_ref.shape)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    # A query's band, as key indices local to the fetched slice: [lo, hi], clipped to its frame.
+    q_spatial = (q_block % blocks_per_frame) * block_q + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
+
+    def one_band(update, slot):
+        window = windows_ref[frame * max_bands + slot]
+        offset = offsets_ref[q_block * max_bands + slot] * NUM_SUBLANES
+        local = q_spatial - offset
+        kv_local = lax.broadcasted_iota(jnp.int32, (k_refs[slot].shape[1], 1), 0)
+        low = jnp.maximum(local - window, -offset)  # [1, block_q]
+        high = jnp.minimum(local + window, per_frame - 1 - offset)
+        width = lax.bitcast_convert_type(high - low, jnp.uint32)
+        k = k_refs[slot][0]  # [band_kv, head_dim]: frame key_frame's keys of the block's spatial slice
+        v = v_refs[slot][0]
+        s = lax.dot_general(k, q_ref[...], _NT_DIMS, preferred_element_type=jnp.float32)  # [band_kv, block_q]
+        # low <= kv <= high as one unsigned comparison: a subtraction, a comparison and the select per score.
+        inside = lax.bitcast_convert_type(kv_local - low, jnp.uint32) <= width
+        update(jnp.where(inside, s, MASK_VALUE), v, m_ref, l_ref, acc_ref, block_q)
+
+    def bands(update):
+        for slot in range(max_bands):
+            body = functools.partial(one_band, update, slot)
+            if all_bands:  # the cycle model's probe: every slot runs (it cannot price a branch)
+                body()
+            else:
+                pl.when(slot < count)(body)
+
+    if paths == ("fixed",):
+        bands(_fixed_chunk)
+    elif paths == ("online",):
+        bands(_online_chunk)
+    else:
+        pl.when(fixed)(lambda: bands(_fixed_chunk))
+        pl.when(jnp.logical_not(fixed))(lambda: bands(_online_chunk))
+    # A row with no band (its frame pairs wholly or not at all) gets weight 0 in the merge: lse = MASK_VALUE.
+    l_row = l_ref[0:1, :]
+    attended = l_row > 0
+    o_ref[...] = jnp.where(attended, acc_ref[...] / jnp.where(attended, l_row, 1.0), 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(attended, m_ref[0:1, :] + jnp.log2(jnp.where(attended, l_row, 1.0)), MASK_VALUE)
+
+
+def band_attention(q, k, v, *, plan: FramePlan, per_frame: int, num_frames: int, interpret: bool,
+                   paths: tuple[str, ...] = KERNEL_PATHS, all_bands: bool = False):
+    """The banded frame pairs. q: [heads, F * band_pad, d] (padded per frame), pre-scaled; k, v:
+    [heads, F * per_frame, d] smoothed. Returns (o [heads, dv, F * band_pad], lse [heads, 1, F * band_pad])."""
+    heads, q_pad, head_dim = q.shape
+    head_dim_v = v.shape[2]
+    blocks_per_frame = plan.band_offsets.size // (num_frames * plan.max_bands)
+    block_q = plan.band_pad // blocks_per_frame
+    num_q_blocks = q_pad // block_q
+    if tuple(paths) == ("online",):
+        m0 = jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32)
+        fixed = jnp.zeros((heads, num_q_blocks), jnp.int32)
+    else:
+        m0, fixed = fixed_bounds(q, k, block_q, gate=SPARSE_FIXED_BOUND_GATE)
+    # [heads * F, per_frame, d]: a band slot's block is one frame's slice. (One block of every frame's
+    # slice at once is a strided DMA that libtpu's cycle model does not price: it reports 0.)
+    k3 = k.reshape(heads * num_frames, per_frame, head_dim)
+    v3 = v.reshape(heads * num_frames, per_frame, head_dim_v)
+    kernel = functools.partial(_band_kernel, per_frame=per_frame, num_frames=num_frames,
+                               blocks_per_frame=blocks_per_frame, max_bands=plan.max_bands, paths=tuple(paths),
+                               all_bands=all_bands)
+    prefetched = (fixed, *(jnp.asarray(x, jnp.int32) for x in (plan.band_offsets, plan.band_frames,
+                                                             plan.band_windows, plan.band_counts)))
+    slot_uses = (np.arange(plan.max_bands)[None, :] < plan.band_counts[:, None]).sum(axis=0) * blocks_per_frame
+    scores = int(np.dot(slot_uses, plan.band_kv)) * block_q  # per head
+    cost = pl.CostEstimate(
+        flops=2 * heads * scores * (head_dim + head_dim_v), transcendentals=heads * scores,
+        bytes_accessed=q.dtype.itemsize * heads * (2 * q_pad * head_dim_v
+                                                   + num_q_blocks * sum(plan.band_kv) * (head_dim + head_dim_v)),
+    )
+    # Element offsets (Mosaic takes them on every axis or none): the slice starts at any key.
+    def band_spec(dim, slot):
+        def index(h, b, fixed, offsets, band_frames, *_):
+            key_frame = band_frames[(b // blocks_per_frame) * plan.max_bands + slot]
+            return h * num_frames + key_frame, offsets[b * plan.max_bands + slot] * NUM_SUBLANES, 0
+
+        return pl.BlockSpec((pl.Element(1), pl.Element(plan.band_kv[slot]), pl.Element(dim)), index)
+
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetched),
+            grid=(heads, num_q_blocks),
+            in_specs=[
+                pl.BlockSpec((None, block_q, head_dim), lambda h, b, *_: (h, b, 0)),
+                *(band_spec(head_dim, slot) for slot in range(plan.max_bands)),
+                *(band_spec(head_dim_v, slot) for slot in range(plan.max_bands)),
+                pl.BlockSpec((None, 1, block_q), lambda h, b, *_: (h, 0, b)),
+            ],
+            out_specs=[
+                pl.BlockSpec((None, head_dim_v, block_q), lambda h, b, *_: (h, 0, b)),
+                pl.BlockSpec((None, 1, block_q), lambda h, b, *_: (h, 0, b)),
+            ],
+            scratch_shapes=[
+                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
+                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
+                pltpu.VMEM((head_dim_v, block_q), jnp.float32),
+            ],
+        ),
+        out_shape=(jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((heads, 1, q_pad), jnp.float32)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
+                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="wan_splash_attention_bands",
+    )(*prefetched, q, *(k3,) * plan.max_bands, *(v3,) * plan.max_bands, m0)
+
+
+def frame_sparse_attention(q, k, v, *, sparsity, frame_blocks: FrameBlocks, interpret: bool):
+    """``sparsity``'s attention by the two frame kernels. q: [heads, n, d] pre-scaled, k: [heads, n, d]
+    smoothed, v: [heads, n, dv], n = frames x tokens per frame. Returns [heads, dv, n] in q's dtype."""
+    plan = frame_plan(sparsity, frame_blocks)
+    frames, per_frame = int(sparsity.num_frames), int(sparsity.tokens_per_frame)
+    whole_q = _frame_pad(q, frames, per_frame, plan.whole_pad)
+    blocks = EffectiveBlocks(plan.whole_q, per_frame, plan.whole_kv_compute)
+    whole_o, whole_lse = sparse_flash_attention(whole_q, k, v, kv_len=k.shape[1], blocks=blocks,
+                                                layout=plan.whole_layout, interpret=interpret, tiles=("whole",),
+                                                with_lse=True)
+    whole_o = _frame_unpad(whole_o, frames, per_frame, plan.whole_pad).astype(jnp.float32)
+    whole_lse = _frame_unpad(whole_lse, frames, per_frame, plan.whole_pad)
+    if not plan.band_counts.any():
+        return whole_o.astype(q.dtype)
+    band_o, band_lse = band_attention(_frame_pad(q, frames, per_frame, plan.band_pad), k, v, plan=plan,
+                                      per_frame=per_frame, num_frames=frames, interpret=interpret)
+    band_o = _frame_unpad(band_o, frames, per_frame, plan.band_pad)
+    band_lse = _frame_unpad(band_lse, frames, per_frame, plan.band_pad)
+    # softmax over both key sets: each side's output weighted by its share of the denominator.
+    top = jnp.maximum(whole_lse, band_lse)
+    whole_weight, band_weight = jnp.exp2(whole_lse - top), jnp.exp2(band_lse - top)
+    return ((whole_o * whole_weight + band_o * band_weight) / (whole_weight + band_weight)).astype(q.dtype)
 
 
 def _pad_axis(x, length: int, axis: int):
@@ -720,6 +1015,15 @@ def _attention_local(
     """
     batch, heads, q_len, head_dim = query.shape
     kv_len, head_dim_v = key.shape[2], value.shape[3]
+    if isinstance(block_sizes, FrameBlocks):  # the frame-banded path, on unpadded arrays
+        if sparsity is None:
+            raise ValueError(f"block_sizes {block_sizes}: FrameBlocks are for the sparse path only")
+        q = (query.astype(jnp.float32) * (scale * LOG2_E)).astype(query.dtype).reshape(batch * heads, q_len, head_dim)
+        k32 = key.astype(jnp.float32)
+        k = (k32 - k32.mean(axis=2, keepdims=True)).astype(key.dtype).reshape(batch * heads, kv_len, head_dim)
+        out = frame_sparse_attention(q, k, value.reshape(batch * heads, kv_len, head_dim_v), sparsity=sparsity,
+                                     frame_blocks=block_sizes, interpret=interpret)  # [batch*heads, dv, n]
+        return jnp.swapaxes(out, 1, 2).reshape(batch, heads, q_len, head_dim_v).astype(query.dtype)
     blocks = effective_block_sizes(block_sizes, q_len, kv_len)
     q = (query.astype(jnp.float32) * (scale * LOG2_E)).astype(query.dtype)
     k32 = key.astype(jnp.float32)
@@ -892,7 +1196,8 @@ def splash_attention(
 
     ``mesh``: a ('dp', 'tp') mesh to shard over (``plan_sharding``), or None
     for one device. Works inside ``jax.jit`` on sharded inputs.
-    ``block_sizes``: None means the chip's (``block_sizes_for``).
+    ``block_sizes``: None means the chip's (``block_sizes_for``); with ``sparsity``, ``FrameBlocks`` runs
+    the frame-banded path (``frame_path_refusal`` says where it cannot).
     ``scale``: None means 1/sqrt(head_dim). ``interpret``: None means
     interpret mode except on TPU (see ``force_interpret``).
     ``sparsity``: a static mask over self-attention's tokens (e.g. ``models.wan.radial.RadialPattern``):

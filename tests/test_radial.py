@@ -251,3 +251,68 @@ def test_sparse_mask_is_refused_where_it_cannot_hold():
         splash.splash_attention(q[:, :, :999], k, v, sparsity=radial.RadialPattern(5, 200))
     with pytest.raises(ValueError, match="kv_lengths"):
         splash.splash_attention(q, k, v, sparsity=radial.RadialPattern(5, 200), kv_lengths=np.array([1000]))
+
+
+# ------------------------------------------------------------------ the frame-banded path
+@pytest.mark.parametrize("pattern, frame_blocks, heads, head_dim", [
+    # 5 frames of 200, bands of 8-20: slices clipped at both frame ends, two query blocks per padded frame
+    # (256), a frame (2) with a single band; head 1 past the fixed gate (the online softmax).
+    (radial.RadialPattern(5, 200, decay_factor=0.1, min_window=8), splash.FrameBlocks(128, 128, 40), 2, 64),
+    # 9 frames of 320, distances 5 and 7 dropped (no keys): slots of unequal windows.
+    (radial.RadialPattern(9, 320, decay_factor=0.5, min_window=128), splash.FrameBlocks(128, 256, 160), 1, 64),
+    # 480P's frame of 30 x 52 tokens, 4 frames at the reference's defaults: frame 2 has no band at all.
+    (radial.RadialPattern.for_video(480, 832, 13), splash.FrameBlocks(256, 2048, 520), 1, 128),
+], ids=["odd", "no-keys", "480p-slice"])
+def test_frame_path_equals_masked_softmax(pattern, frame_blocks, heads, head_dim):
+    import jax
+
+    assert splash.frame_path_refusal(pattern, frame_blocks) is None
+    q, k, v = _inputs(heads, pattern.num_tokens, head_dim)
+    if heads > 1:
+        q = q.at[:, 1].multiply(40.0)
+    out = jax.jit(lambda q, k, v: splash.splash_attention(q, k, v, block_sizes=frame_blocks, sparsity=pattern))(q, k, v)
+    expected = masked_reference(q, k, v, radial.token_mask(pattern))
+    assert out.shape == q.shape
+    assert _max_error(out, expected) <= FP32_TOLERANCE
+    assert _max_error(splash.reference_attention(q, k, v), expected) > 20 * FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("height, width, band_q", [(720, 1280, 384), (720, 1280, 128), (480, 832, 256)])
+def test_frame_plan_fetches_every_band_at_wans_shapes(height, width, band_q):
+    # Host side at the real shapes (81 frames): each (query block, slot) slice starts on an 8-row boundary
+    # inside its frame and holds every key its block's queries attend in that key frame.
+    pattern = radial.RadialPattern.for_video(height, width, 81)
+    plan = splash.frame_plan(pattern, splash.FrameBlocks(band_q, 4096, 512))
+    per_frame, frames, slots = pattern.tokens_per_frame, pattern.num_frames, plan.max_bands
+    windows = pattern.windows
+    band = (windows >= 0) & (windows < per_frame)
+    assert np.array_equal(plan.band_counts, band.sum(axis=1))
+    blocks_per_frame = plan.band_pad // band_q
+    offsets = plan.band_offsets.reshape(frames, blocks_per_frame, slots) * 8
+    for frame in range(frames):
+        count = plan.band_counts[frame]
+        key_frames = plan.band_frames.reshape(frames, slots)[frame, :count]
+        assert sorted(key_frames) == list(np.flatnonzero(band[frame]))
+        slot_windows = plan.band_windows.reshape(frames, slots)[frame, :count]
+        assert np.array_equal(slot_windows, windows[frame, key_frames]) and np.all(np.diff(slot_windows) <= 0)
+        for block in range(blocks_per_frame):
+            first = block * band_q
+            last = min(first + band_q, per_frame) - 1
+            for slot, window in enumerate(slot_windows):
+                start, length = offsets[frame, block, slot], plan.band_kv[slot]
+                assert 0 <= start and start + length <= per_frame
+                assert start <= max(first - window, 0) and start + length - 1 >= min(last + window, per_frame - 1)
+    # Whole frame pairs: each query block visits exactly its frame's whole key frames.
+    steps = plan.whole_layout.steps
+    q_ids, kv_ids = steps & splash._ID_MASK, (steps >> splash._ID_BITS) & splash._ID_MASK
+    per_block = plan.whole_pad // plan.whole_q
+    assert np.array_equal(np.bincount(q_ids // per_block, minlength=frames) // per_block,
+                          (windows >= per_frame).sum(axis=1))
+    assert np.all(windows[q_ids // per_block, kv_ids] >= per_frame)
+
+
+def test_frame_path_is_refused_where_a_frame_is_not_whole_rows():
+    pattern = radial.RadialPattern.for_video(480, 848, 81)  # 30 x 53 = 1590 tokens a frame
+    assert "1590" in splash.frame_path_refusal(pattern)
+    with pytest.raises(ValueError, match="1590"):
+        splash.frame_plan(pattern)
