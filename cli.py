@@ -17,6 +17,7 @@ import time
 from . import loading
 from .env_manager import ATTENTION_BACKENDS
 from .models.wan.modules import PRECISIONS
+from .models.wan.radial import DENSE_BLOCKS, DENSE_STEPS
 from .tiny_wan import TINY_FAMILIES
 
 logger = logging.getLogger("wan_tpu")
@@ -57,6 +58,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "moving fewer bytes; WAN_TPU_LAYOUT sets it too)")
     parser.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
                         help="attention override (default: Splash for long self-attention on TPU)")
+    parser.add_argument("--radial", action="store_true",
+                        help="Radial attention's static sparse mask for self-attention (opt-in; it changes the "
+                             "video; the quality figures are the paper's, not measured here); the first "
+                             "--radial-dense-steps steps and --radial-dense-blocks blocks stay dense; compiles a "
+                             "second step program once")
+    parser.add_argument("--radial-dense-steps", type=int, default=None,
+                        help=f"with --radial: the first steps that stay dense (default {DENSE_STEPS})")
+    parser.add_argument("--radial-dense-blocks", type=int, default=None,
+                        help=f"with --radial: the first transformer blocks that stay dense (default {DENSE_BLOCKS})")
     parser.add_argument("--sampler", choices=("unipc", "euler"), default="unipc",
                         help="unipc (Wan's default) or euler (flow-matching Euler, for step-distilled LoRAs)")
     parser.add_argument("--timesteps", default="",
@@ -78,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="MP4 path (default output/wan_<time>.mp4)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    check_radial(parser, args)
     defaults = _TINY_DEFAULTS if args.tiny else _FULL_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -92,6 +103,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.timesteps:
         args.steps = len(args.timesteps)
     return args
+
+
+def check_radial(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--radial's settings by the core's own checks; a dense-steps or dense-blocks count without --radial is
+    refused (it would do nothing)."""
+    from .sampling.step_program import radial_steps
+
+    given = [flag for flag, value in (("--radial-dense-steps", args.radial_dense_steps),
+                                      ("--radial-dense-blocks", args.radial_dense_blocks)) if value is not None]
+    if given and not args.radial:
+        parser.error(f"{' and '.join(given)} only apply with --radial: add --radial or leave them out")
+    try:
+        radial_steps("radial" if args.radial else "dense", 0, args.radial_dense_steps, args.radial_dense_blocks)
+    except ValueError as error:
+        parser.error(str(error).replace("radial_dense_", "--radial-dense-"))  # the flags' names
 
 
 def parse_lora(text: str, expert: str = "both"):
@@ -157,7 +183,8 @@ def main(argv=None) -> str:
             num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
             flow_shift=args.flow_shift, on_step=report, on_status=logger.info, sampler=args.sampler,
             timesteps=args.timesteps, magcache=magcache, loras=args.lora, guidance_scale_2=args.guidance_2,
-            image=image, magcache_calibrate=args.magcache_calibrate,
+            image=image, magcache_calibrate=args.magcache_calibrate, attention="radial" if args.radial else "dense",
+            radial_dense_steps=args.radial_dense_steps, radial_dense_blocks=args.radial_dense_blocks,
         )
         if args.magcache_calibrate:
             logger.info("MagCache ratios saved to %s", pipe.last_run["magcache_calibration"])

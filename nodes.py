@@ -22,6 +22,7 @@ from . import loading, sampler_settings
 from .env_manager import TorchaxEnvManager
 from .lora import EXPERTS as LORA_EXPERTS
 from .models.wan.modules import PRECISIONS
+from .models.wan.radial import DENSE_BLOCKS, DENSE_STEPS
 
 logger = logging.getLogger("wan_tpu")
 
@@ -85,6 +86,21 @@ STEP_INPUTS = {
                            "model's MagCache magnitude ratios, saved in ComfyUI's user folder (wan_tpu_magcache/); "
                            "later runs with magcache on use them. Calibrate once at the settings you run (e.g. 50 "
                            "UniPC steps); the video is the same as without MagCache."}),
+    # Radial attention (after every input above, so saved workflows keep their widget positions).
+    "attention": (["dense", "radial"], {"default": "dense", "tooltip": "Self-attention of the transformer. dense: "
+                  "every token attends every token (the original's). radial: Radial attention's static sparse mask, "
+                  "opt-in: a token keeps its own, the neighbouring and the first latent frame whole, and of frames "
+                  "further away a spatial band that narrows with the distance. It CHANGES the video; the quality "
+                  "figures are the Radial Attention paper's, not measured here. The first radial_dense_steps steps "
+                  "and the first radial_dense_blocks transformer blocks stay dense. Choosing it compiles a second "
+                  "step program once (the dense steps keep the first). Not yet faster than dense on TPU by "
+                  "libtpu's cycle model (see the README)."}),
+    "radial_dense_steps": ("INT", {"default": DENSE_STEPS, "min": 0, "max": 100, "tooltip": "attention=radial "
+                           f"only: the first steps that stay dense ({DENSE_STEPS}, the paper's setting for Wan). At "
+                           "num_inference_steps or more every step is dense: the video equals dense attention's."}),
+    "radial_dense_blocks": ("INT", {"default": DENSE_BLOCKS, "min": 0, "max": 100, "tooltip": "attention=radial "
+                            "only: the first transformer blocks that stay dense in every sparse step "
+                            f"({DENSE_BLOCKS}, the paper's)."}),
 }
 
 
@@ -97,7 +113,8 @@ MODEL_FILES_INPUT = ("WAN_TPU_MODEL_FILES", {"tooltip": "Optional: ComfyUI model
 SETTINGS_INPUT = ("WAN_TPU_SETTINGS", {"tooltip": "Optional: the advanced settings from 'Wan TPU Sampler Settings'. "
                                                   "Connected, its values win over this node's own advanced "
                                                   "widgets (precision, dp, tp, sampler, timesteps, MagCache, "
-                                                  "guidance_scale_2, layout), which are then ignored. Not "
+                                                  "guidance_scale_2, layout, attention and its radial "
+                                                  "settings), which are then ignored. Not "
                                                   "connected: those widgets apply."})
 SETTINGS_NOTE = " A connected 'settings' input replaces this widget's value."
 
@@ -114,7 +131,8 @@ LORA_INPUT = ("WAN_TPU_LORA", {"tooltip": "Optional: LoRAs from 'Wan 2.1 TPU LoR
 
 
 def step_options(sampler="unipc", timesteps="", magcache=False, magcache_threshold=0.06, magcache_max_skip_steps=3,
-                 magcache_retention_ratio=0.2, guidance_scale_2=-1.0, layout="auto", magcache_calibrate=False) -> dict:
+                 magcache_retention_ratio=0.2, guidance_scale_2=-1.0, layout="auto", magcache_calibrate=False,
+                 attention="dense", radial_dense_steps=DENSE_STEPS, radial_dense_blocks=DENSE_BLOCKS) -> dict:
     """The node's step inputs as ``WanTPUPipeline.denoise`` keywords."""
     from .magcache import MagCacheSettings
     from .scheduler import parse_timesteps
@@ -124,7 +142,8 @@ def step_options(sampler="unipc", timesteps="", magcache=False, magcache_thresho
     # "auto" defers to the pipeline, where WAN_TPU_LAYOUT may name one.
     return {"sampler": sampler, "timesteps": parse_timesteps(timesteps), "magcache": settings,
             "guidance_scale_2": second, "layout": None if layout in (None, "", "auto") else layout,
-            "magcache_calibrate": bool(magcache_calibrate)}
+            "magcache_calibrate": bool(magcache_calibrate), "attention": attention,
+            "radial_dense_steps": radial_dense_steps, "radial_dense_blocks": radial_dense_blocks}
 
 
 VIDEO_INPUTS = {
@@ -279,14 +298,31 @@ def validate_video(height=None, width=None, num_frames=None) -> str | bool:
 
 
 def validate_sampling(cls, height=None, width=None, num_frames=None, model_id=None, precision=None, dp=None, tp=None,
-                      sampler=None, timesteps=None, num_inference_steps=None, settings=sampler_settings.NOT_CONNECTED):
+                      sampler=None, timesteps=None, num_inference_steps=None, settings=sampler_settings.NOT_CONNECTED,
+                      attention=None, radial_dense_steps=None, radial_dense_blocks=None):
     """The Sampler's and Full Pipeline's ``VALIDATE_INPUTS`` (ComfyUI passes the inputs this signature names).
-    A connected settings node replaces precision, dp, tp, sampler and timesteps: those widgets are not checked."""
+    A connected settings node replaces precision, dp, tp, sampler, timesteps, attention and its radial settings:
+    those widgets are not checked."""
     own = sampler_settings.unchecked_when_connected(settings, precision=precision, dp=dp, tp=tp, sampler=sampler,
-                                                    timesteps=timesteps)
+                                                    timesteps=timesteps, attention=attention,
+                                                    radial_dense_steps=radial_dense_steps,
+                                                    radial_dense_blocks=radial_dense_blocks)
     return _first_error(validate_video(height, width, num_frames),
                         validate_common(model_id, own["precision"], own["dp"], own["tp"]),
-                        validate_steps(own["sampler"], own["timesteps"], num_inference_steps))
+                        validate_steps(own["sampler"], own["timesteps"], num_inference_steps),
+                        validate_attention(own["attention"], own["radial_dense_steps"], own["radial_dense_blocks"]))
+
+
+def validate_attention(attention=None, radial_dense_steps=None, radial_dense_blocks=None) -> str | bool:
+    """attention and its radial settings, by the core's own checks (``step_program.radial_steps``); None:
+    not known yet (linked), checked when the run starts."""
+    from .sampling.step_program import radial_steps
+
+    try:
+        radial_steps("dense" if attention is None else attention, 0, radial_dense_steps, radial_dense_blocks)
+    except ValueError as error:
+        return str(error)
+    return True
 
 
 def validate_steps(sampler=None, timesteps=None, num_inference_steps=None) -> str | bool:
@@ -736,8 +772,9 @@ class WanTPUModelFiles:
 class WanTPUSamplerSettings:
     DESCRIPTION = (
         "The advanced settings of the TPU Sampler and Full Pipeline in one node: the sampler and its timesteps, "
-        "the low-noise expert's guidance, MagCache, the transformer's layout over the devices, precision and the "
-        "(dp, tp) mesh. Connect its output to their 'settings' input. Precedence: connected, every value here "
+        "the low-noise expert's guidance, MagCache, the transformer's layout over the devices, precision, the "
+        "(dp, tp) mesh and the attention (dense, or Radial attention's sparse mask). Connect its output to their "
+        "'settings' input. Precedence: connected, every value here "
         "wins over the receiving node's own advanced widget of the same name (those widgets are then ignored); "
         "not connected, the node's own widgets apply, as in workflows saved before this node existed. The "
         "defaults are the nodes' defaults."
@@ -750,21 +787,27 @@ class WanTPUSamplerSettings:
                        "node may feed several).",)
     ORDER = ("sampler", "timesteps", "guidance_scale_2", "magcache", "magcache_threshold", "magcache_max_skip_steps",
              "magcache_retention_ratio", "magcache_calibrate", "layout", "precision", "dp", "tp")
+    # Added later: optional and last, so saved nodes keep their widget positions and API prompts without
+    # them still run (with the defaults).
+    OPTIONAL_ORDER = ("attention", "radial_dense_steps", "radial_dense_blocks")
 
     @classmethod
     def INPUT_TYPES(cls):
         specs = {**STEP_INPUTS, **OPTIONAL_DEVICE_INPUTS}
-        return {"required": {name: specs[name] for name in cls.ORDER}}
+        return {"required": {name: specs[name] for name in cls.ORDER},
+                "optional": {name: specs[name] for name in cls.OPTIONAL_ORDER}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, sampler=None, timesteps=None, guidance_scale_2=None, magcache=None,
                         magcache_threshold=None, magcache_max_skip_steps=None, magcache_retention_ratio=None,
-                        magcache_calibrate=None, layout=None, precision=None, dp=None, tp=None):
+                        magcache_calibrate=None, layout=None, precision=None, dp=None, tp=None, attention=None,
+                        radial_dense_steps=None, radial_dense_blocks=None):
         return sampler_settings.check_inputs(
             sampler=sampler, timesteps=timesteps, guidance_scale_2=guidance_scale_2, magcache=magcache,
             magcache_threshold=magcache_threshold, magcache_max_skip_steps=magcache_max_skip_steps,
             magcache_retention_ratio=magcache_retention_ratio, magcache_calibrate=magcache_calibrate, layout=layout,
-            precision=precision, dp=dp, tp=tp)
+            precision=precision, dp=dp, tp=tp, attention=attention, radial_dense_steps=radial_dense_steps,
+            radial_dense_blocks=radial_dense_blocks)
 
     def settings(self, **values):
         return (sampler_settings.SamplerSettings(**values),)

@@ -15,6 +15,8 @@ import logging
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .models.wan.radial import DENSE_BLOCKS, DENSE_STEPS
+
 logger = logging.getLogger("wan_tpu")
 
 NODE_NAME = "Wan TPU Sampler Settings"
@@ -37,10 +39,14 @@ class SamplerSettings:
     precision: str = "bf16"
     dp: int = 0
     tp: int = 0
+    attention: str = "dense"
+    radial_dense_steps: int = DENSE_STEPS
+    radial_dense_blocks: int = DENSE_BLOCKS
 
     def __post_init__(self):
         from .models.wan.modules import PRECISIONS
         from .magcache import MagCacheSettings
+        from .sampling.step_program import radial_steps
         from .scheduler import SAMPLERS, parse_timesteps
         from .sharding import check_layout
 
@@ -70,6 +76,7 @@ class SamplerSettings:
         for name in ("dp", "tp"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: use 0 for automatic or a positive mesh size")
+        radial_steps(self.attention, 0, self.radial_dense_steps, self.radial_dense_blocks)  # the core's checks
 
     def as_inputs(self) -> dict:
         """The values under the receiving node's input names."""
