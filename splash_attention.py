@@ -347,6 +347,15 @@ def fixed_bounds(q, k, block_q: int, lengths=None, gate: float = FIXED_BOUND_GAT
 
 
 KERNEL_PATHS = ("fixed", "online")
+
+
+def softmax_start(q, k, block_q: int, paths: tuple[str, ...], lengths=None, gate: float = FIXED_BOUND_GATE):
+    """``fixed_bounds``, or with the online path alone (no bound to compute) every block starting online."""
+    if tuple(paths) == ("online",):
+        heads, q_pad, _ = q.shape
+        return (jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32),
+                jnp.zeros((heads, q_pad // block_q), jnp.int32))
+    return fixed_bounds(q, k, block_q, lengths, gate=gate)
 # Mosaic's default scoped VMEM limit is 16 MiB on v5e; its blocks need 16.7 MiB (scores, double-buffered
 # tiles, scratch). 32 MiB is twice that and half of v5p's 64 MiB (the rest is left to XLA's fusions).
 VMEM_LIMIT_BYTES = 32 * 2**20
@@ -372,11 +381,7 @@ def flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, interpret:
     num_kv_blocks = kv_pad // block_kv
     if tuple(paths) not in (KERNEL_PATHS, ("fixed",), ("online",)):
         raise ValueError(f"paths={paths!r}: give {KERNEL_PATHS}, ('fixed',) or ('online',)")
-    if tuple(paths) == ("online",):  # no bound to compute: every block starts the online softmax
-        m0 = jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32)
-        fixed = jnp.zeros((heads, q_pad // block_q), jnp.int32)
-    else:
-        m0, fixed = fixed_bounds(q, k, block_q, lengths)
+    m0, fixed = softmax_start(q, k, block_q, paths, lengths=lengths)
     kernel = functools.partial(
         _flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
         block_kv_compute=block_kv_compute, paths=tuple(paths),
@@ -650,12 +655,8 @@ def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, lay
     if layout.q_frames.size != 3 * (q_pad // block_q) or layout.kv_frames.size != 3 * num_kv_blocks:
         raise ValueError(f"the sparse layout is for {layout.q_frames.size // 3} x {layout.kv_frames.size // 3} "
                          f"blocks, the arrays have {q_pad // block_q} x {num_kv_blocks}")
-    if tuple(paths) == ("online",):
-        m0 = jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32)
-        fixed = jnp.zeros((heads, q_pad // block_q), jnp.int32)
-    else:
-        # A whole layout is the dense softmax, whose fixed-bound argument holds as it is.
-        m0, fixed = fixed_bounds(q, k, block_q, gate=FIXED_BOUND_GATE if layout.whole else SPARSE_FIXED_BOUND_GATE)
+    # A whole layout is the dense softmax, whose fixed-bound argument holds as it is.
+    m0, fixed = softmax_start(q, k, block_q, paths, gate=FIXED_BOUND_GATE if layout.whole else SPARSE_FIXED_BOUND_GATE)
     kernel = functools.partial(
         _sparse_flash_kernel, kv_len=kv_len, num_kv_blocks=num_kv_blocks, block_kv=block_kv,
         block_kv_compute=block_kv_compute, paths=tuple(paths), num_frames=layout.num_frames, tiles=tuple(tiles),
@@ -904,11 +905,7 @@ def band_attention(q, k, v, *, plan: FramePlan, per_frame: int, num_frames: int,
     blocks_per_frame = plan.band_offsets.size // (num_frames * plan.max_bands)
     block_q = plan.band_pad // blocks_per_frame
     num_q_blocks = q_pad // block_q
-    if tuple(paths) == ("online",):
-        m0 = jnp.full((heads, 1, q_pad), MASK_VALUE, jnp.float32)
-        fixed = jnp.zeros((heads, num_q_blocks), jnp.int32)
-    else:
-        m0, fixed = fixed_bounds(q, k, block_q, gate=SPARSE_FIXED_BOUND_GATE)
+    m0, fixed = softmax_start(q, k, block_q, paths, gate=SPARSE_FIXED_BOUND_GATE)
     # [heads * F, per_frame, d]: a band slot's block is one frame's slice. (One block of every frame's
     # slice at once is a strided DMA that libtpu's cycle model does not price: it reports 0.)
     k3 = k.reshape(heads * num_frames, per_frame, head_dim)
@@ -974,7 +971,7 @@ def frame_sparse_attention(q, k, v, *, sparsity, frame_blocks: FrameBlocks, inte
     whole_o, whole_lse = sparse_flash_attention(whole_q, k, v, kv_len=k.shape[1], blocks=blocks,
                                                 layout=plan.whole_layout, interpret=interpret, tiles=("whole",),
                                                 with_lse=True)
-    whole_o = _frame_unpad(whole_o, frames, per_frame, plan.whole_pad).astype(jnp.float32)
+    whole_o = _frame_unpad(whole_o, frames, per_frame, plan.whole_pad)
     whole_lse = _frame_unpad(whole_lse, frames, per_frame, plan.whole_pad)
     if not plan.band_counts.any():
         return whole_o.astype(q.dtype)
@@ -1015,16 +1012,9 @@ def _attention_local(
     """
     batch, heads, q_len, head_dim = query.shape
     kv_len, head_dim_v = key.shape[2], value.shape[3]
-    if isinstance(block_sizes, FrameBlocks):  # the frame-banded path, on unpadded arrays
-        if sparsity is None:
-            raise ValueError(f"block_sizes {block_sizes}: FrameBlocks are for the sparse path only")
-        q = (query.astype(jnp.float32) * (scale * LOG2_E)).astype(query.dtype).reshape(batch * heads, q_len, head_dim)
-        k32 = key.astype(jnp.float32)
-        k = (k32 - k32.mean(axis=2, keepdims=True)).astype(key.dtype).reshape(batch * heads, kv_len, head_dim)
-        out = frame_sparse_attention(q, k, value.reshape(batch * heads, kv_len, head_dim_v), sparsity=sparsity,
-                                     frame_blocks=block_sizes, interpret=interpret)  # [batch*heads, dv, n]
-        return jnp.swapaxes(out, 1, 2).reshape(batch, heads, q_len, head_dim_v).astype(query.dtype)
-    blocks = effective_block_sizes(block_sizes, q_len, kv_len)
+    frames = isinstance(block_sizes, FrameBlocks)
+    if frames and sparsity is None:
+        raise ValueError(f"block_sizes {block_sizes}: FrameBlocks are for the sparse path (sparsity=) only")
     q = (query.astype(jnp.float32) * (scale * LOG2_E)).astype(query.dtype)
     k32 = key.astype(jnp.float32)
     # Mean over the real keys only, taken before padding (and with lengths, over each row's valid keys).
@@ -1034,6 +1024,13 @@ def _attention_local(
         valid = (jnp.arange(kv_len)[None, :] < kv_lengths[:, None]).astype(jnp.float32)[:, None, :, None]
         mean = (k32 * valid).sum(axis=2, keepdims=True) / jnp.maximum(valid.sum(axis=2, keepdims=True), 1.0)
     k = (k32 - mean).astype(key.dtype)
+    if frames:  # the frame-banded path pads per frame itself
+        out = frame_sparse_attention(q.reshape(batch * heads, q_len, head_dim),
+                                     k.reshape(batch * heads, kv_len, head_dim),
+                                     value.reshape(batch * heads, kv_len, head_dim_v), sparsity=sparsity,
+                                     frame_blocks=block_sizes, interpret=interpret)  # [batch*heads, dv, n]
+        return jnp.swapaxes(out, 1, 2).reshape(batch, heads, q_len, head_dim_v).astype(query.dtype)
+    blocks = effective_block_sizes(block_sizes, q_len, kv_len)
     q_pad, kv_pad = _round_up(q_len, blocks.block_q), _round_up(kv_len, blocks.block_kv)
     q = _pad_axis(q.reshape(batch * heads, q_len, head_dim), q_pad, 1)  # [batch*heads, q_pad, head_dim]
     k = _pad_axis(k.reshape(batch * heads, kv_len, head_dim), kv_pad, 1)  # [batch*heads, kv_pad, head_dim]

@@ -304,7 +304,7 @@ def test_frame_plan_fetches_every_band_at_wans_shapes(height, width, band_q):
                 assert start <= max(first - window, 0) and start + length - 1 >= min(last + window, per_frame - 1)
     # Whole frame pairs: each query block visits exactly its frame's whole key frames.
     steps = plan.whole_layout.steps
-    q_ids, kv_ids = steps & splash._ID_MASK, (steps >> splash._ID_BITS) & splash._ID_MASK
+    q_ids, kv_ids = steps & 0xFFF, (steps >> 12) & 0xFFF  # the packing test_layout_visits_... reads
     per_block = plan.whole_pad // plan.whole_q
     assert np.array_equal(np.bincount(q_ids // per_block, minlength=frames) // per_block,
                           (windows >= per_frame).sum(axis=1))
