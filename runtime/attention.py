@@ -87,8 +87,9 @@ class AttentionPolicy:
 
 
 # The sparse kernel's tile. libtpu's cycle model on v6e (benchmarks/radial_cycles.py), 14B 720P: 1024 tiles
-# (0.71 of them active) cost 1.48x the dense kernel, 512 tiles (0.49 active) 1.71x: a grid step's fixed cost
-# and the element mask outweigh the skipped tiles, so radial is not yet faster than dense there.
+# (0.71 of them active) cost 1.27x the dense kernel, 512 tiles (0.49 active) 1.61x: a grid step's fixed cost
+# and the mask outweigh the skipped tiles, so radial is not yet faster than dense there (the frame-banded
+# path, splash_attention.FrameBlocks, is estimated at about 0.63x but not yet chosen here).
 SPARSE_BLOCK = 1024
 
 
