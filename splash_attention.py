@@ -244,6 +244,18 @@ def _fixed_chunk(s, v, m_ref, l_ref, acc_ref, block_q: int):
     acc_ref[...] += lax.dot_general(v, p.astype(v.dtype), _TN_DIMS, preferred_element_type=jnp.float32)
 
 
+def _per_softmax_path(body, paths: tuple[str, ...], fixed):
+    """``body(update)`` with the fixed-bound update where ``fixed`` (a scalar), else the online one; one path
+    alone is compiled unconditionally, so the cycle model can price it."""
+    if paths == ("fixed",):
+        body(_fixed_chunk)
+    elif paths == ("online",):
+        body(_online_chunk)
+    else:
+        pl.when(fixed)(lambda: body(_fixed_chunk))
+        pl.when(jnp.logical_not(fixed))(lambda: body(_online_chunk))
+
+
 def _flash_kernel(
     fixed_ref,  # [heads, num_q_blocks] int32 in SMEM: 1 where the block runs against the fixed bound
     q_ref,  # [block_q, head_dim]           query tile, pre-scaled by scale * log2(e)
@@ -309,13 +321,7 @@ def _flash_kernel(
                 step()
 
     # One branch per grid step, never per chunk: each side is a straight run of chunks.
-    if paths == ("fixed",):
-        chunks(_fixed_chunk)
-    elif paths == ("online",):
-        chunks(_online_chunk)
-    else:
-        pl.when(fixed)(lambda: chunks(_fixed_chunk))
-        pl.when(jnp.logical_not(fixed))(lambda: chunks(_online_chunk))
+    _per_softmax_path(chunks, paths, fixed)
 
     @pl.when(kv_index == num_kv_blocks - 1)
     def _finish():
@@ -882,13 +888,7 @@ def _band_kernel(
             else:
                 pl.when(slot < count)(body)
 
-    if paths == ("fixed",):
-        bands(_fixed_chunk)
-    elif paths == ("online",):
-        bands(_online_chunk)
-    else:
-        pl.when(fixed)(lambda: bands(_fixed_chunk))
-        pl.when(jnp.logical_not(fixed))(lambda: bands(_online_chunk))
+    _per_softmax_path(bands, paths, fixed)
     # A row with no band (its frame pairs wholly or not at all) gets weight 0 in the merge: lse = MASK_VALUE.
     l_row = l_ref[0:1, :]
     attended = l_row > 0
