@@ -722,34 +722,55 @@ def sparse_flash_attention(q, k, v, *, kv_len: int, blocks: EffectiveBlocks, lay
 # log-sum-exps, so that neither pays for tiles the mask mostly skips:
 # - whole frame pairs: the block-sparse kernel above on queries padded per frame, each key block one frame,
 #   every visited tile whole (no mask), large query blocks;
-# - banded pairs: one grid step per query block (within one frame, spatial range [a, a + block_q)); its
-#   band slots, one per key frame it pairs with by a band of w, each fetch that frame's keys of the spatial
-#   slice covering [a - w, a + block_q + w) (an element-offset DMA) and mask the rest.
-# A band of w keys costs about (block_q + 2 w) / (2 w + 1) of its attended pairs, not a whole key tile's.
+# - banded pairs: queries and keys re-laid spatial-major. A key chunk holds ``band_chunk`` spatial
+#   positions of every frame (frame after frame), and a query block the same ``band_q`` spatial positions
+#   [a, a + band_q) of several query frames side by side on the lanes. Every key frame's band of every
+#   one of those queries lies in [a - w_max, a + band_q + w_max): one contiguous run of chunks, a few
+#   large DMAs, shared by the block's query frames. Each chunk's scores are masked key frame by key frame
+#   with a per-lane window (one comparison and one select per score); whole pairs and pairs with no keys
+#   have window -1 here.
+# Stacking frames keeps the lanes many (the MXU's rate falls below about 512 of them) while the spatial
+# range per block, and so the keys computed past each band, stays small.
 class FrameBlocks(NamedTuple):
-    """The frame-banded path's sizes: query blocks of the band kernel, and of the whole-frame kernel with
-    its key chunk (keys per softmax update; a frame's key block is the frame)."""
+    """The frame-banded path's sizes: the band kernel's spatial positions per query frame in a block (a
+    power of two, at least 128); the whole-frame kernel's query block and key chunk (keys per softmax
+    update; a frame's key block is the frame); the band kernel's spatial positions per key chunk, and its
+    most lanes (query frames x band_q) per block and most key rows per grid step (16384 x 128 bf16 keys and
+    values, double-buffered, are 16 MiB of VMEM; under it, 720P at 81 frames takes 12096 rows, a block's
+    keys are one step, shared by the next blocks of its spatial range)."""
 
-    band_q: int = 256
+    band_q: int = 128
     whole_q: int = 2048
     whole_kv_compute: int = 512
+    band_chunk: int = 64
+    band_lanes: int = 1024
+    band_step_rows: int = 16384
 
 
 # The whole-frame kernel's fp32 score tile, [whole_kv_compute, whole_q], stays under this (the dense
 # kernel's 512 x 3328 is 6.5 MiB).
 FRAME_SCORE_TILE_BYTES = 8 * 2**20
+# The dense kernel's cycles per score at 256 queries are 1.6x those at 512 (libtpu's model, v6e): the band
+# kernel stacks query frames to at least this many lanes.
+BAND_MIN_LANES = 512
+# Keys outside their frame (the spatial padding) are this far from every query: no window reaches them.
+_FAR = 1 << 30
 
 
 class FramePlan(NamedTuple):
     """Host-side facts of the frame-banded path for one pattern and ``FrameBlocks`` (numpy, cached)."""
 
-    band_pad: int  # a frame's queries padded to this for the band kernel (a multiple of band_q)
-    band_kv: tuple  # per band slot, the keys it fetches (slots hold a query frame's bands widest first)
-    band_offsets: object  # [q blocks * max_bands] int32: each (query block, slot)'s first key, spatial / 8
-    band_frames: object  # [F * max_bands] int32: per query frame and slot its key frame (0 past the count)
-    band_windows: object  # [F * max_bands] int32: and that pair's window
-    band_counts: object  # [F] int32: the slots each query frame uses
-    max_bands: int
+    band_q: int  # spatial positions per query frame in a band block
+    band_group: int  # query frames per band block (lanes: band_group * band_q)
+    band_frames: int  # query frames padded to a multiple of band_group (the padding attends nothing)
+    band_blocks: int  # spatial blocks: a frame's queries padded to band_blocks * band_q
+    band_chunk: int  # spatial positions per key chunk (a multiple of 8 dividing band_q)
+    band_front: int  # the spatial-major keys' padding before spatial index 0: the widest band
+    band_spatial: int  # spatial positions of the spatial-major keys, padding included
+    band_chunks_per_step: int
+    band_steps: int  # grid steps per block: its chunks cover [a - w_max, a + band_q + w_max)
+    band_windows: object  # [groups, F, lanes] int32: per block's lane (query), key frame: the window, or -1
+    band_counts: object  # [F] int32: each query frame's banded key frames
     whole_pad: int  # a frame's queries padded to this for the whole-frame kernel (a multiple of whole_q)
     whole_q: int
     whole_kv_compute: int
@@ -767,10 +788,16 @@ def _largest_divisor(value: int, multiple: int, at_most: int) -> int | None:
 def frame_path_refusal(sparsity, frame_blocks: FrameBlocks = FrameBlocks()) -> str | None:
     """Why the frame-banded path cannot run ``sparsity`` (None: it can)."""
     per_frame, windows = int(sparsity.tokens_per_frame), np.asarray(sparsity.windows)
+    band_q, chunk = frame_blocks.band_q, frame_blocks.band_chunk
     if per_frame % NUM_SUBLANES:
         return f"a frame's {per_frame} tokens are not a multiple of {NUM_SUBLANES} (a key block is a frame)"
-    if frame_blocks.band_q % NUM_LANES or frame_blocks.whole_q % NUM_LANES:
-        return f"query blocks {frame_blocks.band_q}, {frame_blocks.whole_q}: multiples of {NUM_LANES}"
+    if frame_blocks.whole_q % NUM_LANES:
+        return f"whole_q {frame_blocks.whole_q}: a multiple of {NUM_LANES}"
+    if band_q < NUM_LANES or band_q & (band_q - 1) or frame_blocks.band_lanes < band_q:
+        return (f"band_q {band_q}: a power of two of at least {NUM_LANES}, at most band_lanes "
+                f"{frame_blocks.band_lanes}")
+    if chunk % NUM_SUBLANES or band_q % chunk:
+        return f"band_chunk {chunk}: a multiple of {NUM_SUBLANES} dividing band_q {band_q}"
     if not (windows >= per_frame).any(axis=1).all():
         return "a query frame pairs wholly with no key frame (the whole-frame kernel gives every row its keys)"
     return None
@@ -784,24 +811,25 @@ def frame_plan(sparsity, frame_blocks: FrameBlocks = FrameBlocks()) -> FramePlan
     per_frame, windows = int(sparsity.tokens_per_frame), np.asarray(sparsity.windows, np.int32)
     frames = windows.shape[0]
     whole, band = windows >= per_frame, (windows >= 0) & (windows < per_frame)
-    band_q = frame_blocks.band_q
-    band_pad = _round_up(per_frame, band_q)
+    band_q, chunk = frame_blocks.band_q, frame_blocks.band_chunk
+    # Query frames per block: at least BAND_MIN_LANES lanes where band_lanes allows; among those, the
+    # fewest padded frames, then the most lanes.
+    most = max(1, min(frames, frame_blocks.band_lanes // band_q))
+    fewest = min(most, max(1, BAND_MIN_LANES // band_q))
+    group = min(range(fewest, most + 1), key=lambda g: (-(-frames // g) * g, -g))
+    padded_frames = -(-frames // group) * group
+    blocks = -(-per_frame // band_q)
+    widest = int(windows[band].max()) if band.any() else 0
+    chunks = -(-(band_q + 2 * widest) // chunk)  # per block: [a - widest, a + band_q + widest)
+    per_step = max((c for c in range(1, chunks + 1) if chunks % c == 0 and c * chunk * frames <= frame_blocks.band_step_rows),
+                   default=1)
+    # Block a's first chunk starts at padded spatial a * band_q (= spatial a * band_q - widest).
+    spatial = (blocks - 1) * band_q + chunks * chunk
+    lane_frame = np.arange(padded_frames).reshape(-1, group).repeat(band_q, axis=1)  # [groups, lanes]
+    band_windows = np.where(band, windows, -1).astype(np.int32)
+    band_windows = np.concatenate([band_windows, np.full((padded_frames - frames, frames), -1, np.int32)])
+    lane_windows = np.ascontiguousarray(np.transpose(band_windows[lane_frame], (0, 2, 1)))  # [groups, F, lanes]
     counts = band.sum(axis=1).astype(np.int32)
-    max_bands = max(int(counts.max()), 1)
-    band_frames = np.zeros((frames, max_bands), np.int32)
-    slot_windows = np.full((frames, max_bands), -1, np.int32)
-    for frame in range(frames):
-        listed = np.flatnonzero(band[frame])
-        listed = listed[np.argsort(-windows[frame, listed], kind="stable")]  # widest first
-        band_frames[frame, :listed.size] = listed
-        slot_windows[frame, :listed.size] = windows[frame, listed]
-    # Mosaic wants a DMA's start on the key axis provably a multiple of 8 rows: a slice starts up to 7
-    # keys early, and is 7 keys longer. Each slot fetches what its widest band needs.
-    band_kv = tuple(min(_round_up(band_q + 2 * max(int(w), 0) + NUM_SUBLANES - 1, NUM_SUBLANES), per_frame)
-                    for w in slot_windows.max(axis=0))
-    first_query = np.arange(band_pad // band_q) * band_q  # spatial, per block of a frame
-    offsets = np.clip(first_query[None, :, None] - np.maximum(slot_windows, 0)[:, None, :], 0,
-                      per_frame - np.array(band_kv)[None, None, :]) // NUM_SUBLANES  # [F, blocks, slots]
     # The whole-frame kernel: queries padded per frame to a multiple of 128, then query blocks that divide it.
     whole_q = min(frame_blocks.whole_q, _round_up(per_frame, NUM_LANES))
     whole_pad = _round_up(per_frame, whole_q)
@@ -817,10 +845,10 @@ def frame_plan(sparsity, frame_blocks: FrameBlocks = FrameBlocks()) -> FramePlan
     steps = (q_ids | kv_ids << _ID_BITS | first << _FIRST_BIT | last << _LAST_BIT).astype(np.int32)
     whole_layout = SparseLayout(steps, np.zeros(3 * q_frame.size, np.int32), np.zeros(3 * frames, np.int32),
                                 np.zeros(1, np.int32), frames, False, float(whole.mean()))
-    arrays = [offsets.reshape(-1).astype(np.int32), band_frames.reshape(-1), slot_windows.reshape(-1), counts]
-    for array in arrays:
+    for array in (lane_windows, counts):
         array.setflags(write=False)
-    return FramePlan(band_pad, band_kv, *arrays, max_bands, whole_pad, whole_q, compute, whole_layout)
+    return FramePlan(band_q, group, padded_frames, blocks, chunk, widest, spatial, per_step, chunks // per_step,
+                     lane_windows, counts, whole_pad, whole_q, compute, whole_layout)
 
 
 def _frame_pad(x, frames: int, per_frame: int, padded: int):
@@ -836,129 +864,164 @@ def _frame_unpad(x, frames: int, per_frame: int, padded: int):
     return x.reshape(heads, channels, frames, padded)[:, :, :, :per_frame].reshape(heads, channels, -1)
 
 
+def spatial_major_keys(x, frames: int, per_frame: int, plan: FramePlan):
+    """[heads, frames * per_frame, d] -> [heads, band_spatial * frames, d]: chunks of ``band_chunk`` spatial
+    positions (``band_front`` of zero padding first), each holding every frame's keys of that range in
+    frame order: row (g * frames + f) * band_chunk + r is frame f's spatial g * band_chunk + r - band_front."""
+    heads, _, dim = x.shape
+    x = x.reshape(heads, frames, per_frame, dim)
+    x = jnp.pad(x, ((0, 0), (0, 0), (plan.band_front, plan.band_spatial - plan.band_front - per_frame), (0, 0)))
+    x = x.reshape(heads, frames, plan.band_spatial // plan.band_chunk, plan.band_chunk, dim)
+    return jnp.swapaxes(x, 1, 2).reshape(heads, plan.band_spatial * frames, dim)
+
+
+def spatial_major_queries(x, frames: int, per_frame: int, plan: FramePlan):
+    """[heads, frames * per_frame, d] -> [heads, band_blocks * band_frames * band_q, d]: block (a, group)
+    is rows [(a * band_frames + group * band_group) * band_q, ...): spatial [a, a + band_q) of the group's
+    query frames, one after the other (frames and spatial zero-padded)."""
+    heads, _, dim = x.shape
+    x = x.reshape(heads, frames, per_frame, dim)
+    x = jnp.pad(x, ((0, 0), (0, plan.band_frames - frames), (0, plan.band_blocks * plan.band_q - per_frame),
+                    (0, 0)))
+    x = x.reshape(heads, plan.band_frames, plan.band_blocks, plan.band_q, dim)
+    return jnp.swapaxes(x, 1, 2).reshape(heads, -1, dim)
+
+
+def _frame_major_outputs(x, frames: int, per_frame: int, plan: FramePlan):
+    """``spatial_major_queries``' inverse on the outputs: [heads, c, rows] -> [heads, c, frames * per_frame]."""
+    heads, channels, _ = x.shape
+    x = x.reshape(heads, channels, plan.band_blocks, plan.band_frames, plan.band_q)
+    x = jnp.swapaxes(x, 2, 3)[:, :, :frames].reshape(heads, channels, frames, -1)
+    return x[:, :, :, :per_frame].reshape(heads, channels, frames * per_frame)
+
+
 def _band_kernel(
-    fixed_ref,  # [heads, q blocks] int32 SMEM
-    offsets_ref,  # [q blocks * max_bands] int32 SMEM: a slot's first fetched key (spatial) / 8
-    band_frames_ref,  # [F * max_bands] int32 SMEM (read by the index maps)
-    windows_ref,  # [F * max_bands] int32 SMEM
-    band_counts_ref,  # [F] int32 SMEM
-    q_ref,  # [block_q, head_dim]
-    *refs,  # k [1, band_kv, head_dim] and v [1, band_kv, head_dim_v] per band slot, then as _flash_kernel:
-    # m0, o, lse [1, block_q] (the log2-sum-exp2), and the m, l, acc scratch
+    fixed_ref,  # [heads, blocks] int32 SMEM
+    q_ref,  # [lanes, head_dim]: the block's query frames' spatial [a, a + band_q), spatial-major
+    k_ref,  # [1, chunks_per_step * F * chunk, head_dim]: spatial-major keys (``spatial_major_keys``)
+    v_ref,  # [1, chunks_per_step * F * chunk, head_dim_v]
+    windows_ref,  # [F, lanes] int32: per key frame, each lane's window (-1: none)
+    m0_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref,  # as _flash_kernel's, and lse [1, lanes] (log2)
+    *,
     per_frame: int,
     num_frames: int,
-    blocks_per_frame: int,
-    max_bands: int,
+    num_groups: int,
+    band_q: int,
+    chunk: int,
+    chunks_per_step: int,
+    num_steps: int,
+    front: int,
     paths: tuple[str, ...],
-    all_bands: bool = False,
 ):
-    k_refs, v_refs = refs[:max_bands], refs[max_bands:2 * max_bands]
-    m0_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs[2 * max_bands:]
-    q_block = pl.program_id(1)
-    frame = q_block // blocks_per_frame
-    block_q = q_ref.shape[0]
-    fixed = fixed_ref[pl.program_id(0), q_block] == 1
-    count = band_counts_ref[frame]
-    m_ref[...] = jnp.broadcast_to(m0_ref[...], m_ref.shape)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    # A query's band, as key indices local to the fetched slice: [lo, hi], clipped to its frame.
-    q_spatial = (q_block % blocks_per_frame) * block_q + lax.broadcasted_iota(jnp.int32, (1, block_q), 1)
+    spatial_block, step = pl.program_id(1), pl.program_id(3)
+    lanes = q_ref.shape[0]
+    fixed = fixed_ref[pl.program_id(0), spatial_block * num_groups + pl.program_id(2)] == 1
 
-    def one_band(update, slot):
-        window = windows_ref[frame * max_bands + slot]
-        offset = offsets_ref[q_block * max_bands + slot] * NUM_SUBLANES
-        local = q_spatial - offset
-        kv_local = lax.broadcasted_iota(jnp.int32, (k_refs[slot].shape[1], 1), 0)
-        low = jnp.maximum(local - window, -offset)  # [1, block_q]
-        high = jnp.minimum(local + window, per_frame - 1 - offset)
-        width = lax.bitcast_convert_type(high - low, jnp.uint32)
-        k = k_refs[slot][0]  # [band_kv, head_dim]: frame key_frame's keys of the block's spatial slice
-        v = v_refs[slot][0]
-        s = lax.dot_general(k, q_ref[...], _NT_DIMS, preferred_element_type=jnp.float32)  # [band_kv, block_q]
-        # low <= kv <= high as one unsigned comparison: a subtraction, a comparison and the select per score.
-        inside = lax.bitcast_convert_type(kv_local - low, jnp.uint32) <= width
-        update(jnp.where(inside, s, MASK_VALUE), v, m_ref, l_ref, acc_ref, block_q)
+    @pl.when(step == 0)
+    def _init():
+        m_ref[...] = jnp.broadcast_to(m0_ref[...], m_ref.shape)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    def bands(update):
-        for slot in range(max_bands):
-            body = functools.partial(one_band, update, slot)
-            if all_bands:  # the cycle model's probe: every slot runs (it cannot price a branch)
-                body()
-            else:
-                pl.when(slot < count)(body)
+    first_query = spatial_block * band_q  # the block's first spatial index
+    # A lane's spatial index relative to first_query (band_q is a power of two).
+    query = lax.broadcasted_iota(jnp.int32, (chunk, lanes), 1) & (band_q - 1)
+    row = lax.broadcasted_iota(jnp.int32, (chunk, lanes), 0)
+    rows = num_frames * chunk
 
-    _per_softmax_path(bands, paths, fixed)
-    # A row with no band (its frame pairs wholly or not at all) gets weight 0 in the merge: lse = MASK_VALUE.
-    l_row = l_ref[0:1, :]
-    attended = l_row > 0
-    o_ref[...] = jnp.where(attended, acc_ref[...] / jnp.where(attended, l_row, 1.0), 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(attended, m_ref[0:1, :] + jnp.log2(jnp.where(attended, l_row, 1.0)), MASK_VALUE)
+    def chunks(update):
+        q = q_ref[...]
+        for index in range(chunks_per_step):  # unrolled: one chunk's softmax overlaps the next one's matmul
+            # This chunk's spatial range relative to first_query: [key_first, key_first + chunk).
+            key = (step * chunks_per_step + index) * chunk - front + row
+            outside = (key + first_query < 0) | (key + first_query >= per_frame)  # the padding
+            distance = jnp.where(outside, _FAR, jnp.abs(query - key))  # [chunk, lanes], every key frame's
+            k = k_ref[0, index * rows:(index + 1) * rows, :]  # [F * chunk, head_dim]
+            v = v_ref[0, index * rows:(index + 1) * rows, :]
+            s = lax.dot_general(k, q, _NT_DIMS, preferred_element_type=jnp.float32)  # [F * chunk, lanes]
+            s = jnp.concatenate([jnp.where(distance <= windows_ref[f:f + 1, :], s[f * chunk:(f + 1) * chunk],
+                                           MASK_VALUE) for f in range(num_frames)], axis=0)
+            update(s, v, m_ref, l_ref, acc_ref, lanes)
+
+    _per_softmax_path(chunks, paths, fixed)
+
+    @pl.when(step == num_steps - 1)
+    def _finish():
+        # A row with no band (its frame pairs wholly or not at all) gets weight 0 in the merge: lse =
+        # MASK_VALUE. Online, such a row's max stays MASK_VALUE; against the fixed bound its sum stays 0.
+        l_row, m_row = l_ref[0:1, :], m_ref[0:1, :]
+        attended = (l_row > 0) & (m_row > 0.5 * MASK_VALUE)
+        o_ref[...] = jnp.where(attended, acc_ref[...] / jnp.where(attended, l_row, 1.0), 0.0).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(attended, m_row + jnp.log2(jnp.where(attended, l_row, 1.0)), MASK_VALUE)
 
 
 def band_attention(q, k, v, *, plan: FramePlan, per_frame: int, num_frames: int, interpret: bool,
-                   paths: tuple[str, ...] = KERNEL_PATHS, all_bands: bool = False):
-    """The banded frame pairs. q: [heads, F * band_pad, d] (padded per frame), pre-scaled; k, v:
-    [heads, F * per_frame, d] smoothed. Returns (o [heads, dv, F * band_pad], lse [heads, 1, F * band_pad])."""
-    heads, q_pad, head_dim = q.shape
+                   paths: tuple[str, ...] = KERNEL_PATHS):
+    """The banded frame pairs. q: [heads, F * per_frame, d] pre-scaled; k, v: [heads, F * per_frame, d]
+    smoothed. Returns (o [heads, dv, F * per_frame] fp32, lse [heads, 1, F * per_frame])."""
+    heads, _, head_dim = q.shape
     head_dim_v = v.shape[2]
-    blocks_per_frame = plan.band_offsets.size // (num_frames * plan.max_bands)
-    block_q = plan.band_pad // blocks_per_frame
-    num_q_blocks = q_pad // block_q
-    m0, fixed = softmax_start(q, k, block_q, paths, gate=SPARSE_FIXED_BOUND_GATE)
-    # [heads * F, per_frame, d]: a band slot's block is one frame's slice. (One block of every frame's
-    # slice at once is a strided DMA that libtpu's cycle model does not price: it reports 0.)
-    k3 = k.reshape(heads * num_frames, per_frame, head_dim)
-    v3 = v.reshape(heads * num_frames, per_frame, head_dim_v)
-    kernel = functools.partial(_band_kernel, per_frame=per_frame, num_frames=num_frames,
-                               blocks_per_frame=blocks_per_frame, max_bands=plan.max_bands, paths=tuple(paths),
-                               all_bands=all_bands)
-    prefetched = (fixed, *(jnp.asarray(x, jnp.int32) for x in (plan.band_offsets, plan.band_frames,
-                                                             plan.band_windows, plan.band_counts)))
-    slot_uses = (np.arange(plan.max_bands)[None, :] < plan.band_counts[:, None]).sum(axis=0) * blocks_per_frame
-    scores = int(np.dot(slot_uses, plan.band_kv)) * block_q  # per head
+    chunk, per_step, lanes = plan.band_chunk, plan.band_chunks_per_step, plan.band_group * plan.band_q
+    num_groups = plan.band_frames // plan.band_group
+    q_major = spatial_major_queries(q, num_frames, per_frame, plan)
+    q_rows = q_major.shape[1]
+    m0, fixed = softmax_start(q_major, k, lanes, paths, gate=SPARSE_FIXED_BOUND_GATE)
+    k_major = spatial_major_keys(k, num_frames, per_frame, plan)
+    v_major = spatial_major_keys(v, num_frames, per_frame, plan)
+    kernel = functools.partial(_band_kernel, per_frame=per_frame, num_frames=num_frames, num_groups=num_groups,
+                               band_q=plan.band_q, chunk=chunk, chunks_per_step=per_step,
+                               num_steps=plan.band_steps, front=plan.band_front, paths=tuple(paths))
+    step_rows = per_step * num_frames * chunk
+    scores = q_rows * plan.band_steps * step_rows  # per head
+    # With one step per block, the groups of a spatial block (consecutive grid steps) share their keys.
+    fetched = plan.band_blocks * plan.band_steps * step_rows * (1 if plan.band_steps == 1 else num_groups)
     cost = pl.CostEstimate(
         flops=2 * heads * scores * (head_dim + head_dim_v), transcendentals=heads * scores,
-        bytes_accessed=q.dtype.itemsize * heads * (2 * q_pad * head_dim_v
-                                                   + num_q_blocks * sum(plan.band_kv) * (head_dim + head_dim_v)),
+        bytes_accessed=q.dtype.itemsize * heads * (2 * q_rows * head_dim_v + fetched * (head_dim + head_dim_v)),
     )
-    # Element offsets (Mosaic takes them on every axis or none): the slice starts at any key.
-    def band_spec(dim, slot):
-        def index(h, b, fixed, offsets, band_frames, *_):
-            key_frame = band_frames[(b // blocks_per_frame) * plan.max_bands + slot]
-            return h * num_frames + key_frame, offsets[b * plan.max_bands + slot] * NUM_SUBLANES, 0
 
-        return pl.BlockSpec((pl.Element(1), pl.Element(plan.band_kv[slot]), pl.Element(dim)), index)
+    # Element offsets (Mosaic takes them on every axis or none): spatial block a's keys start at chunk
+    # a * band_q / chunk, a multiple of 8 rows Mosaic can see (hence the / 8 * 8).
+    def key_spec(dim):
+        def index(h, a, g, t, *_):
+            first_chunk = a * (plan.band_q // chunk) + t * per_step
+            return h, first_chunk * (num_frames * chunk // NUM_SUBLANES) * NUM_SUBLANES, 0
+
+        return pl.BlockSpec((pl.Element(1), pl.Element(step_rows), pl.Element(dim)), index)
+
+    def lane_spec(rows):
+        return pl.BlockSpec((None, rows, lanes), lambda h, a, g, t, *_: (h, 0, a * num_groups + g))
 
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(prefetched),
-            grid=(heads, num_q_blocks),
+            num_scalar_prefetch=1,
+            # Groups inside spatial blocks, so that a spatial block's keys stay; steps innermost (the
+            # reduction axis).
+            grid=(heads, plan.band_blocks, num_groups, plan.band_steps),
             in_specs=[
-                pl.BlockSpec((None, block_q, head_dim), lambda h, b, *_: (h, b, 0)),
-                *(band_spec(head_dim, slot) for slot in range(plan.max_bands)),
-                *(band_spec(head_dim_v, slot) for slot in range(plan.max_bands)),
-                pl.BlockSpec((None, 1, block_q), lambda h, b, *_: (h, 0, b)),
+                pl.BlockSpec((None, lanes, head_dim), lambda h, a, g, t, *_: (h, a * num_groups + g, 0)),
+                key_spec(head_dim),
+                key_spec(head_dim_v),
+                pl.BlockSpec((None, num_frames, lanes), lambda h, a, g, t, *_: (g, 0, 0)),
+                lane_spec(1),
             ],
-            out_specs=[
-                pl.BlockSpec((None, head_dim_v, block_q), lambda h, b, *_: (h, 0, b)),
-                pl.BlockSpec((None, 1, block_q), lambda h, b, *_: (h, 0, b)),
-            ],
+            out_specs=[lane_spec(head_dim_v), lane_spec(1)],
             scratch_shapes=[
-                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
-                pltpu.VMEM((NUM_SUBLANES, block_q), jnp.float32),
-                pltpu.VMEM((head_dim_v, block_q), jnp.float32),
+                pltpu.VMEM((NUM_SUBLANES, lanes), jnp.float32),
+                pltpu.VMEM((NUM_SUBLANES, lanes), jnp.float32),
+                pltpu.VMEM((head_dim_v, lanes), jnp.float32),
             ],
         ),
-        out_shape=(jax.ShapeDtypeStruct((heads, head_dim_v, q_pad), jnp.float32),
-                   jax.ShapeDtypeStruct((heads, 1, q_pad), jnp.float32)),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
-                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        out_shape=(jax.ShapeDtypeStruct((heads, head_dim_v, q_rows), jnp.float32),
+                   jax.ShapeDtypeStruct((heads, 1, q_rows), jnp.float32)),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
         interpret=interpret,
         name="wan_splash_attention_bands",
-    )(*prefetched, q, *(k3,) * plan.max_bands, *(v3,) * plan.max_bands, m0)
+    )(fixed, q_major, k_major, v_major, jnp.asarray(plan.band_windows), m0)
 
 
 def frame_sparse_attention(q, k, v, *, sparsity, frame_blocks: FrameBlocks, interpret: bool):
@@ -975,10 +1038,10 @@ def frame_sparse_attention(q, k, v, *, sparsity, frame_blocks: FrameBlocks, inte
     whole_lse = _frame_unpad(whole_lse, frames, per_frame, plan.whole_pad)
     if not plan.band_counts.any():
         return whole_o.astype(q.dtype)
-    band_o, band_lse = band_attention(_frame_pad(q, frames, per_frame, plan.band_pad), k, v, plan=plan,
-                                      per_frame=per_frame, num_frames=frames, interpret=interpret)
-    band_o = _frame_unpad(band_o, frames, per_frame, plan.band_pad)
-    band_lse = _frame_unpad(band_lse, frames, per_frame, plan.band_pad)
+    band_o, band_lse = band_attention(q, k, v, plan=plan, per_frame=per_frame, num_frames=frames,
+                                      interpret=interpret)
+    band_o = _frame_major_outputs(band_o, frames, per_frame, plan)
+    band_lse = _frame_major_outputs(band_lse, frames, per_frame, plan)
     # softmax over both key sets: each side's output weighted by its share of the denominator.
     top = jnp.maximum(whole_lse, band_lse)
     whole_weight, band_weight = jnp.exp2(whole_lse - top), jnp.exp2(band_lse - top)

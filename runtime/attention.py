@@ -86,17 +86,21 @@ class AttentionPolicy:
         self._logged_choices.clear()
 
 
-# The sparse kernel's tile. libtpu's cycle model on v6e (benchmarks/radial_cycles.py), 14B 720P: 1024 tiles
-# (0.71 of them active) cost 1.27x the dense kernel, 512 tiles (0.49 active) 1.61x: a grid step's fixed cost
-# and the mask outweigh the skipped tiles, so radial is not yet faster than dense there (the frame-banded
-# path, splash_attention.FrameBlocks, is estimated at about 0.63x but not yet chosen here).
+# The sparse kernels, by libtpu's cycle model on v6e (benchmarks/radial_cycles.py), 14B at 720P and 81
+# frames. The frame-banded path (splash_attention.FrameBlocks: whole frame pairs unmasked, bands from
+# spatial-major keys) is chosen wherever it runs. The tile path is the fallback (e.g. 848x480's 1590-token
+# frames): 1024 tiles (0.71 of them active) cost 1.27x dense there, 512 tiles 1.61x, since a grid step's
+# fixed cost and the mask outweigh the skipped tiles.
 SPARSE_BLOCK = 1024
 
 
 def sparse_block_sizes(splash, pattern, chip_blocks):
-    """The block-sparse kernel's tiles for ``pattern``: square, at most ``SPARSE_BLOCK`` and a frame's tokens
-    (a tile holds at most two frames), in whole lanes; None when a frame is under one lane (128 tokens): no
-    tile fits (the pattern may still drop whole frames there, so the caller keeps the mask)."""
+    """The sparse kernel's sizes for ``pattern``: ``FrameBlocks`` where the frame-banded path runs it, else
+    the block-sparse tiles: square, at most ``SPARSE_BLOCK`` and a frame's tokens (a tile holds at most two
+    frames), in whole lanes; None when a frame is under one lane (128 tokens): no tile fits (the pattern may
+    still drop whole frames there, so the caller keeps the mask)."""
+    if splash.frame_path_refusal(pattern) is None:
+        return splash.FrameBlocks()
     block = min(SPARSE_BLOCK, pattern.tokens_per_frame // splash.NUM_LANES * splash.NUM_LANES)
     if block < splash.NUM_LANES:
         return None

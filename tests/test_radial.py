@@ -257,9 +257,11 @@ def test_sparse_mask_is_refused_where_it_cannot_hold():
 @pytest.mark.parametrize("pattern, frame_blocks, heads, head_dim", [
     # 5 frames of 200, bands of 8-20: slices clipped at both frame ends, two query blocks per padded frame
     # (256), a frame (2) with a single band; head 1 past the fixed gate (the online softmax).
-    (radial.RadialPattern(5, 200, decay_factor=0.1, min_window=8), splash.FrameBlocks(128, 128, 40), 2, 64),
+    # Key rows per grid step capped at 320: a block's 6 chunks take 3 steps (the softmax carried across).
+    (radial.RadialPattern(5, 200, decay_factor=0.1, min_window=8), splash.FrameBlocks(128, 128, 40, 32, 1024, 320),
+     2, 64),
     # 9 frames of 320, distances 5 and 7 dropped (no keys): slots of unequal windows.
-    (radial.RadialPattern(9, 320, decay_factor=0.5, min_window=128), splash.FrameBlocks(128, 256, 160), 1, 64),
+    (radial.RadialPattern(9, 320, decay_factor=0.5, min_window=128), splash.FrameBlocks(128, 256, 160, 64, 256), 1, 64),
     # 480P's frame of 30 x 52 tokens, 4 frames at the reference's defaults: frame 2 has no band at all.
     (radial.RadialPattern.for_video(480, 832, 13), splash.FrameBlocks(256, 2048, 520), 1, 128),
 ], ids=["odd", "no-keys", "480p-slice"])
@@ -277,31 +279,35 @@ def test_frame_path_equals_masked_softmax(pattern, frame_blocks, heads, head_dim
     assert _max_error(splash.reference_attention(q, k, v), expected) > 20 * FP32_TOLERANCE
 
 
-@pytest.mark.parametrize("height, width, band_q", [(720, 1280, 384), (720, 1280, 128), (480, 832, 256)])
-def test_frame_plan_fetches_every_band_at_wans_shapes(height, width, band_q):
-    # Host side at the real shapes (81 frames): each (query block, slot) slice starts on an 8-row boundary
-    # inside its frame and holds every key its block's queries attend in that key frame.
+@pytest.mark.parametrize("height, width, band_q", [(720, 1280, 128), (720, 1280, 256), (480, 832, 128)])
+def test_frame_plan_covers_every_band_at_wans_shapes(height, width, band_q):
+    # Host side at the real shapes (81 frames): a band block's lanes carry their query frame's windows, and
+    # its key chunks hold every key any of its queries attends.
     pattern = radial.RadialPattern.for_video(height, width, 81)
     plan = splash.frame_plan(pattern, splash.FrameBlocks(band_q, 4096, 512))
-    per_frame, frames, slots = pattern.tokens_per_frame, pattern.num_frames, plan.max_bands
-    windows = pattern.windows
+    per_frame, frames, windows = pattern.tokens_per_frame, pattern.num_frames, pattern.windows
     band = (windows >= 0) & (windows < per_frame)
     assert np.array_equal(plan.band_counts, band.sum(axis=1))
-    blocks_per_frame = plan.band_pad // band_q
-    offsets = plan.band_offsets.reshape(frames, blocks_per_frame, slots) * 8
-    for frame in range(frames):
-        count = plan.band_counts[frame]
-        key_frames = plan.band_frames.reshape(frames, slots)[frame, :count]
-        assert sorted(key_frames) == list(np.flatnonzero(band[frame]))
-        slot_windows = plan.band_windows.reshape(frames, slots)[frame, :count]
-        assert np.array_equal(slot_windows, windows[frame, key_frames]) and np.all(np.diff(slot_windows) <= 0)
-        for block in range(blocks_per_frame):
-            first = block * band_q
-            last = min(first + band_q, per_frame) - 1
-            for slot, window in enumerate(slot_windows):
-                start, length = offsets[frame, block, slot], plan.band_kv[slot]
-                assert 0 <= start and start + length <= per_frame
-                assert start <= max(first - window, 0) and start + length - 1 >= min(last + window, per_frame - 1)
+    group, lanes = plan.band_group, plan.band_group * band_q
+    assert lanes <= splash.FrameBlocks().band_lanes and plan.band_frames % group == 0
+    assert 0 <= plan.band_frames - frames < group
+    table = plan.band_windows  # [groups, key frames, lanes]
+    assert table.shape == (plan.band_frames // group, frames, lanes)
+    for lane_group in range(table.shape[0]):
+        for lane in range(0, lanes, band_q):
+            query_frame = lane_group * group + lane // band_q
+            expected = (np.where(band[query_frame], windows[query_frame], -1) if query_frame < frames
+                        else np.full(frames, -1))
+            assert np.all(table[lane_group, :, lane:lane + band_q] == expected[:, None])
+    widest = windows[band].max()
+    fetched = plan.band_steps * plan.band_chunks_per_step * plan.band_chunk  # spatial positions per block
+    assert plan.band_front == widest and plan.band_spatial >= plan.band_front + per_frame
+    for block in range(plan.band_blocks):
+        first = block * band_q - plan.band_front  # the block's first fetched key, spatial
+        assert first <= block * band_q - widest
+        assert first + fetched - 1 >= min(block * band_q + band_q, per_frame) - 1 + widest
+        assert block * band_q + fetched <= plan.band_spatial
+    assert plan.band_blocks * band_q >= per_frame > (plan.band_blocks - 1) * band_q
     # Whole frame pairs: each query block visits exactly its frame's whole key frames.
     steps = plan.whole_layout.steps
     q_ids, kv_ids = steps & 0xFFF, (steps >> 12) & 0xFFF  # the packing test_layout_visits_... reads
@@ -309,6 +315,35 @@ def test_frame_plan_fetches_every_band_at_wans_shapes(height, width, band_q):
     assert np.array_equal(np.bincount(q_ids // per_block, minlength=frames) // per_block,
                           (windows >= per_frame).sum(axis=1))
     assert np.all(windows[q_ids // per_block, kv_ids] >= per_frame)
+
+
+def test_spatial_major_layouts_place_every_token():
+    # Keys: row (g * frames + f) * chunk + r holds frame f's spatial g * chunk + r - front (zeros outside
+    # the frame). Queries: block (a, group) holds spatial [a, a + band_q) of the group's frames, and the
+    # outputs' inverse puts every query back in frame order.
+    import jax.numpy as jnp
+
+    pattern = radial.RadialPattern(5, 200, decay_factor=0.1, min_window=8)
+    plan = splash.frame_plan(pattern, splash.FrameBlocks(128, 128, 40, 32, 256))
+    frames, per_frame = pattern.num_frames, pattern.tokens_per_frame
+    token = np.arange(frames * per_frame)
+    ids = jnp.asarray((1 + token)[None, :, None].astype(np.float32))  # [1, n, 1]: token id + 1, 0 is padding
+    keys = np.asarray(splash.spatial_major_keys(ids, frames, per_frame, plan))[0, :, 0]
+    chunk = plan.band_chunk
+    for row in range(keys.size):
+        g, f, r = row // (frames * chunk), (row // chunk) % frames, row % chunk
+        spatial = g * chunk + r - plan.band_front
+        assert keys[row] == (1 + f * per_frame + spatial if 0 <= spatial < per_frame else 0)
+    queries = np.asarray(splash.spatial_major_queries(ids, frames, per_frame, plan))[0, :, 0]
+    band_q, group = plan.band_q, plan.band_group
+    assert queries.size == plan.band_blocks * plan.band_frames * band_q
+    for row in range(queries.size):
+        a, f, r = row // (plan.band_frames * band_q), (row // band_q) % plan.band_frames, row % band_q
+        spatial = a * band_q + r
+        assert queries[row] == (1 + f * per_frame + spatial if f < frames and spatial < per_frame else 0)
+    back = splash._frame_major_outputs(jnp.swapaxes(jnp.asarray(queries[None, :, None]), 1, 2), frames, per_frame, plan)
+    assert np.array_equal(np.asarray(back)[0, 0], 1 + token)
+    assert group == 2 and plan.band_frames == 6  # 256 lanes: two frames a block, one padding frame
 
 
 def test_frame_path_is_refused_where_a_frame_is_not_whole_rows():

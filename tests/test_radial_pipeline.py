@@ -85,8 +85,8 @@ def test_radial_attention_equals_diffusers_with_the_mask_and_switching_back_comp
 
     splash = pack_module("splash_attention")
     visits = []
-    real_sparse_layout = splash.sparse_layout
-    monkeypatch.setattr(splash, "sparse_layout", lambda *a, **k: visits.append(a) or real_sparse_layout(*a, **k))
+    real_frame_plan = splash.frame_plan
+    monkeypatch.setattr(splash, "frame_plan", lambda *a, **k: visits.append(a) or real_frame_plan(*a, **k))
     manager.set_attention_backend("splash", splash_min_kv_len=1)  # the kernels, in interpret mode
     try:
         dense = sample("dense")
@@ -98,8 +98,8 @@ def test_radial_attention_equals_diffusers_with_the_mask_and_switching_back_comp
         assert manager.compile_count() == before  # switching back compiles nothing
     finally:
         manager.set_attention_backend(None)
-    assert visits, "the radial step never reached the block-sparse kernel"
-    assert visits[0][1:] == (256, 256)  # tiles of one frame (sparse_block_sizes)
+    assert visits, "the radial step never reached the frame-banded kernels"
+    assert visits[0][1] == splash.FrameBlocks()  # the path sparse_block_sizes chooses where it runs
     assert radial_compiles == 1, radial_compiles  # one more step program, nothing else
     assert torch.equal(dense, again)
     # ``denoise`` returns the VAE's space (``to_vae_latents``); diffusers' latent output is the transformer's.
