@@ -740,16 +740,17 @@ class FrameBlocks(NamedTuple):
     keys are one step, shared by the next blocks of its spatial range)."""
 
     band_q: int = 128
-    whole_q: int = 2048
-    whole_kv_compute: int = 512
+    whole_q: int = 4096
+    whole_kv_compute: int = 720
     band_chunk: int = 64
     band_lanes: int = 1024
     band_step_rows: int = 16384
 
 
 # The whole-frame kernel's fp32 score tile, [whole_kv_compute, whole_q], stays under this (the dense
-# kernel's 512 x 3328 is 6.5 MiB).
-FRAME_SCORE_TILE_BYTES = 8 * 2**20
+# kernel's 512 x 3328 is 6.5 MiB). At 720P, one 3712-query block per frame against key chunks of 720 (10.2
+# MiB; 25 MiB of VMEM in all) costs 1.76 M cycles per head by libtpu's model, against 2.03 M at 400 keys.
+FRAME_SCORE_TILE_BYTES = 12 * 2**20
 # The dense kernel's cycles per score at 256 queries are 1.6x those at 512 (libtpu's model, v6e): the band
 # kernel stacks query frames to at least this many lanes.
 BAND_MIN_LANES = 512

@@ -93,10 +93,76 @@ def _compile_sparse(job: dict) -> None:
         jax.jit(run).lower(q, kv, kv).compile()
 
 
+def _stub_pallas_calls() -> None:
+    """Every ``pallas_call`` of this (worker) process becomes a stand-in that makes its operands (behind
+    an optimisation barrier, so the layouts feeding it are materialised as they would be) and returns zeros
+    of its output shapes: what is left in the program is the call's glue."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas
+
+    def stub(kernel, *, out_shape, **_):
+        def call(*operands):
+            operands = jax.lax.optimization_barrier(operands)
+            touch = sum(jnp.ravel(x)[0].astype(jnp.float32) for x in operands if getattr(x, "ndim", 0))
+            shapes = out_shape if isinstance(out_shape, (tuple, list)) else (out_shape,)
+            outs = tuple(jnp.zeros(shape.shape, shape.dtype) + touch.astype(shape.dtype) for shape in shapes)
+            return outs if isinstance(out_shape, (tuple, list)) else outs[0]
+        return call
+
+    pallas.pallas_call = stub
+
+
+def _compile_frame(job: dict) -> None:
+    """One part of a whole 14B self-attention call at a real shape (in the worker): the frame path's
+    whole-frame or band kernel (one softmax path alone), or either call's glue through
+    ``splash_attention`` (smoothing, bounds, layouts, the merge), its kernels stubbed out."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    device = topologies.get_topology_desc(platform="tpu", topology_name=job["topology"]).devices[0]
+    place = SingleDeviceSharding(device)
+    splash = tpu_cycles.load_module(job["source"], "wan_tpu_radial_cycles_splash")
+    height, width = RESOLUTIONS[job["resolution"]]
+    pattern = _radial().RadialPattern.for_video(height, width, NUM_FRAMES)
+    frames, per_frame, tokens = pattern.num_frames, pattern.tokens_per_frame, pattern.num_tokens
+    frame_blocks = splash.FrameBlocks(*job["frame_blocks"])
+    plan = splash.frame_plan(pattern, frame_blocks)
+    heads, paths, part = job["heads"], tuple(job["paths"]), job["part"]
+
+    def array(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=place)
+
+    if part == "whole":
+        blocks = splash.EffectiveBlocks(plan.whole_q, per_frame, plan.whole_kv_compute)
+
+        def run(q, k, v):
+            return splash.sparse_flash_attention(q, k, v, kv_len=tokens, blocks=blocks, layout=plan.whole_layout,
+                                                 interpret=False, tiles=("whole",), paths=paths, with_lse=True)
+        args = (array(heads, frames * plan.whole_pad, tpu_cycles.HEAD_DIM), *[array(heads, tokens, tpu_cycles.HEAD_DIM)] * 2)
+    elif part == "band":
+        def run(q, k, v):
+            return splash.band_attention(q, k, v, plan=plan, per_frame=per_frame, num_frames=frames,
+                                         interpret=False, paths=paths)
+        args = [array(heads, tokens, tpu_cycles.HEAD_DIM)] * 3
+    else:  # "radial glue" or "dense glue": the whole call with its kernels stubbed out
+        _stub_pallas_calls()
+        sizes = frame_blocks if part == "radial glue" else splash.BlockSizes(*job["dense_blocks"])
+        sparsity = pattern if part == "radial glue" else None
+
+        def run(q, k, v):
+            return splash.splash_attention(q, k, v, block_sizes=sizes, sparsity=sparsity, interpret=False)
+        args = [array(1, heads, tokens, tpu_cycles.HEAD_DIM)] * 3
+    with splash.force_interpret(False), jax.default_device(device):  # Element block specs want the device
+        jax.jit(run).lower(*args).compile()
+
+
 def _worker(job_json: str) -> None:
     job = json.loads(job_json)
     start = time.perf_counter()
-    _compile_sparse(job)
+    (_compile_frame if job["kind"] == "frame" else _compile_sparse)(job)
     sys.stdout.write(json.dumps({"compile_seconds": round(time.perf_counter() - start, 2)}) + "\n")
 
 
@@ -205,6 +271,100 @@ def radial_estimate(radial, resolution: str, blocks, costs: dict, heads: int = H
             "tokens": tokens, "useful_flops_dense": 4 * heads * tokens * tokens * tpu_cycles.HEAD_DIM}
 
 
+# ------------------------------------------------------------------ the frame-banded path, whole shapes
+# The projected step (README, "The step, projected"): 14B with CFG on v6e-8, tensor layout: 40 calls of
+# self-attention at the clock below, plus what is not self-attention, fitted there (tpu_cycles.py) to the
+# original's measured 4.60 s at 720P with the kernel of its time.
+V6E_CLOCK_HZ = 1.75e9
+CALLS_PER_STEP = 40
+NOT_ATTENTION_SECONDS = {"720p": 1.07, "480p": 0.46}  # 3.13 s less 66%; 0.85 s less 46%
+FRAME_KERNELS = {"whole": "wan_splash_attention_sparse", "band": "wan_splash_attention_bands"}
+
+
+def _glue(result: dict) -> int:
+    """A call's cycles outside its Pallas kernels (smoothing, bounds, layouts, the merge)."""
+    return sum(cycles for op, cycles in result["ops"].items() if "wan_splash_attention" not in op)
+
+
+def _run_one_at_a_time(jobs: list[dict], cache) -> list[dict]:
+    """``profile_sparse`` for each job in turn: libtpu's profiler takes several GiB per whole-shape kernel
+    (one at 480P ran out of 24 GiB), so they never run side by side."""
+    return [profile_sparse(job, cache) for job in jobs]
+
+
+def frame_report(radial, args, cache, rate: float) -> list[dict]:
+    """Dense against the frame-banded path at each resolution, each part compiled at its whole shape for
+    one head (the heads are the kernels' outer parallel axis), with the checks the figures must pass."""
+    splash = tpu_cycles.load_module(tpu_cycles.KERNEL_SOURCE, "wan_tpu_radial_cycles_frame_host")
+    dense_blocks = list(dataclasses.astuple(splash.block_sizes_for(tpu_cycles.splash_device_kind(args.chip))))
+    frame_blocks = list(splash.FrameBlocks(*args.frame_blocks))
+    rows = []
+    for resolution in args.resolutions:
+        base = {"kind": "frame", "topology": tpu_cycles.CHIPS[args.chip], "source": tpu_cycles.KERNEL_SOURCE,
+                "resolution": resolution, "frame_blocks": frame_blocks, "dense_blocks": dense_blocks,
+                "paths": [args.frame_path], "heads": 1}
+        # The dense kernel from its per-step probes (tpu_cycles.shape_estimate): libtpu's profiler simulates
+        # every grid step of a whole-shape kernel, and past about 100 of them runs out of 24 GiB.
+        parts = [("whole", 1), ("band", 1), ("radial glue", 1), ("dense glue", 1)]
+        jobs = [dict(base, part=part, heads=heads) for part, heads in parts]
+        try:
+            results = dict(zip(parts, _run_one_at_a_time(jobs, cache)))
+        except RuntimeError as error:  # e.g. the profiler out of memory
+            print(f"\n{resolution}: no figure: {str(error)[-300:]}")
+            rows.append({"resolution": resolution, "error": str(error)[-300:]})
+            continue
+        kernel = {key: _kernel_cycles(result, FRAME_KERNELS[key[0]]) for key, result in results.items()
+                  if key[0] in FRAME_KERNELS}
+        dense_side = tpu_cycles.KernelSide(f"dense {args.frame_path}", (args.frame_path,), tuple(dense_blocks))
+        dense_steps = tpu_cycles.per_step(tpu_cycles.run_jobs(tpu_cycles.grid_jobs(args.chip, dense_side), cache, 1))
+        height, width = RESOLUTIONS[resolution]
+        pattern = radial.RadialPattern.for_video(height, width, NUM_FRAMES)
+        plan = splash.frame_plan(pattern, splash.FrameBlocks(*frame_blocks))
+        tokens = pattern.num_tokens
+        effective = tuple(splash.effective_block_sizes(splash.BlockSizes(*dense_blocks), tokens, tokens))
+        kernel[("dense", 1)] = tpu_cycles.shape_estimate(dense_steps, effective, 1, tokens)["cycles"]
+        lanes = plan.band_group * plan.band_q
+        band_rows = plan.band_blocks * plan.band_frames * plan.band_q  # queries, spatial-major and padded
+        band_keys = plan.band_steps * plan.band_chunks_per_step * pattern.num_frames * plan.band_chunk
+        whole_pairs = int((pattern.windows >= pattern.tokens_per_frame).sum()) * plan.whole_pad * pattern.tokens_per_frame
+        flops = {"whole": 4 * whole_pairs * tpu_cycles.HEAD_DIM, "band": 4 * band_rows * band_keys * tpu_cycles.HEAD_DIM,
+                 "dense": 4 * tokens * tokens * tpu_cycles.HEAD_DIM}
+        rates = {name: flops[name] / kernel[(name, 1)] / rate for name in flops}
+        linear = dense_steps["linear"]
+        heads = HEADS_PER_DEVICE
+        dense_call = heads * (kernel[("dense", 1)] + _glue(results[("dense glue", 1)]))
+        radial_call = heads * (kernel[("whole", 1)] + kernel[("band", 1)] + _glue(results[("radial glue", 1)]))
+        seconds = {"dense": dense_call / V6E_CLOCK_HZ, "radial": radial_call / V6E_CLOCK_HZ}
+        dense_blocks_kept = radial.DENSE_BLOCKS
+        step_dense = NOT_ATTENTION_SECONDS[resolution] + CALLS_PER_STEP * seconds["dense"]
+        step_radial = (NOT_ATTENTION_SECONDS[resolution] + dense_blocks_kept * seconds["dense"]
+                       + (CALLS_PER_STEP - dense_blocks_kept) * seconds["radial"])
+        valid = linear and max(rates.values()) <= 1.0
+        row = {"resolution": resolution, "frame_blocks": frame_blocks, "path": args.frame_path,
+               "kernel_cycles_per_head": {f"{k[0]} x{k[1]}": v for k, v in kernel.items()},
+               "glue_cycles_per_head": {k[0]: _glue(r) for k, r in results.items() if "glue" in k[0]},
+               "rates": rates, "dense_linear_in_the_grid": linear, "valid": valid,
+               "dense_call_cycles": dense_call, "radial_call_cycles": radial_call,
+               "kernels_over_dense": (kernel[("whole", 1)] + kernel[("band", 1)]) / kernel[("dense", 1)],
+               "call_over_dense": radial_call / dense_call, "step_dense_s": step_dense, "step_radial_s": step_radial,
+               "step_speedup": step_dense / step_radial, "band_lanes": lanes,
+               "compile_seconds": {f"{k[0]} x{k[1]}": r.get("compile_seconds") for k, r in results.items()}}
+        rows.append(row)
+        print(f"\n{resolution}, frame-banded path {tuple(frame_blocks)}, {args.frame_path} softmax, cycles per head: "
+              f"dense kernel {kernel[('dense', 1)]:,}; whole-frame kernel {kernel[('whole', 1)]:,}, band kernel "
+              f"{kernel[('band', 1)]:,} ({lanes} lanes, {band_keys} keys per block): "
+              f"{row['kernels_over_dense']:.3f} of dense")
+        print(f"  glue per head: dense call {row['glue_cycles_per_head']['dense glue']:,}, radial call "
+              f"{row['glue_cycles_per_head']['radial glue']:,}; whole calls x{heads} heads: dense {dense_call:,}, "
+              f"radial {radial_call:,}: {row['call_over_dense']:.3f} of dense")
+        print(f"  rates (of the matmul's): whole {rates['whole']:.2f}, band {rates['band']:.2f}, dense "
+              f"{rates['dense']:.2f} (none may exceed 1); the dense probes linear in the grid: "
+              f"{'yes' if linear else 'no'}; {'VALID' if valid else 'NOT VALID'}")
+        print(f"  projected step (14B, CFG, v6e-8, first {dense_blocks_kept} block dense): dense {step_dense:.2f} s, "
+              f"radial {step_radial:.2f} s: x{row['step_speedup']:.2f}")
+    return rows
+
+
 def _parse_blocks(text: str) -> tuple[int, int, int]:
     values = tuple(int(x) for x in text.split(","))
     if len(values) != 3:
@@ -223,6 +383,11 @@ def main(argv=None) -> int:
     parser.add_argument("--shares-only", action="store_true", help="print the tile shares only; compile nothing")
     parser.add_argument("--cache", default=tpu_cycles.DEFAULT_CACHE, help="cycle results cache ('' for none)")
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--frame", action="store_true",
+                        help="the frame-banded path (FrameBlocks) at whole shapes against dense, and the step")
+    parser.add_argument("--frame-blocks", type=lambda text: tuple(int(x) for x in text.split(",")), default=(),
+                        help="FrameBlocks fields in order, e.g. 128,2048,512,64,1024 (default: its defaults)")
+    parser.add_argument("--frame-path", default="fixed", choices=["fixed", "online"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -249,6 +414,9 @@ def main(argv=None) -> int:
     report["calibration"] = calibration
     print(f"\n{args.chip}: calibration matmul {calibration['flop_per_cycle']:,.0f} FLOP/cycle (bf16 a @ b, best of "
           f"{tpu_cycles.CALIBRATION_SIZES}){f'; {cores} cores share the kernel grid' if cores > 1 else ''}")
+    if args.frame:
+        report["frame"] = frame_report(radial, args, cache, rate)
+        return _write(args.json, report)
     splash = tpu_cycles.load_module(tpu_cycles.KERNEL_SOURCE, "wan_tpu_radial_cycles_host")
     chip_blocks = tuple(dataclasses.astuple(splash.block_sizes_for(tpu_cycles.splash_device_kind(args.chip))))
     report["rows"] = []

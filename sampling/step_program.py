@@ -59,8 +59,7 @@ def radial_steps(attention: str, num_inference_steps: int, dense_steps: int | No
 
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention={attention!r}: use 'dense' (the default) or 'radial' (Radial attention's "
-                         "static sparse mask: opt-in, it changes the video, and it is not yet faster than dense "
-                         "on TPU)")
+                         "static sparse mask: opt-in, and it changes the video)")
     dense_steps = radial.DENSE_STEPS if dense_steps is None else dense_steps
     dense_blocks = radial.DENSE_BLOCKS if dense_blocks is None else dense_blocks
     for name, value in (("radial_dense_steps", dense_steps), ("radial_dense_blocks", dense_blocks)):
