@@ -351,3 +351,16 @@ def test_frame_path_is_refused_where_a_frame_is_not_whole_rows():
     assert "1590" in splash.frame_path_refusal(pattern)
     with pytest.raises(ValueError, match="1590"):
         splash.frame_plan(pattern)
+
+
+def test_the_frame_banded_path_is_chosen_where_it_runs():
+    # The pipeline's choice (runtime/attention.sparse_block_sizes): FrameBlocks at both 14B shapes; the
+    # tile path where a frame is not whole rows of 8 (848x480); none where a frame is under one lane.
+    attention = pack_module("runtime.attention")
+    chip = splash.block_sizes_for("TPU v6 lite")
+    for height, width in ((720, 1280), (480, 832)):
+        pattern = radial.RadialPattern.for_video(height, width, 81)
+        assert attention.sparse_block_sizes(splash, pattern, chip) == splash.FrameBlocks()
+    tiles = attention.sparse_block_sizes(splash, radial.RadialPattern.for_video(480, 848, 81), chip)
+    assert isinstance(tiles, splash.BlockSizes) and tiles.block_q == tiles.block_kv == 1024
+    assert attention.sparse_block_sizes(splash, radial.RadialPattern(4, 100), chip) is None
