@@ -822,8 +822,9 @@ def frame_plan(sparsity, frame_blocks: FrameBlocks = FrameBlocks()) -> FramePlan
     blocks = -(-per_frame // band_q)
     widest = int(windows[band].max()) if band.any() else 0
     chunks = -(-(band_q + 2 * widest) // chunk)  # per block: [a - widest, a + band_q + widest)
-    per_step = max((c for c in range(1, chunks + 1) if chunks % c == 0 and c * chunk * frames <= frame_blocks.band_step_rows),
-                   default=1)
+    # Chunks per grid step: the most that divide the block's chunks and fit band_step_rows.
+    per_step = max((c for c in range(1, chunks + 1)
+                    if chunks % c == 0 and c * chunk * frames <= frame_blocks.band_step_rows), default=1)
     # Block a's first chunk starts at padded spatial a * band_q (= spatial a * band_q - widest).
     spatial = (blocks - 1) * band_q + chunks * chunk
     lane_frame = np.arange(padded_frames).reshape(-1, group).repeat(band_q, axis=1)  # [groups, lanes]

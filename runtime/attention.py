@@ -88,9 +88,9 @@ class AttentionPolicy:
 
 # The sparse kernels, by libtpu's cycle model on v6e (benchmarks/radial_cycles.py), 14B at 720P and 81
 # frames. The frame-banded path (splash_attention.FrameBlocks: whole frame pairs unmasked, bands from
-# spatial-major keys; 0.418 of the dense call) is chosen wherever it runs. The tile path is the fallback (e.g. 848x480's 1590-token
-# frames): 1024 tiles (0.71 of them active) cost 1.27x dense there, 512 tiles 1.61x, since a grid step's
-# fixed cost and the mask outweigh the skipped tiles.
+# spatial-major keys; 0.418 of the dense call) is chosen wherever it runs. The tile path is the fallback
+# (e.g. 848x480's 1590-token frames): 1024 tiles (0.71 of them active) cost 1.27x dense there, 512 tiles
+# 1.61x, since a grid step's fixed cost and the mask outweigh the skipped tiles.
 SPARSE_BLOCK = 1024
 
 
